@@ -1,0 +1,109 @@
+"""The embedding model: transformer -> mean pool per packed example -> dense head -> L2 normalise.
+
+  E = normalize(f(mean_{t in example} M(T)_t))
+
+Rows may hold up to S packed examples (segment ids 1..S); pooling returns one vector per (row, segment)
+slot, (R, S, d). A batch then picks its examples out of the slots with per-group slot indices (see
+embed2.data.packing for the layout): the rows of pack group g hold only group g's examples, so the
+gather never crosses a device boundary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from embed2 import sharding
+from embed2.model.presets import ModelConfig
+from embed2.model.transformer import Transformer, _param
+
+
+def mean_pool(h_bld: jax.Array, segment_ids_bl: jax.Array, num_segments: int) -> jax.Array:
+  """Mean of the token states of each segment: (B, L, D) -> (B, S, D) in float32.
+
+  Padding (segment 0) is ignored; a slot with no tokens pools to zero.
+  """
+  onehot_bls = (segment_ids_bl[:, :, None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)
+  sums = jnp.einsum("bls,bld->bsd", onehot_bls, h_bld.astype(jnp.float32))
+  counts = jnp.sum(onehot_bls, axis=1)[:, :, None]
+  return sums / jnp.maximum(counts, 1.0)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def mrl_truncate(e_nd: jax.Array, dim: int) -> jax.Array:
+  """Matryoshka prefix: the first `dim` coordinates, re-normalised to unit length."""
+  if dim > e_nd.shape[-1]:
+    raise ValueError(f"MRL dim {dim} is larger than the embedding dim {e_nd.shape[-1]}")
+  return l2_normalize(e_nd[..., :dim])
+
+
+def gather_slots(pooled_rsd: jax.Array, slot_b: jax.Array, num_groups: int) -> jax.Array:
+  """Picks examples out of pooled slots, group by group.
+
+  Args:
+    pooled_rsd: (R, S, d) one vector per (row, segment); R = G * R_g.
+    slot_b: int32 (B,) or (B, K); B = G * B_g; entry b indexes group b // B_g's flattened (R_g * S) slots.
+    num_groups: G.
+
+  Returns:
+    (B, d) or (B, K, d).
+  """
+  r, s, d = pooled_rsd.shape
+  if r % num_groups or slot_b.shape[0] % num_groups:
+    raise ValueError(f"rows={r} and examples={slot_b.shape[0]} must both divide into {num_groups} "
+                     "pack groups")
+  flat = pooled_rsd.reshape(num_groups, (r // num_groups) * s, d)
+  idx = slot_b.reshape(num_groups, -1)
+  out = jnp.take_along_axis(flat, idx[:, :, None], axis=1)  # (G, B_g*K, d)
+  return out.reshape(*slot_b.shape, d)
+
+
+class EmbeddingModel(nnx.Module):
+  """Transformer plus pooling and projection head.
+
+  The head is a stack of bias-free linear maps (`config.model.head_dims`), as EmbeddingGemma's
+  sentence-transformers Dense layers; no activation between them.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rules=None, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.rules = rules
+    self.transformer = Transformer(cfg, rules=rules, rngs=rngs)
+    dims = (cfg.model_dim,) + tuple(cfg.head_dims)
+    init = nnx.initializers.normal(stddev=1.0)
+    self.head = nnx.List([
+        _param(rngs, init, (a, b), ("embed" if i == 0 else "proj", "proj" if i == 0 else "embed"),
+               a ** -0.5)
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))])
+
+  def encode_rows(self, tokens_bl, segment_ids_bl, positions_bl, soft_tokens_bld=None,
+                  soft_mask_bl=None) -> jax.Array:
+    """Embeds every (row, segment) slot: returns unit-norm float32 (B, S, d), S = config max_segments."""
+    h = self.transformer(tokens_bl, segment_ids_bl, positions_bl, soft_tokens_bld, soft_mask_bl)
+    pooled = mean_pool(h, segment_ids_bl, self.cfg.max_segments)
+    pooled = sharding.constrain(pooled, ("act_batch", None, "act_embed"), self.rules)
+    for w in self.head:
+      pooled = pooled @ w[...]
+    return l2_normalize(pooled)
+
+  def __call__(self, side: dict, num_groups: int, prefix: str = "") -> jax.Array:
+    """Embeds the examples of one side of a packed batch.
+
+    Args:
+      side: dict with `{prefix}tokens`, `{prefix}segment_ids`, `{prefix}positions` (R, L) and
+        `{prefix}slot` (B,) or (B, K); optional `{prefix}soft_tokens` / `{prefix}soft_mask`.
+      num_groups: G, the number of pack groups the rows were built in.
+      prefix: key prefix, e.g. "query_".
+
+    Returns:
+      unit-norm float32 (B, d) (or (B, K, d)).
+    """
+    pooled = self.encode_rows(side[prefix + "tokens"], side[prefix + "segment_ids"],
+                              side[prefix + "positions"], side.get(prefix + "soft_tokens"),
+                              side.get(prefix + "soft_mask"))
+    return gather_slots(pooled, side[prefix + "slot"], num_groups)

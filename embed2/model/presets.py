@@ -1,0 +1,171 @@
+"""Model sizes as presets: one frozen dataclass, picked by name and overridden field by field.
+
+The transformer fields mirror Gemma 3 (and EmbeddingGemma, a Gemma 3 backbone turned bidirectional with
+a dense projection head), so that their published weights load into the same modules unchanged.
+
+  cfg = ModelConfig.from_name("gemma3-1b", max_length=512)
+  cfg = ModelConfig.from_name("tiny").replace(num_layers=4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Architecture of the embedding model.
+
+  Transformer (Gemma 3): `num_layers` blocks; block i uses global attention when
+  `(i + 1) % global_every == 0` and sliding-window attention otherwise. `head_dim` may differ from
+  `model_dim // num_heads` (it does in every Gemma 3 size); leave it None to derive it.
+
+  Head: mean pooling over each example's tokens, then the dense stack `head_dims` (linear, no bias, no
+  activation, as in EmbeddingGemma's 768 -> 3072 -> 768); an empty stack means the pooled state itself
+  is the embedding. `mrl_dims` are the Matryoshka prefixes the loss and evaluation use.
+  """
+
+  name: str = "custom"
+  vocab_size: int = 8192
+  model_dim: int = 256  # D
+  num_layers: int = 4
+  num_heads: int = 4  # H
+  num_kv_heads: int = 1  # K
+  head_dim: int | None = None  # defaults to model_dim // num_heads
+  mlp_dim: int = 1024  # F
+  sliding_window: int = 512  # token i attends to j when |i - j| < sliding_window (bidirectional)
+  global_every: int = 6  # every 6th block is global, as in Gemma 3
+  rope_local_base: float = 10_000.0
+  rope_global_base: float = 1_000_000.0
+  rope_global_scale: float = 1.0  # linear RoPE scaling of global layers (8.0 in gemma3-4b)
+  query_pre_attn_scalar: float | None = None  # queries scaled by this ** -0.5; defaults to head_dim
+  rms_eps: float = 1e-6
+  max_length: int = 2048  # longest packed row the model accepts
+  head_dims: tuple[int, ...] = ()  # dense projection stack after pooling; () = identity
+  mrl_dims: tuple[int, ...] = ()  # Matryoshka prefixes; () = the full embedding only
+  causal: bool = False  # True only for decoder parity checks; embeddings use bidirectional attention
+  attention_impl: str = "xla"  # see ATTENTION_IMPLS and embed2.model.attention
+  remat: str = "none"  # see REMAT_POLICIES
+  dtype: str = "float32"  # activation / compute dtype; parameters stay float32
+  max_segments: int = 1  # S: examples packed per row at most (1 = no packing)
+
+  def __post_init__(self):
+    self.validate()
+
+  # ------------------------------------------------------------------ derived
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.model_dim // self.num_heads
+
+  @property
+  def embed_dim(self) -> int:
+    """d: the size of the output embedding."""
+    return self.head_dims[-1] if self.head_dims else self.model_dim
+
+  @property
+  def resolved_mrl_dims(self) -> tuple[int, ...]:
+    return self.mrl_dims if self.mrl_dims else (self.embed_dim,)
+
+  def is_global_layer(self, i: int) -> bool:
+    return (i + 1) % self.global_every == 0
+
+  # --------------------------------------------------------------- validation
+
+  def validate(self) -> None:
+    def fail(msg):
+      raise ValueError(f"model config {self.name!r}: {msg}")
+
+    for field in ("vocab_size", "model_dim", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
+                  "sliding_window", "global_every", "max_length", "max_segments"):
+      v = getattr(self, field)
+      if not isinstance(v, int) or v < 1:
+        fail(f"config.model.{field}={v!r} must be a positive integer")
+    if self.head_dim is None and self.model_dim % self.num_heads:
+      fail(f"config.model.num_heads={self.num_heads} does not divide model_dim={self.model_dim}; "
+           "pick a divisor or set config.model.head_dim explicitly")
+    if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+      fail(f"config.model.head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+    if self.head_dim is None and self.resolved_head_dim % 2:
+      fail(f"model_dim/num_heads={self.resolved_head_dim} must be even (RoPE rotates pairs); "
+           "set config.model.head_dim")
+    if self.num_heads % self.num_kv_heads:
+      fail(f"config.model.num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads} "
+           "(grouped-query attention shares each kv head among num_heads/num_kv_heads query heads)")
+    if any((not isinstance(h, int)) or h < 1 for h in self.head_dims):
+      fail(f"config.model.head_dims={self.head_dims} must be positive integers")
+    for m in self.mrl_dims:
+      if not isinstance(m, int) or m < 1 or m > self.embed_dim:
+        fail(f"MRL dim {m} in config.model.mrl_dims={self.mrl_dims} is larger than the embedding dim "
+             f"{self.embed_dim} (or < 1); use dims <= {self.embed_dim}")
+    if list(self.mrl_dims) != sorted(set(self.mrl_dims)):
+      fail(f"config.model.mrl_dims={self.mrl_dims} must be strictly increasing")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      fail(f"config.model.attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+    if self.remat not in REMAT_POLICIES:
+      fail(f"config.model.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+    if self.dtype not in DTYPES:
+      fail(f"config.model.dtype={self.dtype!r}; choose one of {DTYPES}")
+
+  # ------------------------------------------------------------------ presets
+
+  def replace(self, **overrides: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **overrides)
+
+  @classmethod
+  def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+    if name not in PRESETS:
+      raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+    fields = dict(PRESETS[name])
+    fields.update(overrides)
+    return cls(name=name, **fields)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    """From a plain mapping (e.g. `config.model.to_dict()`); a `preset` key starts from that preset."""
+    d = dict(d)
+    preset = d.pop("preset", None)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown config.model fields {unknown}; known fields: {sorted(known)}")
+    for k in ("head_dims", "mrl_dims"):
+      if k in d and d[k] is not None:
+        d[k] = tuple(int(x) for x in d[k])
+    if preset:
+      return cls.from_name(preset, **d)
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# Shapes from the published Hugging Face configs. Parameter counts (checked in tests/test_presets.py):
+# gemma3-270m 268,098,176; gemma3-1b 999,885,952; gemma3-4b text tower 3,880,263,168;
+# embeddinggemma-300m 307,581,696 (302,863,104 backbone + 4,718,592 dense head).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, model_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, mlp_dim=128, sliding_window=8, global_every=2, max_length=128,
+                 head_dims=(64,), mrl_dims=(16, 32, 64), max_segments=4),
+    "small": dict(vocab_size=8192, model_dim=256, num_layers=4, num_heads=4, num_kv_heads=1,
+                  head_dim=64, mlp_dim=768, sliding_window=64, global_every=2, max_length=512,
+                  head_dims=(256,), mrl_dims=(64, 128, 256), max_segments=8),
+    "gemma3-270m": dict(vocab_size=262_144, model_dim=640, num_layers=18, num_heads=4, num_kv_heads=1,
+                        head_dim=256, mlp_dim=2048, sliding_window=512, global_every=6,
+                        max_length=32_768, rope_global_base=1_000_000.0),
+    "embeddinggemma-300m": dict(vocab_size=262_144, model_dim=768, num_layers=24, num_heads=3,
+                                num_kv_heads=1, head_dim=256, mlp_dim=1152, sliding_window=512,
+                                global_every=6, max_length=2048, head_dims=(3072, 768),
+                                mrl_dims=(128, 256, 512, 768)),
+    "gemma3-1b": dict(vocab_size=262_144, model_dim=1152, num_layers=26, num_heads=4, num_kv_heads=1,
+                      head_dim=256, mlp_dim=6912, sliding_window=512, global_every=6,
+                      max_length=32_768),
+    "gemma3-4b": dict(vocab_size=262_208, model_dim=2560, num_layers=34, num_heads=8, num_kv_heads=4,
+                      head_dim=256, mlp_dim=10_240, sliding_window=1024, global_every=6,
+                      rope_global_scale=8.0, max_length=131_072),
+}
