@@ -1,0 +1,35 @@
+"""Task name -> builder of that task's examples. A plain dict: jump to each definition from here.
+
+A builder takes the split ("train" or "eval") and returns a TaskSource: a random-access sequence of
+example dicts {"query", "positive", "negatives", "query_id", "positive_id", "group"} (see
+`data_pipelines.stdlib_tasks`), which a `grain.MapDataset.source(...)` can wrap directly.
+
+Everything about how a task is trained (task string / prompt, sequence lengths, batch size,
+sampling rate) lives in the config, not here. To add a task, write its builder and add one line.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+from data_pipelines import stdlib_tasks
+
+TaskSource = Sequence[dict[str, Any]]
+
+TASKS: dict[str, Callable[..., TaskSource]] = {
+    "stdlib_code_search": functools.partial(stdlib_tasks.load_task, "code_search"),
+    "stdlib_doc_retrieval": functools.partial(stdlib_tasks.load_task, "doc_retrieval"),
+    "stdlib_module_cls": functools.partial(stdlib_tasks.load_task, "module_classification"),
+}
+
+
+def build_task(name: str, split: str) -> TaskSource:
+  """Examples of task `name` for `split`.
+
+  Raises:
+    ValueError: unknown task name (the message lists the known ones) or split.
+  """
+  if name not in TASKS:
+    raise ValueError(f"task name={name!r} is unknown; known tasks: {sorted(TASKS)}. "
+                     "Add a builder to data_pipelines.tasks.TASKS or fix the config's task name.")
+  return TASKS[name](split)
