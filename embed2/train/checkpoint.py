@@ -1,0 +1,139 @@
+"""Orbax checkpoints of a training run, and of anything that holds model parameters (soups, imports).
+
+A checkpoint is a step directory `DIR/<step>/` with three items:
+
+  params  the model's parameters (a nested dict of arrays, as `nnx.to_pure_dict`)
+  train   optimizer state, RNG key data, and other arrays needed to continue exactly (absent in a soup)
+  meta    JSON: step, stage index, data-iterator and sampler state, the model config, the config
+          fingerprint, and free-form extras
+
+Orbax writes each step into a temporary directory and renames it only when every process has finished,
+so a step directory that exists is complete; `CheckpointManager` lists only finished steps, and a
+leftover `*.orbax-checkpoint-tmp-*` directory from a killed run is never restored.
+
+Restoring takes an abstract target (ShapeDtypeStruct with shardings) for each array item, so a checkpoint
+written on one mesh restores directly, shard by shard, onto another.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+ITEMS = ("params", "train", "meta")
+
+
+class Checkpointer:
+  """Saves and restores training checkpoints in `directory` (created on first save)."""
+
+  def __init__(self, directory: str | os.PathLike, *, every: int = 1, keep: int | None = 3,
+               async_save: bool = True, read_only: bool = False):
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, int(every)), max_to_keep=keep, create=not read_only,
+        enable_async_checkpointing=async_save, read_only=read_only)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+  # ---------------------------------------------------------------------------- queries
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    step = self._resolve(step)
+    out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
+  def has_item(self, step: int, item: str) -> bool:
+    return (self.directory / str(step) / item).exists()
+
+  # ------------------------------------------------------------------------------- save
+
+  def save(self, step: int, *, params: Any, meta: dict[str, Any], train: Any = None,
+           force: bool = False) -> bool:
+    """Starts saving (asynchronously) if `step` is on the interval or `force`; returns whether it did."""
+    items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+    if train is not None:
+      items["train"] = ocp.args.StandardSave(train)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # ---------------------------------------------------------------------------- restore
+
+  def restore(self, step: int | None = None, *, params: Any, train: Any = None) -> dict[str, Any]:
+    """Restores `params` (and `train` if given) onto the shardings of the abstract targets.
+
+    Args:
+      step: a finished step; None = the latest.
+      params: abstract pytree (jax.ShapeDtypeStruct with .sharding) of the parameters.
+      train: abstract pytree of the training state, or None to skip it (inference, soups).
+
+    Returns:
+      dict with "params", "meta" and (if asked) "train".
+    """
+    step = self._resolve(step)
+    items = dict(params=ocp.args.StandardRestore(params), meta=ocp.args.JsonRestore())
+    if train is not None:
+      if not self.has_item(step, "train"):
+        raise ValueError(f"checkpoint {self.directory / str(step)} has no training state (a soup or an "
+                         "imported model?); start a new run from it with config.init_from instead")
+      items["train"] = ocp.args.StandardRestore(train)
+    out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return {k: out[k] for k in items}
+
+  def _resolve(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {self.directory} (unfinished temporary "
+                                "directories are ignored); train first or point to another directory")
+      return max(steps)
+    if step not in steps:
+      raise FileNotFoundError(f"checkpoint step {step} is not a finished checkpoint in {self.directory}; "
+                              f"finished steps: {steps}")
+    return step
+
+
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+  """ShapeDtypeStructs (with shardings, if given or if the leaves are sharded arrays) for a pytree."""
+  if shardings is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> tuple[epath.Path, int]:
+  """Accepts a checkpoints directory (latest step), a step directory, or a workdir holding `checkpoints/`."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"checkpoint path {p} does not exist")
+  if (p / "params").exists() and (p / "meta").exists() and p.name.isdigit():
+    return p.parent, int(p.name)
+  if (p / "checkpoints").exists():
+    p = p / "checkpoints"
+  ckpt = Checkpointer(p, read_only=True)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no finished checkpoint under {path} (unfinished temporary directories are "
+                            "ignored)")
+  return p, step

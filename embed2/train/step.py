@@ -1,0 +1,148 @@
+"""The train step: embed the three sides of a packed batch, contrastive loss over global negatives,
+AdamW update, and a skipped update when the loss or gradients are not finite.
+
+  train_step(trainee, optimizer, batch) -> metrics
+
+`Trainee` bundles the embedding model with the loss's own learnable parameters (the temperature's log
+scale, the sigmoid bias), so one optimizer trains both while checkpoints and soups can still take the
+model alone. `StepFunctions` jits the step once per batch shape (one per fine-tuning task), with the
+training state donated and its shardings pinned, and keeps the compiled executables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from embed2 import losses
+from embed2 import sharding
+from embed2.model import EmbeddingModel
+
+SIDES = ("query", "positive", "negative")
+# Batch keys that stay on the host (statistics for the logs), everything else goes to the devices.
+HOST_KEYS_PREFIX = "stats/"
+
+
+class Trainee(nnx.Module):
+  """The model plus the loss's learnable scalars (`log_scale`, `bias`), trained together."""
+
+  def __init__(self, model: EmbeddingModel, loss_params: dict[str, jax.Array]):
+    self.model = model
+    self.loss = nnx.Dict({k: nnx.Param(jnp.asarray(v, jnp.float32), logical_axes=())
+                          for k, v in loss_params.items()})
+
+
+def embed_side(model: EmbeddingModel, batch: dict[str, jax.Array], side: str, num_groups: int):
+  """(B, d) embeddings of one side of a packed batch ((B, K, d) for negatives), or None if absent."""
+  if f"{side}_tokens" not in batch:
+    return None
+  return model(batch, num_groups, prefix=f"{side}_")
+
+
+def batch_loss(trainee: Trainee, batch: dict[str, jax.Array], *, loss_fn: Callable, num_groups: int):
+  """Contrastive loss of one packed batch; `loss_fn` is `losses.sharded_contrastive_loss(...)`."""
+  q = embed_side(trainee.model, batch, "query", num_groups)
+  p = embed_side(trainee.model, batch, "positive", num_groups)
+  neg = embed_side(trainee.model, batch, "negative", num_groups)
+  params = {k: v[...] for k, v in trainee.loss.items()}
+  loss, aux = loss_fn(q, p, neg_bkd=neg, neg_valid_bk=batch.get("negative_valid") if neg is not None else None,
+                      q_ids_b=batch.get("query_ids"), p_ids_b=batch.get("positive_ids"),
+                      valid_b=batch.get("example_valid"), **params)
+  # `poison` multiplies the loss by 1, or by NaN where a test injects a non-finite batch.
+  loss = loss * batch["poison"]
+  return loss, aux
+
+
+def train_step(trainee: Trainee, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], *,
+               loss_fn: Callable, num_groups: int) -> dict[str, jax.Array]:
+  """One update. A non-finite loss or gradient leaves the model and optimizer untouched.
+
+  Returns metrics: loss, per-MRL-dim losses and accuracies, temperature, grad norm, `skipped` (1 when
+  the update was skipped), number of valid examples.
+  """
+
+  def objective(t):
+    return batch_loss(t, batch, loss_fn=loss_fn, num_groups=num_groups)
+
+  (loss, aux), grads = nnx.value_and_grad(objective, has_aux=True)(trainee)
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  before = nnx.state((trainee, optimizer))
+  # Non-finite gradients would poison AdamW's moments even if the update were masked afterwards, so
+  # the optimizer sees zeros and the whole state is then put back.
+  safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+  optimizer.update(trainee, safe)
+  after = nnx.state((trainee, optimizer))
+  nnx.update((trainee, optimizer), jax.tree.map(lambda a, b: jnp.where(ok, a, b), after, before))
+  metrics = {k: v for k, v in aux.items()}
+  metrics.update(loss=loss, grad_norm=grad_norm, skipped=1 - ok.astype(jnp.int32),
+                 temperature=1.0 / aux["scale"])
+  return metrics
+
+
+@dataclasses.dataclass
+class StepFunctions:
+  """Compiled train steps, one per batch signature (shapes and dtypes), compiled once and cached.
+
+  Attributes:
+    graphdef: the static structure of (trainee, optimizer).
+    state_shardings: shardings of the training state (kept fixed across steps; the state is donated).
+    mesh: the device mesh.
+  """
+
+  graphdef: Any
+  state_shardings: Any
+  mesh: jax.sharding.Mesh
+  num_groups: int
+  compiled: dict = dataclasses.field(default_factory=dict)
+  compile_seconds: dict = dataclasses.field(default_factory=dict)
+
+  def get(self, key: Any, loss_cfg: losses.LossConfig, state: Any, batch: dict[str, jax.Array]):
+    sig = (key, loss_cfg, tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items())))
+    if sig not in self.compiled:
+      loss_fn = losses.sharded_contrastive_loss(self.mesh, cfg=loss_cfg)
+      graphdef, num_groups = self.graphdef, self.num_groups
+
+      def step(state, batch):
+        trainee, optimizer = nnx.merge(graphdef, state)
+        metrics = train_step(trainee, optimizer, batch, loss_fn=loss_fn, num_groups=num_groups)
+        return nnx.state((trainee, optimizer)), metrics
+
+      t0 = time.perf_counter()
+      with jax.set_mesh(self.mesh):
+        jitted = jax.jit(step, donate_argnums=0, out_shardings=(self.state_shardings, None))
+        self.compiled[sig] = jitted.lower(state, batch).compile()
+      self.compile_seconds[sig] = time.perf_counter() - t0
+      logging.info("compiled the train step for %s in %.1fs", key, self.compile_seconds[sig])
+    return self.compiled[sig]
+
+  @property
+  def num_compiled(self) -> int:
+    return len(self.compiled)
+
+
+def device_batch(host_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+                 poison: float = 1.0) -> dict[str, jax.Array]:
+  """Host (process-local) numpy batch -> global arrays sharded over the batch axes.
+
+  Every array's leading dim is rows or examples, which this process holds its own slice of; the global
+  array is assembled with `jax.make_array_from_process_local_data`. Keys starting with "stats/" and
+  non-array values stay on the host.
+  """
+  out = {}
+  for k, v in host_batch.items():
+    if k.startswith(HOST_KEYS_PREFIX) or not isinstance(v, np.ndarray) or v.ndim == 0:
+      continue
+    shard = sharding.batch_sharding(mesh, v.ndim)
+    global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(shard, v, global_shape)
+  out["poison"] = jax.device_put(np.float32(poison), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return out

@@ -1,0 +1,443 @@
+"""The stage-scheduled training loop.
+
+  config.stages = [pft, ft, ...]        each with its own steps, tasks and rates, optimizer, freezing
+  for stage in stages[resume_stage:]:
+    optimizer <- AdamW schedule of this stage (fresh state; parameters carried over)
+    data      <- PFT: every batch mixes tasks at fixed rates | FT: one task per batch, sampled by rate
+    for step: batch -> compiled step for this task's shape (cached) -> metrics / eval / checkpoint
+
+Resume order (a re-run of the same command on the same workdir):
+  1. the config is validated and compared with the checkpoint's (refused before anything is written);
+  2. the model is built sharded, then the latest finished checkpoint's parameters are restored onto it;
+  3. the stage index and the step within the stage are read from the checkpoint's meta;
+  4. that stage's optimizer is rebuilt and its state restored (skipped when the stage had just ended);
+  5. the data iterator is rebuilt and its state restored, so the batches continue exactly.
+
+Guard rails: a step with a non-finite loss or gradient changes nothing and is counted; after
+`config.max_consecutive_skips` in a row the run stops with an error (the last checkpoint, written before
+the streak, is intact). SIGTERM (a preemption notice) saves at the current step and exits with code 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+from ml_collections import config_dict
+
+from embed2 import losses
+from embed2 import sharding
+from embed2.data import pipeline
+from embed2.data.tokenizer import Tokenizer
+from embed2.model import EmbeddingModel, ModelConfig
+from embed2.train import checkpoint as ckpt_lib
+from embed2.train import optim
+from embed2.train import step as step_lib
+from embed2.train.metrics_writer import MetricsWriter
+
+# Config fields whose change makes a checkpoint unusable for this run (the rest may change on resume).
+_IDENTITY_FIELDS = ("model", "stages", "tasks", "loss", "seed")
+
+
+class TrainingStopped(RuntimeError):
+  """Raised when the run stops on a guard rail (too many non-finite steps)."""
+
+
+@dataclasses.dataclass
+class TaskData:
+  """A task's examples (resolved by the entry point from `data_pipelines`) for one split."""
+  train: Sequence[dict]
+  eval: Sequence[dict] = ()
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def loss_config(config, task_cfg=None) -> losses.LossConfig:
+  kw = dict(config.loss)
+  kw.setdefault("mrl_dims", tuple(ModelConfig.from_dict(config.model.to_dict()).resolved_mrl_dims))
+  if task_cfg is not None and "in_batch_negatives" in task_cfg:
+    kw["in_batch_negatives"] = bool(task_cfg.in_batch_negatives)
+  return losses.LossConfig(**kw)
+
+
+def batch_spec(d: Mapping[str, Any], where: str) -> pipeline.BatchSpec:
+  fields = {f.name for f in dataclasses.fields(pipeline.BatchSpec)}
+  kw = {k: v for k, v in dict(d).items() if k in fields}
+  missing = [k for k in ("batch_size", "query_len", "positive_len") if k not in kw]
+  if missing:
+    raise ValueError(f"{where} lacks {missing}; give the batch shape (batch_size, query_len, positive_len, "
+                     "and negative_len/num_negatives for hard negatives)")
+  return pipeline.BatchSpec(**kw)
+
+
+def optim_config(stage) -> optim.OptimConfig:
+  kw = dict(stage.get("optim", {}))
+  kw["freeze"] = tuple(stage.get("freeze", ()))
+  return optim.OptimConfig(**kw)
+
+
+def validate(config, data: Mapping[str, TaskData], num_groups: int) -> None:
+  """Every check that can fail before compilation: unknown tasks, empty tasks, rates, batch shapes."""
+  ModelConfig.from_dict(config.model.to_dict())
+  if not config.stages:
+    raise ValueError("config.stages is empty; add at least one stage (see configs/demo.py)")
+  names = [s.name for s in config.stages]
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.stages names must be unique, got {names}")
+  for si, stage in enumerate(config.stages):
+    where = f"config.stages[{si}] ({stage.name})"
+    if stage.mode not in ("pft", "ft"):
+      raise ValueError(f"{where}.mode={stage.mode!r}; choose 'pft' (mixed batches) or 'ft' (one task a batch)")
+    if int(stage.steps) < 1:
+      raise ValueError(f"{where}.steps={stage.steps} must be >= 1")
+    if not stage.tasks:
+      raise ValueError(f"{where}.tasks is empty; map task names to sampling rates")
+    rates = dict(stage.tasks)
+    for name, rate in rates.items():
+      if name not in config.tasks:
+        raise ValueError(f"{where}.tasks names unknown task {name!r}; config.tasks defines "
+                         f"{sorted(config.tasks)}")
+      if not np.isfinite(rate) or rate < 0:
+        raise ValueError(f"{where}.tasks[{name!r}]={rate} is negative or not finite; rates must be >= 0")
+      if rate > 0 and len(data[name].train) == 0:
+        raise ValueError(f"task {name!r} has zero training examples; check its source "
+                         f"{config.tasks[name].get('source', name)!r} or drop it from {where}.tasks")
+    if not any(r > 0 for r in rates.values()):
+      raise ValueError(f"{where}.tasks rates are all zero; give at least one task a rate > 0")
+    specs = ([(f"{where}.batch", stage.batch)] if stage.mode == "pft" else
+             [(f"config.tasks.{n}", config.tasks[n]) for n, r in rates.items() if r > 0])
+    for w, d in specs:
+      spec = batch_spec(d, w)
+      if spec.batch_size % num_groups:
+        raise ValueError(f"{w}.batch_size={spec.batch_size} is not divisible by the {num_groups} data shards "
+                         f"(mesh data x fsdp); use a multiple of {num_groups}")
+    optim_config(stage).validate(where + ".optim")
+  loss_config(config)
+
+
+def normalize(config):
+  """A copy of `config` whose stages are ConfigDicts (a list of plain dicts is accepted)."""
+  config = config_dict.ConfigDict(config.to_dict())
+  with config.unlocked():
+    config.stages = [config_dict.ConfigDict(dict(s)) for s in config.stages]
+  return config
+
+
+def fingerprint(config) -> dict[str, Any]:
+  """The parts of the config that must match for a checkpoint to be resumed."""
+  d = config.to_dict()
+  return {k: d.get(k) for k in _IDENTITY_FIELDS}
+
+
+def _canonical(x):
+  return json.loads(json.dumps(x, sort_keys=True, default=str))
+
+
+def check_workdir_compatible(config, meta: dict[str, Any], workdir) -> None:
+  want, have = _canonical(fingerprint(config)), meta.get("fingerprint")
+  if have is None:
+    raise ValueError(f"workdir {workdir} holds a checkpoint without a config fingerprint; use a new workdir")
+  for key in _IDENTITY_FIELDS:
+    if want.get(key) != have.get(key):
+      raise ValueError(
+          f"workdir {workdir} holds a checkpoint from an incompatible config: config.{key} differs "
+          f"(checkpoint: {json.dumps(have.get(key), sort_keys=True)[:300]} ; now: "
+          f"{json.dumps(want.get(key), sort_keys=True)[:300]}). Use a new --workdir, or start from that "
+          "checkpoint with config.init_from. Nothing in the workdir was changed.")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_trainee(config, mesh, rules) -> step_lib.Trainee:
+  model_cfg = ModelConfig.from_dict(config.model.to_dict())
+  loss_params = losses.init_loss_params(loss_config(config))
+  seed = int(config.seed)
+
+  def factory():
+    return step_lib.Trainee(EmbeddingModel(model_cfg, rules=rules, rngs=nnx.Rngs(seed)), loss_params)
+
+  return sharding.create_sharded(factory, mesh, rules)
+
+
+def model_params(trainee) -> dict:
+  return nnx.to_pure_dict(nnx.state(trainee.model, nnx.Param))
+
+
+def load_params_into(model: EmbeddingModel, path: str) -> dict[str, Any]:
+  """Restores a checkpoint's parameters (any mesh) onto `model`'s shardings; returns its meta."""
+  directory, step = ckpt_lib.resolve_checkpoint_path(path)
+  ck = ckpt_lib.Checkpointer(directory, read_only=True)
+  meta = ck.read_meta(step)
+  want = ModelConfig.from_dict(meta["model_config"])
+  have = model.cfg
+  arch = lambda c: {k: v for k, v in c.to_dict().items()
+                    if k not in ("attention_impl", "remat", "dtype", "max_length", "causal", "name",
+                                 "max_segments", "mrl_dims")}
+  if arch(want) != arch(have):
+    diff = {k: (v, arch(have)[k]) for k, v in arch(want).items() if arch(have)[k] != v}
+    raise ValueError(f"checkpoint {path} has a different architecture: {diff} (checkpoint, config)")
+  state = nnx.state(model, nnx.Param)
+  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding),
+                        nnx.to_pure_dict(state))
+  restored = ck.restore(step, params=target)
+  nnx.replace_by_pure_dict(state, restored["params"])
+  nnx.update(model, state)
+  return meta
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def stage_iterator(config, stage, data: Mapping[str, TaskData], tokenizer, num_groups: int,
+                   stage_index: int) -> pipeline.StageIterator:
+  tasks = []
+  for name, rate in dict(stage.tasks).items():
+    tc = config.tasks[name]
+    tasks.append(pipeline.TaskSpec(
+        name=name, examples=data[name].train, rate=float(rate), task_string=tc.get("task_string", ""),
+        p_drop=float(tc.get("p_drop", 0.0)),
+        batch=batch_spec(tc, f"config.tasks.{name}") if stage.mode == "ft" else None))
+  seed = int(config.seed) * 1000 + stage_index
+  kw = dict(tokenizer=tokenizer, num_groups=num_groups, seed=seed, process_index=jax.process_index(),
+            process_count=jax.process_count())
+  if stage.mode == "pft":
+    return pipeline.build_pft_iterator(tasks, batch_spec(stage.batch, f"{stage.name}.batch"), **kw)
+  return pipeline.build_ft_iterator(tasks, **kw)
+
+
+# ------------------------------------------------------------------------------ loop
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint at the current step and exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  global_step: int
+  preempted: bool
+  skipped_steps: int
+  compiled_steps: int
+  trainee: Any
+
+
+def train(config, workdir: str, data: Mapping[str, TaskData], *,
+          eval_fn: Callable[[EmbeddingModel, int, str], dict[str, float]] | None = None,
+          batch_hook: Callable[[int, dict], dict] | None = None) -> TrainResult:
+  """Runs (or resumes) every stage of `config` in `workdir`.
+
+  Args:
+    config: the experiment ConfigDict (see configs/demo.py for the fields).
+    workdir: where checkpoints, metrics.jsonl and TensorBoard events go.
+    data: task name -> TaskData for every task the stages use.
+    eval_fn: called as eval_fn(model, global_step, stage_name) every `config.eval_every` steps and at the
+      end of each stage; returns scalars to log.
+    batch_hook: test hook, called as batch_hook(global_step, host_batch) -> host_batch.
+  """
+  workdir = epath.Path(workdir)
+  config = normalize(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  num_groups = sharding.num_batch_shards(mesh)
+  validate(config, data, num_groups)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=int(config.checkpoint.every),
+                                       keep=config.checkpoint.get("keep", 3),
+                                       async_save=bool(config.checkpoint.get("async_save", True)),
+                                       read_only=True)
+  latest = checkpointer.latest_step()
+  meta = None
+  if latest is not None:
+    meta = checkpointer.read_meta(latest)
+    check_workdir_compatible(config, meta, workdir)
+  checkpointer.close()
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=int(config.checkpoint.every),
+                                       keep=config.checkpoint.get("keep", 3),
+                                       async_save=bool(config.checkpoint.get("async_save", True)))
+
+  tokenizer = Tokenizer.from_file(config.tokenizer) if config.get("tokenizer") else Tokenizer.default()
+  model_cfg = ModelConfig.from_dict(config.model.to_dict())
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size="
+                     f"{model_cfg.vocab_size}; raise vocab_size to at least {tokenizer.vocab_size}")
+
+  trainee = build_trainee(config, mesh, rules)
+  if meta is not None:
+    load_params_into(trainee.model, str(workdir / "checkpoints" / str(latest)))
+    logging.info("resuming from step %d (stage %d, step %d of it)", latest, meta["stage_index"],
+                 meta["stage_step"])
+  elif config.get("init_from"):
+    load_params_into(trainee.model, config.init_from)
+    logging.info("initialised from %s", config.init_from)
+
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  max_skips = int(config.get("max_consecutive_skips", 5))
+  global_step = latest or 0
+  start_stage = meta["stage_index"] if meta else 0
+  start_stage_step = meta["stage_step"] if meta else 0
+  if meta and start_stage_step >= int(config.stages[start_stage].steps):
+    start_stage, start_stage_step = start_stage + 1, 0
+  skipped_total = int(meta.get("skipped_total", 0)) if meta else 0
+  preempted = False
+  steps_compiled = 0
+  debug_nan = set(int(s) for s in config.get("debug_nan_steps", ()))
+
+  with _Preemption() as preemption:
+    for si in range(start_stage, len(config.stages)):
+      stage = config.stages[si]
+      n_steps = int(stage.steps)
+      stage_step = start_stage_step if si == start_stage else 0
+      ocfg = optim_config(stage)
+      params_state = nnx.state(trainee, nnx.Param)
+      tx = optim.make_optimizer(ocfg, n_steps, params_state, where=f"config.stages[{si}].optim")
+      with jax.set_mesh(mesh):
+        optimizer = nnx.Optimizer(trainee, tx, wrt=nnx.Param)
+      it = stage_iterator(config, stage, data, tokenizer, num_groups, si)
+      if meta is not None and si == meta["stage_index"] and stage_step > 0:
+        train_target = jax.tree.map(
+            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding),
+            _train_tree(trainee, optimizer))
+        restored = checkpointer.restore(latest, params=_abstract(model_params(trainee)), train=train_target)
+        _set_train_tree(trainee, optimizer, restored["train"])
+        it.set_state(meta["data_state"])
+      graphdef, state = nnx.split((trainee, optimizer))
+      state_shardings = jax.tree.map(lambda x: x.sharding, state)
+      steps = step_lib.StepFunctions(graphdef, state_shardings, mesh, num_groups)
+      task_names = list(dict(stage.tasks))
+      loss_cfgs = {n: loss_config(config, config.tasks[n]) for n in task_names}
+      pft_loss = loss_config(config)
+      consecutive = 0
+      writer.progress_start(stage.name, stage_step, n_steps)
+      t_last, examples_since, tokens_since = time.perf_counter(), 0, 0
+      while stage_step < n_steps:
+        host = next(it)
+        if batch_hook is not None:
+          host = batch_hook(global_step, host)
+        task_i = int(host["task_index"])
+        task = "mixture" if task_i < 0 else task_names[task_i]
+        lcfg = pft_loss if task_i < 0 else loss_cfgs[task]
+        batch = step_lib.device_batch(host, mesh, poison=np.nan if global_step in debug_nan else 1.0)
+        fn = steps.get(task, lcfg, state, batch)
+        state, metrics = fn(state, batch)
+        metrics = jax.device_get(metrics)
+        global_step += 1
+        stage_step += 1
+        examples_since += int(np.sum(host["example_valid"]))
+        tokens_since += int(host.get("num_tokens", 0))
+        if int(metrics["skipped"]):
+          consecutive += 1
+          skipped_total += 1
+          logging.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped "
+                          "(%d in a row, %d in total)", global_step, metrics["loss"], metrics["grad_norm"],
+                          consecutive, skipped_total)
+          writer.write(global_step, {"skipped_total": skipped_total, "stage": stage.name, "task": task})
+          if consecutive >= max_skips:
+            checkpointer.close()
+            writer.close()
+            raise TrainingStopped(
+                f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step "
+                f"{global_step}, stage {stage.name}, task {task}); stopping. The last good checkpoint "
+                f"(step {checkpointer.latest_step()}) is intact. Lower the learning rate, check the data, "
+                "or raise config.max_consecutive_skips.")
+        else:
+          consecutive = 0
+        nnx.update((trainee, optimizer), state)
+        writer.progress_update(1, float(metrics["loss"]))
+        if global_step % int(config.log_every) == 0 or stage_step == n_steps:
+          dt = max(time.perf_counter() - t_last, 1e-9)
+          row = {"stage": stage.name, "task": task, "examples_per_s": examples_since / dt,
+                 "tokens_per_s": tokens_since / dt, "skipped_total": skipped_total,
+                 "learning_rate": float(optim.schedule(ocfg, n_steps)(stage_step - 1))}
+          row.update({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0})
+          row.update({f"data/{k}": float(v) for k, v in host.items()
+                      if np.ndim(v) == 0 and k not in ("task_index",)})
+          capacity = sum(v.size for k, v in host.items() if k.endswith("_tokens") and np.ndim(v) == 2)
+          row["nonpad_fraction"] = float(host["num_tokens"]) / max(capacity, 1)
+          writer.write(global_step, row)
+          t_last, examples_since, tokens_since = time.perf_counter(), 0, 0
+        stage_done = stage_step == n_steps
+        if eval_fn is not None and (stage_done or (config.get("eval_every") and
+                                                   global_step % int(config.eval_every) == 0)):
+          writer.write(global_step, {f"eval/{k}": v for k, v in
+                                     eval_fn(trainee.model, global_step, stage.name).items()})
+        if preemption.requested or stage_done or checkpointer.should_save(global_step):
+          _save(checkpointer, config, trainee, optimizer, it, si, stage_step, global_step, skipped_total,
+                force=preemption.requested or stage_done)
+        if preemption.requested:
+          preempted = True
+          break
+      steps_compiled += steps.num_compiled
+      writer.progress_end()
+      del state
+      if preempted:
+        break
+  checkpointer.close()
+  writer.close()
+  return TrainResult(global_step=global_step, preempted=preempted, skipped_steps=skipped_total,
+                     compiled_steps=steps_compiled, trainee=trainee)
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding), tree)
+
+
+def _train_tree(trainee, optimizer) -> dict:
+  return {"optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
+          "loss": nnx.to_pure_dict(nnx.state(trainee.loss))}
+
+
+def _set_train_tree(trainee, optimizer, tree) -> None:
+  opt_state = nnx.state(optimizer)
+  nnx.replace_by_pure_dict(opt_state, tree["optimizer"])
+  nnx.update(optimizer, opt_state)
+  loss_state = nnx.state(trainee.loss)
+  nnx.replace_by_pure_dict(loss_state, tree["loss"])
+  nnx.update(trainee.loss, loss_state)
+
+
+def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step, global_step,
+          skipped_total, *, force):
+  meta = {
+      "step": global_step, "stage_index": stage_index, "stage_step": stage_step,
+      "stage_name": config.stages[stage_index].name, "data_state": it.get_state(),
+      "model_config": ModelConfig.from_dict(config.model.to_dict()).to_dict(),
+      "tokenizer": config.get("tokenizer") or "",
+      "fingerprint": _canonical(fingerprint(config)), "skipped_total": skipped_total,
+      "process_count": jax.process_count(),
+  }
+  checkpointer.save(global_step, params=model_params(trainee), train=_train_tree(trainee, optimizer),
+                    meta=meta, force=force)
