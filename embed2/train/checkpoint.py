@@ -24,6 +24,9 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import nnx
+
+from embed2.model import ModelConfig
 
 ITEMS = ("params", "train", "meta")
 
@@ -137,3 +140,33 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> tuple[epath.Path, int]:
     raise FileNotFoundError(f"no finished checkpoint under {path} (unfinished temporary directories are "
                             "ignored)")
   return p, step
+
+
+def load_model_params(model, path: str | os.PathLike) -> dict[str, Any]:
+  """Restores a checkpoint's parameters onto an EmbeddingModel, in place, on the model's own shardings.
+
+  The checkpoint may come from any mesh (restored shard by shard) and be a training checkpoint, a soup
+  or an imported model. Fields that do not change the parameters (dtype, attention kernel, remat, max
+  length, MRL dims) may differ; anything else is refused with the differing fields named.
+
+  Returns:
+    the checkpoint's meta dict.
+  """
+  directory, step = resolve_checkpoint_path(path)
+  ck = Checkpointer(directory, read_only=True)
+  meta = ck.read_meta(step)
+  want = ModelConfig.from_dict(meta["model_config"])
+  have = model.cfg
+  arch = lambda c: {k: v for k, v in c.to_dict().items()
+                    if k not in ("attention_impl", "remat", "dtype", "max_length", "causal", "name",
+                                 "max_segments", "mrl_dims")}
+  if arch(want) != arch(have):
+    diff = {k: (v, arch(have)[k]) for k, v in arch(want).items() if arch(have)[k] != v}
+    raise ValueError(f"checkpoint {path} has a different architecture: {diff} (checkpoint, config)")
+  state = nnx.state(model, nnx.Param)
+  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding),
+                        nnx.to_pure_dict(state))
+  restored = ck.restore(step, params=target)
+  nnx.replace_by_pure_dict(state, restored["params"])
+  nnx.update(model, state)
+  return meta

@@ -177,28 +177,6 @@ def model_params(trainee) -> dict:
   return nnx.to_pure_dict(nnx.state(trainee.model, nnx.Param))
 
 
-def load_params_into(model: EmbeddingModel, path: str) -> dict[str, Any]:
-  """Restores a checkpoint's parameters (any mesh) onto `model`'s shardings; returns its meta."""
-  directory, step = ckpt_lib.resolve_checkpoint_path(path)
-  ck = ckpt_lib.Checkpointer(directory, read_only=True)
-  meta = ck.read_meta(step)
-  want = ModelConfig.from_dict(meta["model_config"])
-  have = model.cfg
-  arch = lambda c: {k: v for k, v in c.to_dict().items()
-                    if k not in ("attention_impl", "remat", "dtype", "max_length", "causal", "name",
-                                 "max_segments", "mrl_dims")}
-  if arch(want) != arch(have):
-    diff = {k: (v, arch(have)[k]) for k, v in arch(want).items() if arch(have)[k] != v}
-    raise ValueError(f"checkpoint {path} has a different architecture: {diff} (checkpoint, config)")
-  state = nnx.state(model, nnx.Param)
-  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding),
-                        nnx.to_pure_dict(state))
-  restored = ck.restore(step, params=target)
-  nnx.replace_by_pure_dict(state, restored["params"])
-  nnx.update(model, state)
-  return meta
-
-
 # ------------------------------------------------------------------------------ data
 
 
@@ -297,11 +275,11 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
 
   trainee = build_trainee(config, mesh, rules)
   if meta is not None:
-    load_params_into(trainee.model, str(workdir / "checkpoints" / str(latest)))
+    ckpt_lib.load_model_params(trainee.model, str(workdir / "checkpoints" / str(latest)))
     logging.info("resuming from step %d (stage %d, step %d of it)", latest, meta["stage_index"],
                  meta["stage_step"])
   elif config.get("init_from"):
-    load_params_into(trainee.model, config.init_from)
+    ckpt_lib.load_model_params(trainee.model, config.init_from)
     logging.info("initialised from %s", config.init_from)
 
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
@@ -436,6 +414,7 @@ def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step,
       "stage_name": config.stages[stage_index].name, "data_state": it.get_state(),
       "model_config": ModelConfig.from_dict(config.model.to_dict()).to_dict(),
       "tokenizer": config.get("tokenizer") or "",
+      "task_strings": {n: t.get("task_string", "") for n, t in config.tasks.items()},
       "fingerprint": _canonical(fingerprint(config)), "skipped_total": skipped_total,
       "process_count": jax.process_count(),
   }
