@@ -1,0 +1,260 @@
+"""Packing efficiency and host-side batch-building throughput: packed vs padded.
+
+    python -m embed2.bench.packing                         # B_g = 256, L = 128 / 512 / 512
+    python -m embed2.bench.packing --examples_per_group=64 --steps=50
+    python -m embed2.bench.packing --toy --out=/tmp/packing.json
+
+Two parts, each run packed (suggested rows, S segments per row) and padded (one
+example per row: S = 1, R_g = B_g rows per side, the baseline without packing):
+
+  packing   pre-tokenized tuples with a realistic length mix (log-normal: queries
+            median 18 tokens, passages and one hard negative median 140, clipped
+            to L) through `packing.pack_group`: the packer alone; rows suggested
+            from 8192 tuples; a "step" here is one group batch.
+  pipeline  synthetic text tuples through `pipeline.build_ft_iterator` with the
+            package tokenizer (`Tokenizer.default()`; byte-level stand-in with
+            --tokenizer=bytes): tokenization + packing, one process, G groups.
+
+Columns: non-pad fraction per side and overall (useful tokens / row tokens: the
+model computes on every row token), example fill (valid example slots / B), rows
+per step (the model-side cost), useful tokens/s of host batch building (wall clock
+of this process), and steps/s. Writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from embed2.data import packing
+from embed2.data import pipeline
+from embed2.data.packing import GroupShape, SideShape
+
+# Tuples whose lengths size the rows in the packing part (as
+# `pipeline.with_suggested_rows` would; the pipeline part suggests from
+# pipeline.ROWS_SAMPLE_SIZE at build time, like a config that leaves rows unset).
+_SAMPLE = 8192
+
+_WORDS = ("the of and to in is for on that with as by at from this are be or an "
+          "model data train embed query search result code python function class "
+          "return value list dict string token batch vector image audio video text "
+          "learning network layer attention pooling loss negative positive").split()
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--examples_per_group", type=int, default=256, help="B_g")
+  ap.add_argument("--groups", type=int, default=4, help="G (pipeline part)")
+  ap.add_argument("--segments", type=int, default=16, help="S")
+  ap.add_argument("--query_len", type=int, default=128)
+  ap.add_argument("--positive_len", type=int, default=512)
+  ap.add_argument("--negative_len", type=int, default=512)
+  ap.add_argument("--num_negatives", type=int, default=1, help="K")
+  ap.add_argument("--steps", type=int, default=40, help="group batches (packing "
+                  "part) / steps (pipeline part) measured")
+  ap.add_argument("--max_misses", type=int, default=64)
+  ap.add_argument("--slack", type=float, default=1.0, help="suggest_rows slack")
+  ap.add_argument("--tokenizer", default="default", choices=("default", "bytes"))
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--toy", action="store_true",
+                  help="tiny sizes for a smoke run (tests)")
+  ap.add_argument("--out", default="bench_out/packing.json",
+                  help="JSON output path")
+  args = ap.parse_args(argv)
+  if args.toy:
+    args.examples_per_group, args.groups, args.steps = 16, 2, 4
+    args.query_len, args.positive_len, args.negative_len = 32, 128, 128
+  return args
+
+
+def _lognormal(rng, n, median, sigma, max_len, min_len=3):
+  x = np.exp(np.log(median) + sigma * rng.standard_normal(n))
+  return np.clip(np.round(x), min_len, max_len).astype(int)
+
+
+def _token_tuples(rng, n, args) -> list[dict[str, Any]]:
+  ql = _lognormal(rng, n, 18, 0.6, args.query_len)
+  pl = _lognormal(rng, n, 140, 0.8, args.positive_len)
+  nl = _lognormal(rng, n * args.num_negatives, 140, 0.8,
+                  args.negative_len).reshape(n, args.num_negatives)
+  return [{"query_tokens": np.full(ql[i], 7, np.int32),
+           "positive_tokens": np.full(pl[i], 7, np.int32),
+           "negative_tokens": [np.full(m, 7, np.int32) for m in nl[i]],
+           "query_id": i, "positive_id": i} for i in range(n)]
+
+
+def _text_tuples(rng, n, args) -> list[dict[str, Any]]:
+  def text(median):
+    # ~1.3 tokens per word for this vocabulary; lengths in words.
+    k = int(_lognormal(rng, 1, median / 1.3, 0.8, 4 * args.positive_len)[0])
+    return " ".join(rng.choice(_WORDS, k))
+
+  return [{"query": text(16), "positive": text(140),
+           "negatives": [text(140) for _ in range(args.num_negatives)],
+           "query_id": i, "positive_id": i, "group": "bench"} for i in range(n)]
+
+
+def _shape(args, rows: dict[str, int], segments: int) -> GroupShape:
+  k = args.num_negatives
+  return GroupShape(
+      examples=args.examples_per_group, segments=segments, num_negatives=k,
+      max_misses=args.max_misses,
+      query=SideShape(length=args.query_len, rows=rows["query"]),
+      positive=SideShape(length=args.positive_len, rows=rows["positive"]),
+      negative=(SideShape(length=args.negative_len, rows=rows["negative"])
+                if k else None))
+
+
+def _summary(shape: GroupShape, batch: dict[str, np.ndarray], steps: int,
+             groups: int, seconds: float) -> dict[str, Any]:
+  stats = packing.batch_stats(batch)
+  capacity = sum(groups * shape.side(s).rows * shape.side(s).length
+                 for s in shape.sides)
+  out = {f"{s}_nonpad_fraction": round(stats[f"{s}_nonpad_fraction"], 4)
+         for s in shape.sides}
+  out.update({
+      "rows_per_group": {s: shape.side(s).rows for s in shape.sides},
+      "nonpad_fraction": round(stats["num_tokens"] / capacity, 4),
+      "example_fill": round(stats["example_fill"], 4),
+      "row_tokens_per_step": capacity // steps,
+      "useful_tokens_per_step": stats["num_tokens"] // steps,
+      "useful_tokens_per_s": round(stats["num_tokens"] / seconds),
+      "steps_per_s": round(steps / seconds, 2),
+      "num_truncated": stats["num_truncated"],
+  })
+  return out
+
+
+def _bench_packing(args, rng) -> dict[str, Any]:
+  b_g, k = args.examples_per_group, args.num_negatives
+  n = b_g * args.steps * 2 + _SAMPLE
+  tuples = _token_tuples(rng, n, args)
+  sample = tuples[:_SAMPLE]
+  rows = {}
+  for s in packing.SIDES if k else packing.SIDES[:2]:
+    lengths = [t.size for ex in sample
+               for t in (ex["negative_tokens"] if s == "negative"
+                         else [ex[f"{s}_tokens"]])]
+    rows[s] = packing.suggest_rows(
+        lengths, sequences=b_g * (k if s == "negative" else 1),
+        length=getattr(args, f"{s}_len"), segments=args.segments,
+        slack=args.slack)
+    if s == "negative":
+      rows[s] = max(rows[s], k)
+  variants = {
+      "packed": _shape(args, rows, args.segments),
+      "padded": _shape(args, {"query": b_g, "positive": b_g,
+                              "negative": b_g * k}, 1),
+  }
+  results = {}
+  for name, shape in variants.items():
+    stream = iter(enumerate(tuples[_SAMPLE:]))
+    held, groups = [], []
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      gb, held = packing.pack_group(shape, held, lambda: next(stream))
+      groups.append(gb)
+    batch = packing.concat_groups(shape, groups)
+    seconds = time.perf_counter() - t0
+    results[name] = _summary(shape, batch, args.steps, args.steps, seconds)
+  return results
+
+
+def _bench_pipeline(args, rng) -> dict[str, Any]:
+  if args.tokenizer == "default":
+    from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+    tok = Tokenizer.default()
+  else:
+    class _Bytes:
+      def encode(self, text, **unused):
+        return [b + 3 for b in text.encode()]
+    tok = _Bytes()
+  b = args.examples_per_group * args.groups
+  examples = _text_tuples(rng, max(2000, b * (args.steps + 2)), args)
+  results = {}
+  for name, segments in (("packed", args.segments), ("padded", 1)):
+    k = args.num_negatives
+    rows = {}
+    if name == "padded":
+      rows = {"query_rows": b, "positive_rows": b, "negative_rows": b * k}
+    spec = pipeline.BatchSpec(
+        batch_size=b, query_len=args.query_len, positive_len=args.positive_len,
+        negative_len=args.negative_len if k else 0, num_negatives=k,
+        segments=segments, max_misses=args.max_misses, rows_slack=args.slack,
+        **rows)
+    task = pipeline.TaskSpec(name="bench", examples=examples,
+                             task_string="task: search result | query: ",
+                             p_drop=0.1, batch=spec)
+    t0 = time.perf_counter()
+    it = pipeline.build_ft_iterator([task], tokenizer=tok,
+                                    num_groups=args.groups, seed=args.seed)
+    build_s = time.perf_counter() - t0
+    shape = it.group_shapes["bench"]
+    batches = []
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      batches.append(next(it))
+    seconds = time.perf_counter() - t0
+    joined = {key: (np.asarray(sum(int(x[key]) for x in batches))
+                    if np.ndim(batches[0][key]) == 0 else batches[0][key])
+              for key in batches[0]}
+    # Recompute the side fractions over all steps from the summed counts.
+    for s in shape.sides:
+      cap = args.steps * args.groups * shape.side(s).rows * shape.side(s).length
+      joined[f"{s}_nonpad_fraction"] = np.asarray(
+          int(joined[f"{s}_num_tokens"]) / cap)
+    joined["example_fill"] = np.asarray(
+        int(joined["num_examples"]) / (args.steps * b))
+    res = _summary(shape, joined, args.steps, args.steps * args.groups,
+                   seconds)
+    res["build_s"] = round(build_s, 3)
+    results[name] = res
+  return results
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Runs both parts; returns the JSON-able results."""
+  rng = np.random.default_rng(args.seed)
+  out = {
+      "config": {k: v for k, v in vars(args).items() if k != "out"},
+      "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
+               "machine": platform.machine()},
+      "packing": _bench_packing(args, rng),
+      "pipeline": _bench_pipeline(args, rng),
+  }
+  return out
+
+
+def _table(results: dict[str, Any]) -> str:
+  cols = ("nonpad_fraction", "query_nonpad_fraction", "positive_nonpad_fraction",
+          "negative_nonpad_fraction", "example_fill", "row_tokens_per_step",
+          "useful_tokens_per_s", "steps_per_s")
+  short = ("nonpad", "q", "p", "n", "fill", "row_tok/step", "useful_tok/s",
+           "steps/s")
+  lines = [f"{'part':10s}{'variant':8s}" + "".join(f"{c:>14s}" for c in short)]
+  for part in ("packing", "pipeline"):
+    for variant, r in results[part].items():
+      cells = "".join(f"{str(r.get(c, '-')):>14s}" for c in cols)
+      lines.append(f"{part:10s}{variant:8s}{cells}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = _parse(argv)
+  results = run(args)
+  print(_table(results))
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {args.out}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

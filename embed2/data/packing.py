@@ -1,0 +1,404 @@
+"""Packs (query, positive, hard negatives) tuples into fixed-shape rows.
+
+This module is the batch contract between the data pipeline and the model/loss.
+
+A train-step batch is split into G *pack groups* (one per data shard: the devices
+along the batch mesh axes). Each group is packed on its own, so every example of a
+group lives entirely in that group's rows and a device never needs another device's
+rows to pool its examples. Per side `s` in ("query", "positive", "negative") (the
+negative side only when K > 0) a batch holds, with R = G * R_g rows and
+B = G * B_g examples:
+
+  {s}_tokens       int32 (R, L)  token ids, 0 = padding. Rows [g*R_g, (g+1)*R_g)
+                                 belong to group g.
+  {s}_segment_ids  int32 (R, L)  0 on padding, 1..S = the example's index within
+                                 its row.
+  {s}_positions    int32 (R, L)  position of the token inside its own example
+                                 (0-based), 0 on padding.
+  query_slot       int32 (B,)    example b (group g = b // B_g) sits at slot
+  positive_slot    int32 (B,)    `row_in_group * S + (segment_id - 1)`, an index into
+  negative_slot    int32 (B, K)  group g's flattened (R_g * S) slots. The model pools
+                                 (R, S, d) -> (G, R_g * S, d) and gathers per group.
+  example_valid    bool  (B,)    False for example slots the group could not fill;
+                                 their slots are 0 and the loss masks them.
+  negative_valid   bool  (B, K)  False where the example had fewer than K negatives
+                                 (or is itself invalid); slot 0, masked by the loss.
+  query_ids        int32 (B,)    content ids for the duplicate mask (-1 on padding).
+  positive_ids     int32 (B,)
+  example_task     int32 (B,)    index of the example's task in the stage's task list
+                                 (-1 on padding); lets PFT log per-task losses.
+
+0-d entries of the batch are logging stats, never model inputs (see `batch_stats`):
+`num_tokens`, `num_truncated`, `num_examples`, `example_fill`, and per side
+`{s}_num_tokens`, `{s}_nonpad_fraction`, `{s}_num_truncated`.
+
+Packing policy (per group, online, best-fit): candidates are tried in order, first
+the tuples held over from the previous batch, then fresh ones from the stream. A
+tuple is accepted only if every side fits: each sequence goes into the row with the
+least free space that still has room for it and fewer than S segments. A tuple that
+does not fit is held over to start the next batch of its group (never dropped). A
+batch closes when it holds B_g tuples, when `max_misses` tuples have been held over
+during it, or when some side cannot take even a one-token sequence. Because
+held-over tuples are retried first and the stream is only read once they are used
+up, at most `max_misses` tuples are ever held, and a held tuple waits at most
+`max_misses` batches (the oldest one always fits the next, empty, batch).
+
+Sizing: with R_g from `suggest_rows` (slack 1.0) on a query/passage length mix,
+B_g = 256 packs ~95-96% of all row tokens with ~96% of example slots filled
+(tests/test_packing.py, `python -m embed2.bench.packing`). The side that closes the
+batch is ~98% full; the others are lower because each side's token total per batch
+varies independently. Smaller B_g packs worse (~94.5% at 128, ~93% at 64, ~91% at
+32); an R_g suggested from a small sample can cost a point or two more.
+
+Negatives: the first K of an example's negatives are carried (put the hardest
+first); an example with fewer than K has the missing ones marked False in
+`negative_valid` and takes no tokens for them (no repetition: a repeated negative
+would count twice in the NCE denominator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+
+PAD_ID = 0
+EOS_ID = 1
+BOS_ID = 2
+
+SIDES = ("query", "positive", "negative")
+
+# A tuple in flight: (key, tokenized example). The key is opaque to the packer; the
+# pipeline uses the example's index in its stream so held-over tuples can be re-read
+# after a restore.
+Item = tuple[Hashable, dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SideShape:
+  """Static shape of one side of one pack group.
+
+  Attributes:
+    length: L, tokens per row.
+    rows: R_g, rows per group.
+  """
+
+  length: int
+  rows: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GroupShape:
+  """Static shape of one pack group's batch (all groups of a task share it).
+
+  Attributes:
+    examples: B_g, example slots per group.
+    segments: S, at most this many examples per row (every side).
+    num_negatives: K, hard negatives per example (0: no negative side).
+    query: the query side's shape.
+    positive: the positive side's shape.
+    negative: the negative side's shape; required iff num_negatives > 0.
+    max_misses: a batch closes once this many tuples were held over during it.
+  """
+
+  examples: int
+  segments: int
+  num_negatives: int
+  query: SideShape
+  positive: SideShape
+  negative: SideShape | None = None
+  max_misses: int = 64
+
+  def __post_init__(self):
+    if self.examples < 1:
+      raise ValueError(f"examples={self.examples} (B_g) must be >= 1.")
+    if self.segments < 1:
+      raise ValueError(f"segments={self.segments} (S) must be >= 1.")
+    if self.num_negatives < 0:
+      raise ValueError(f"num_negatives={self.num_negatives} (K) must be >= 0.")
+    if self.max_misses < 1:
+      raise ValueError(f"max_misses={self.max_misses} must be >= 1.")
+    if (self.num_negatives > 0) != (self.negative is not None):
+      raise ValueError(
+          f"num_negatives={self.num_negatives} but negative side is "
+          f"{self.negative}; give a negative SideShape iff num_negatives > 0.")
+    for side in self.sides:
+      ss = self.side(side)
+      if ss.length < 1 or ss.rows < 1:
+        raise ValueError(f"{side}: length={ss.length} and rows={ss.rows} must "
+                         "be >= 1.")
+      # Without enough slots the batch could never hold B_g tuples and every batch
+      # would close on misses with padding. (Not checked for negatives: examples
+      # may carry fewer than K, and rows are sized for the mean count.)
+      need = self.examples
+      if side != "negative" and ss.rows * self.segments < need:
+        raise ValueError(
+            f"{side}: rows={ss.rows} * segments={self.segments} < {need} "
+            f"sequences per group; raise the {side} rows to >= "
+            f"{math.ceil(need / self.segments)} or segments.")
+    if self.negative is not None and self.negative.rows < self.num_negatives:
+      # With one row per negative any tuple fits an empty batch; fewer rows could
+      # leave a tuple of K long negatives that fits nowhere, ever.
+      raise ValueError(
+          f"negative rows={self.negative.rows} < num_negatives="
+          f"{self.num_negatives}; raise the negative rows to >= K so any tuple "
+          "fits an empty batch.")
+
+  @property
+  def sides(self) -> tuple[str, ...]:
+    return SIDES if self.num_negatives > 0 else SIDES[:2]
+
+  def side(self, name: str) -> SideShape:
+    return getattr(self, name)
+
+
+def suggest_rows(lengths: Sequence[int] | np.ndarray, *, sequences: float,
+                 length: int, segments: int, slack: float = 1.0) -> int:
+  """Suggests R_g for one side from a sample of that side's sequence lengths.
+
+  Args:
+    lengths: sample of tokenized lengths (after truncation to `length`), any size.
+    sequences: expected sequences per group on this side: B_g for query and
+      positive, B_g * (mean negatives per example) for negatives.
+    length: L, tokens per row.
+    segments: S.
+    slack: capacity over the expected token count. 1.0 fills rows to ~97-99% and
+      leaves a few example slots empty; larger values fill more example slots and
+      fewer tokens (1.02 is the classic choice).
+
+  Returns:
+    ceil(sequences * mean(lengths) / length * slack), at least enough rows for the
+    segment limit (ceil(sequences / segments)) and at least 1.
+  """
+  lengths = np.asarray(lengths, np.float64)
+  if lengths.size == 0:
+    raise ValueError("suggest_rows needs a non-empty sample of lengths.")
+  mean = float(np.minimum(lengths, length).mean())
+  by_tokens = math.ceil(sequences * mean / length * slack)
+  by_segments = math.ceil(sequences / segments)
+  return max(1, by_tokens, by_segments)
+
+
+class _Rows:
+  """Free space of one side's rows while a group batch fills."""
+
+  __slots__ = ("free", "used", "segments", "length")
+
+  def __init__(self, side: SideShape, segments: int):
+    self.free = np.full(side.rows, side.length, np.int64)
+    self.used = np.zeros(side.rows, np.int64)
+    self.segments = segments
+    self.length = side.length
+
+  def place(self, n: int) -> tuple[int, int, int] | None:
+    """Best-fit: (row, start, segment) for a length-n sequence, or None.
+
+    The row with the least free space that still fits (ties: the first such row);
+    it packs a little tighter than first-fit at the same cost.
+    """
+    ok = (self.free >= n) & (self.used < self.segments)
+    if not ok.any():
+      return None
+    r = int(np.where(ok, self.free, np.iinfo(np.int64).max).argmin())
+    start = self.length - int(self.free[r])
+    seg = int(self.used[r])
+    self.free[r] -= n
+    self.used[r] += 1
+    return r, start, seg
+
+  def undo(self, r: int, n: int):
+    self.free[r] += n
+    self.used[r] -= 1
+
+  def full(self) -> bool:
+    return not bool(((self.free >= 1) & (self.used < self.segments)).any())
+
+
+def _check_tokens(side: str, toks: np.ndarray, length: int):
+  if toks.ndim != 1 or toks.size == 0 or toks.size > length:
+    raise ValueError(
+        f"{side} sequence of shape {toks.shape} does not fit length={length}; "
+        "tokenize with truncation to the side's length (pipeline.Tokenize) and "
+        "never emit empty sequences.")
+
+
+def _example_sequences(ex: dict[str, Any], k: int) -> dict[str, list[np.ndarray]]:
+  seqs = {"query": [np.asarray(ex["query_tokens"])],
+          "positive": [np.asarray(ex["positive_tokens"])]}
+  if k > 0:
+    seqs["negative"] = [np.asarray(t) for t in ex.get("negative_tokens", ())[:k]]
+  return seqs
+
+
+def _fold_id(x: int) -> int:
+  """Content ids are int32 in the batch; wider ids (hashes) are folded."""
+  x = int(x)
+  if 0 <= x < 2**31:
+    return x
+  x &= 2**64 - 1
+  return (x ^ (x >> 31) ^ (x >> 62)) & (2**31 - 1)
+
+
+def pack_group(shape: GroupShape, held: Sequence[Item],
+               pull: Callable[[], Item]) -> tuple[dict[str, np.ndarray], list[Item]]:
+  """Fills one group's batch.
+
+  Args:
+    shape: the group's static shape.
+    held: tuples held over from this group's previous batch; tried first, in order.
+    pull: returns the next fresh (key, example) of this group's stream. An example
+      is a dict with `query_tokens`, `positive_tokens` (1-D int arrays, 1..L long),
+      `negative_tokens` (list of such, only the first K are used), `query_id`,
+      `positive_id` (ints), optional `task_index` (int) and optional truncation
+      counts `query_truncated`, `positive_truncated`, `negative_truncated`.
+
+  Returns:
+    (group batch, tuples held over for the next batch). The group batch has the
+    contract's arrays with R = R_g and B = B_g, plus per-group count stats
+    (0-d int64): `{s}_num_tokens`, `{s}_num_truncated`, `num_examples`.
+  """
+  k = shape.num_negatives
+  sides = shape.sides
+  rows = {s: _Rows(shape.side(s), shape.segments) for s in sides}
+  queue = list(held)
+  queue.reverse()  # pop() from the end == take in original order
+  new_held: list[Item] = []
+  accepted: list[tuple[dict[str, Any], dict[str, list]]] = []
+  misses = 0
+  while len(accepted) < shape.examples and misses < shape.max_misses:
+    if any(rows[s].full() for s in sides):
+      break
+    item = queue.pop() if queue else pull()
+    ex = item[1]
+    seqs = _example_sequences(ex, k)
+    placed: dict[str, list] = {}
+    ok = True
+    for s in sides:
+      placed[s] = []
+      for toks in seqs[s]:
+        _check_tokens(s, toks, shape.side(s).length)
+        spot = rows[s].place(toks.size)
+        if spot is None:
+          ok = False
+          break
+        placed[s].append((*spot, toks))
+      if not ok:
+        break
+    if ok:
+      accepted.append((ex, placed))
+      continue
+    for s, plist in placed.items():
+      for r, _, _, toks in plist:
+        rows[s].undo(r, toks.size)
+    if not accepted and not new_held and all(
+        int(rows[s].used.sum()) == 0 for s in sides):
+      raise AssertionError(
+          "a tuple did not fit an empty group batch; GroupShape validation "
+          "should have made this impossible.")
+    new_held.append(item)
+    misses += 1
+  queue.reverse()
+  new_held.extend(queue)  # untried held-over tuples keep their turn
+  return _assemble(shape, accepted), new_held
+
+
+def _assemble(shape: GroupShape, accepted) -> dict[str, np.ndarray]:
+  b_g, s_max, k = shape.examples, shape.segments, shape.num_negatives
+  out: dict[str, np.ndarray] = {}
+  for s in shape.sides:
+    ss = shape.side(s)
+    tokens = np.zeros((ss.rows, ss.length), np.int32)
+    seg_ids = np.zeros((ss.rows, ss.length), np.int32)
+    pos = np.zeros((ss.rows, ss.length), np.int32)
+    slot = np.zeros((b_g, k) if s == "negative" else (b_g,), np.int32)
+    n_tok = 0
+    for b, (_, placed) in enumerate(accepted):
+      for j, (r, start, seg, toks) in enumerate(placed[s]):
+        n = toks.size
+        tokens[r, start:start + n] = toks
+        seg_ids[r, start:start + n] = seg + 1
+        pos[r, start:start + n] = np.arange(n, dtype=np.int32)
+        if s == "negative":
+          slot[b, j] = r * s_max + seg
+        else:
+          slot[b] = r * s_max + seg
+        n_tok += n
+    out[f"{s}_tokens"] = tokens
+    out[f"{s}_segment_ids"] = seg_ids
+    out[f"{s}_positions"] = pos
+    out[f"{s}_slot"] = slot
+    out[f"{s}_num_tokens"] = np.asarray(n_tok, np.int64)
+    out[f"{s}_num_truncated"] = np.asarray(
+        sum(int(ex.get(f"{s}_truncated", 0)) for ex, _ in accepted), np.int64)
+  n = len(accepted)
+  valid = np.zeros((b_g,), bool)
+  valid[:n] = True
+  out["example_valid"] = valid
+  if k > 0:
+    neg_valid = np.zeros((b_g, k), bool)
+    for b, (_, placed) in enumerate(accepted):
+      neg_valid[b, :len(placed["negative"])] = True
+    out["negative_valid"] = neg_valid
+  qid = np.full((b_g,), -1, np.int32)
+  pid = np.full((b_g,), -1, np.int32)
+  task = np.full((b_g,), -1, np.int32)
+  for b, (ex, _) in enumerate(accepted):
+    qid[b] = _fold_id(ex["query_id"])
+    pid[b] = _fold_id(ex["positive_id"])
+    task[b] = int(ex.get("task_index", 0))
+  out["query_ids"] = qid
+  out["positive_ids"] = pid
+  out["example_task"] = task
+  out["num_examples"] = np.asarray(n, np.int64)
+  return out
+
+
+def concat_groups(shape: GroupShape,
+                  group_batches: Sequence[dict[str, np.ndarray]]
+                  ) -> dict[str, np.ndarray]:
+  """Joins group batches (in group order) into one batch and adds the stats.
+
+  Arrays are concatenated along axis 0 (rows for `{s}_tokens/segment_ids/positions`,
+  examples for the rest); slots stay per-group indices. Count stats are summed and
+  the fractions computed over the joined batch.
+
+  Args:
+    shape: the groups' shared shape.
+    group_batches: outputs of `pack_group`, group g at position g.
+
+  Returns:
+    The batch dict of the module docstring (arrays plus 0-d stats).
+  """
+  out: dict[str, np.ndarray] = {}
+  for key in group_batches[0]:
+    vals = [gb[key] for gb in group_batches]
+    if vals[0].ndim == 0:
+      out[key] = np.asarray(sum(int(v) for v in vals), np.int64)
+    else:
+      out[key] = np.concatenate(vals, axis=0)
+  total_tok, total_trunc = 0, 0
+  for s in shape.sides:
+    ss = shape.side(s)
+    cap = len(group_batches) * ss.rows * ss.length
+    out[f"{s}_nonpad_fraction"] = np.asarray(
+        int(out[f"{s}_num_tokens"]) / cap, np.float64)
+    total_tok += int(out[f"{s}_num_tokens"])
+    total_trunc += int(out[f"{s}_num_truncated"])
+  out["num_tokens"] = np.asarray(total_tok, np.int64)
+  out["num_truncated"] = np.asarray(total_trunc, np.int64)
+  out["example_fill"] = np.asarray(
+      int(out["num_examples"]) / (len(group_batches) * shape.examples),
+      np.float64)
+  return out
+
+
+def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
+  """The batch's logging stats (its 0-d entries) as Python numbers."""
+  return {k: v.item() for k, v in batch.items() if np.ndim(v) == 0}
+
+
+def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The batch without its logging stats (the arrays the train step takes)."""
+  return {k: v for k, v in batch.items() if np.ndim(v) > 0}

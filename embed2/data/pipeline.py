@@ -1,0 +1,731 @@
+"""Per-task batch builders: examples -> tokenized tuples -> packed group batches.
+
+One stage iterator yields one train step's process-local batch per `next()` (the
+contract is in `embed2.data.packing`). Build one with `build_pft_iterator` (every
+group's batch mixes tasks at fixed rates, one shape for the stage) or
+`build_ft_iterator` (each step's batch comes from ONE task, picked by `TaskSampler`;
+every task has its own shape and batch size).
+
+Data flow for one task (all lazy grain MapDatasets, random access):
+
+  examples (list / any __len__+__getitem__ / grain MapDataset)
+    EpochShuffleMapDataset(seed_t)   repeated, a new permutation every epoch
+    .random_map(PrependTaskString)   task string kept with prob 1 - p_drop
+    .map(Tokenize) x 3 sides         [bos] + ids + [eos], truncated to the side's L
+    [g::G]                           group g's share of the stream
+    (PFT: MapDataset.mix over tasks with the rates, per group)
+    PackedGroupIterDataset           -> one group batch per next()
+
+Groups are the unit of determinism: group g reads stream elements g, g+G, g+2G, ...
+and packs them alone, whatever process builds it. A process builds groups
+[process_index * G_local, (process_index + 1) * G_local) only (or the groups given
+as `local_groups`), so it reads only its shard, and 1 process x 4 groups gives the
+same global batch as 2 processes x 2 groups (concatenate the local batches in
+process order). Exception: when rows are left for the pipeline to suggest, every
+process tokenizes the same sample of ROWS_SAMPLE_SIZE tuples of each task at build
+time, so that all processes agree on the shapes.
+
+Checkpointing: `get_state()` is a JSON-serialisable dict (step, per-stream per-group
+read position and held-over indices, and a fingerprint of the set-up);
+`set_state()` restores exactly. Held-over tuples are stored as stream indices and
+re-read on restore. No grain worker processes are used (num_workers is recorded as
+0 in the state and a state with another value is refused): tokenization and packing
+run in the calling thread. To overlap them with the train step, wrap the iterator
+in `grain.experimental.ThreadPrefetchDatasetIterator(it, prefetch_buffer_size=2)`;
+its get_state/set_state stay exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import zlib
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from embed2.data import packing
+from embed2.data.packing import BOS_ID, EOS_ID, GroupShape, SideShape
+
+STATE_VERSION = 1
+# Examples tokenized to suggest rows when a BatchSpec leaves them unset (a task
+# with fewer examples uses all of them). Heavy-tailed lengths make the sample mean
+# uncertain by ~CV / sqrt(n) (~3% here), which moves the fill by as much.
+ROWS_SAMPLE_SIZE = 1024
+# A text longer than this many characters per allowed token is cut before
+# tokenizing, so a 1 MB document costs no more than a long passage. Sentencepiece
+# pieces are at most 16 characters (its default max_piece_length), so the cut text
+# still overflows the side's length; only its last word can tokenize differently
+# from the full text, so the cut is used only when it yields `_CUT_MARGIN` tokens
+# more than are kept (else, e.g. long runs of collapsed whitespace, the full text
+# is tokenized).
+_CHARS_PER_TOKEN_CUT = 16
+_CUT_MARGIN = 8
+
+
+# ------------------------------------------------------------------- transforms
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrependTaskString(grain.transforms.RandomMap):
+  """Prepends the task string to the query, dropped with probability p_drop.
+
+  Reads `key` (str); writes `key` (task_string + text or text unchanged) and
+  `kept_key` (bool). Deterministic per stream position given the random_map seed.
+  """
+
+  task_string: str
+  p_drop: float = 0.0
+  key: str = "query"
+  kept_key: str = "task_string_kept"
+
+  def random_map(self, element, rng: np.random.Generator):
+    # Always draw, so the rng stream does not depend on task_string being empty.
+    keep = bool(rng.random() >= self.p_drop) and bool(self.task_string)
+    out = dict(element)
+    if keep:
+      out[self.key] = self.task_string + element[self.key]
+    out[self.kept_key] = keep
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Tokenize(grain.transforms.Map):
+  """Tokenizes one side: [bos] + ids + [eos], truncated to max_length.
+
+  A truncated sequence keeps its bos and eos and loses ids from the end.
+
+  Reads `in_key`: a str, or a list of str when `max_items` is set (negatives; the
+  first max_items are kept). Writes `out_key`: int32 (n,) with 1 <= n <= max_length,
+  or a list of them, and `truncated_key`: int, how many of them were truncated.
+  """
+
+  tokenizer: Any
+  in_key: str
+  out_key: str
+  truncated_key: str
+  max_length: int
+  max_items: int | None = None
+  add_bos: bool = True
+  add_eos: bool = True
+
+  def __post_init__(self):
+    if self.max_length < 1 + self.add_bos + self.add_eos:
+      raise ValueError(
+          f"{self.in_key}: max_length={self.max_length} leaves no room for text "
+          f"after bos/eos; set the side's length to >= "
+          f"{1 + self.add_bos + self.add_eos}.")
+
+  def _one(self, text: str) -> tuple[np.ndarray, bool]:
+    room = self.max_length - self.add_bos - self.add_eos
+    cut = (room + 1) * _CHARS_PER_TOKEN_CUT
+    ids = None
+    if len(text) > cut:
+      ids = self.tokenizer.encode(text[:cut])
+      if len(ids) <= room + _CUT_MARGIN:
+        ids = None
+    if ids is None:
+      ids = self.tokenizer.encode(text)
+    truncated = len(ids) > room
+    body = np.asarray(ids[:room], np.int32)
+    parts = ([np.array([BOS_ID], np.int32)] if self.add_bos else []) + [body] + (
+        [np.array([EOS_ID], np.int32)] if self.add_eos else [])
+    toks = np.concatenate(parts)
+    if toks.size == 0:
+      raise ValueError(f"{self.in_key}: empty text tokenized to no tokens; keep "
+                       "add_bos or add_eos on.")
+    return toks, truncated
+
+  def map(self, element):
+    out = dict(element)
+    if self.max_items is None:
+      toks, trunc = self._one(element[self.in_key])
+      out[self.out_key] = toks
+      out[self.truncated_key] = int(trunc)
+    else:
+      texts = list(element.get(self.in_key, ()))[:self.max_items]
+      pairs = [self._one(t) for t in texts]
+      out[self.out_key] = [t for t, _ in pairs]
+      out[self.truncated_key] = sum(int(tr) for _, tr in pairs)
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SetTaskIndex(grain.transforms.Map):
+  """Writes `task_index` (int): the task's position in the stage's task list."""
+
+  task_index: int
+
+  def map(self, element):
+    out = dict(element)
+    out["task_index"] = self.task_index
+    return out
+
+
+# ------------------------------------------------------------------------ specs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchSpec:
+  """Static batch shape of a task (FT) or of a whole stage (PFT).
+
+  Counts are global (over all G groups); each must be divisible by G.
+
+  Attributes:
+    batch_size: B, examples per step.
+    query_len: L of the query side (task string, bos and eos included).
+    positive_len: L of the positive side.
+    negative_len: L of the negative side (used iff num_negatives > 0).
+    num_negatives: K, hard negatives per example.
+    segments: S, examples per row at most.
+    query_rows: R of the query side; None: suggested from a sample of lengths.
+    positive_rows: R of the positive side; None: suggested.
+    negative_rows: R of the negative side; None: suggested.
+    rows_slack: `packing.suggest_rows` slack used when rows are suggested.
+    max_misses: `packing.GroupShape.max_misses`.
+  """
+
+  batch_size: int
+  query_len: int
+  positive_len: int
+  negative_len: int = 0
+  num_negatives: int = 0
+  segments: int = 16
+  query_rows: int | None = None
+  positive_rows: int | None = None
+  negative_rows: int | None = None
+  rows_slack: float = 1.0
+  max_misses: int = 64
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class TaskSpec:
+  """One task of a stage.
+
+  Attributes:
+    name: unique within the stage; names the task's state and errors.
+    examples: example dicts ({"query", "positive", "negatives", "query_id",
+      "positive_id", ...}); a list, any object with __len__/__getitem__, or a
+      grain.MapDataset.
+    rate: sampling rate (relative; PFT: share of examples, FT: share of steps).
+    task_string: prepended to the query as is (include the separator, e.g.
+      "task: search result | query: ").
+    p_drop: probability of dropping the task string for an example.
+    batch: the task's batch shape (FT); PFT uses the stage's BatchSpec instead.
+  """
+
+  name: str
+  examples: Any = dataclasses.field(repr=False)
+  rate: float = 1.0
+  task_string: str = ""
+  p_drop: float = 0.0
+  batch: BatchSpec | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskSampler:
+  """Picks the task of each FT step, i.i.d. with probabilities ~ rates.
+
+  The choice is a pure function of (seed, step), so every process picks the same
+  task for the same step and a restored run continues the same sequence.
+  """
+
+  rates: tuple[float, ...]
+  seed: int
+
+  def __post_init__(self):
+    _check_rates(self.rates, [f"task {i}" for i in range(len(self.rates))])
+
+  @property
+  def probabilities(self) -> np.ndarray:
+    r = np.asarray(self.rates, np.float64)
+    return r / r.sum()
+
+  def task_at(self, step: int) -> int:
+    """Index into `rates` of the task of train step `step`."""
+    u = np.random.default_rng([self.seed, step, 0x5A3B]).random()
+    cdf = np.cumsum(self.probabilities)
+    i = int(np.searchsorted(cdf, u, side="right"))
+    i = min(i, len(cdf) - 1)
+    # u can land on a zero-rate task only through float round-off at the end.
+    while self.rates[i] <= 0:
+      i -= 1
+    return i
+
+
+def _check_rates(rates: Sequence[float], names: Sequence[str]):
+  for name, r in zip(names, rates):
+    if not np.isfinite(r) or r < 0:
+      raise ValueError(f"{name}: rate={r} must be finite and >= 0; fix the "
+                       "task's rate in the stage config.")
+  if not any(r > 0 for r in rates):
+    raise ValueError(f"all task rates are zero ({list(zip(names, rates))}); "
+                     "give at least one task a rate > 0.")
+
+
+# ------------------------------------------------------------------- shuffling
+
+
+class EpochShuffleMapDataset(grain.MapDataset):
+  """The parent repeated forever, each epoch in a fresh permutation.
+
+  Like `.shuffle(seed).repeat()`, but grain's per-index Feistel shuffle costs
+  ~0.7 ms per read on small datasets (tens of examples; FT has such tasks), so up
+  to `_PERM_CACHE_MAX` examples the epoch's permutation is drawn once with numpy
+  and cached (the last few epochs; groups of a process read about the same epoch).
+  Larger datasets use grain's index_shuffle (~5 us per read there, no memory).
+  """
+
+  _PERM_CACHE_MAX = 1 << 22
+  _EPOCHS_CACHED = 3
+
+  def __init__(self, parent: grain.MapDataset, *, seed: int):
+    super().__init__(parent)
+    self._n = len(parent)
+    self._seed = int(seed)
+    self._perms: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f"EpochShuffleMapDataset(n={self._n}, seed={self._seed})"
+
+  def _index(self, index: int) -> int:
+    epoch, i = divmod(int(index), self._n)
+    if self._n > self._PERM_CACHE_MAX:
+      return grain.experimental.index_shuffle(
+          i, max_index=self._n - 1, seed=(self._seed + epoch) % 2**32, rounds=4)
+    perm = self._perms.get(epoch)
+    if perm is None:
+      rng = np.random.default_rng([self._seed, epoch])
+      perm = rng.permutation(self._n).astype(np.int32)
+      self._perms[epoch] = perm
+      for old in sorted(self._perms)[:-self._EPOCHS_CACHED]:
+        del self._perms[old]
+    return int(perm[i])
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._index(index)]
+
+
+# ---------------------------------------------------------------- group packing
+
+
+class PackedGroupIterDataset(grain.IterDataset):
+  """One pack group's batches from a random-access stream of tokenized tuples."""
+
+  def __init__(self, parent: grain.MapDataset, shape: GroupShape):
+    super().__init__(parent)
+    self._stream = parent
+    self._shape = shape
+
+  def __iter__(self) -> "PackedGroupIterator":
+    return PackedGroupIterator(self._stream, self._shape)
+
+  def __str__(self) -> str:
+    return f"PackedGroupIterDataset(examples={self._shape.examples})"
+
+
+class PackedGroupIterator(grain.DatasetIterator):
+  """Iterator of `PackedGroupIterDataset`; state = read position + held indices."""
+
+  def __init__(self, stream: grain.MapDataset, shape: GroupShape):
+    super().__init__()
+    self._stream = stream
+    self._shape = shape
+    self._next_index = 0
+    self._held: list[packing.Item] = []
+
+  def _pull(self) -> packing.Item:
+    i = self._next_index
+    self._next_index += 1
+    return i, self._stream[i]
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch, self._held = packing.pack_group(self._shape, self._held, self._pull)
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"next_index": self._next_index,
+            "held": [int(i) for i, _ in self._held]}
+
+  def set_state(self, state: dict[str, Any]):
+    self._next_index = int(state["next_index"])
+    self._held = [(int(i), self._stream[int(i)]) for i in state["held"]]
+
+
+# ----------------------------------------------------------------------- stages
+
+
+def _task_seed(seed: int, name: str, purpose: int) -> int:
+  """A 32-bit seed per (stage seed, task name, purpose); stable if tasks change."""
+  ss = np.random.SeedSequence([seed, zlib.crc32(name.encode()), purpose])
+  return int(ss.generate_state(1)[0])
+
+
+def _source(task: TaskSpec) -> grain.MapDataset:
+  ex = task.examples
+  ds = ex if isinstance(ex, grain.MapDataset) else grain.MapDataset.source(ex)
+  if len(ds) == 0:
+    raise ValueError(f"task {task.name!r} has no examples; check its data "
+                     "source or remove the task from the stage.")
+  return ds
+
+
+def _task_stream(task: TaskSpec, task_index: int, spec: BatchSpec, tokenizer,
+                 seed: int) -> grain.MapDataset:
+  """The task's infinite stream of tokenized tuples (before group slicing)."""
+  ds = EpochShuffleMapDataset(_source(task), seed=_task_seed(seed, task.name, 0))
+  ds = ds.random_map(PrependTaskString(task_string=task.task_string,
+                                       p_drop=task.p_drop),
+                     seed=_task_seed(seed, task.name, 1))
+  ds = ds.map(Tokenize(tokenizer=tokenizer, in_key="query", out_key="query_tokens",
+                       truncated_key="query_truncated", max_length=spec.query_len))
+  ds = ds.map(Tokenize(tokenizer=tokenizer, in_key="positive",
+                       out_key="positive_tokens",
+                       truncated_key="positive_truncated",
+                       max_length=spec.positive_len))
+  if spec.num_negatives > 0:
+    ds = ds.map(Tokenize(tokenizer=tokenizer, in_key="negatives",
+                         out_key="negative_tokens",
+                         truncated_key="negative_truncated",
+                         max_length=spec.negative_len,
+                         max_items=spec.num_negatives))
+  return ds.map(SetTaskIndex(task_index=task_index))
+
+
+def _divide(total: int, groups: int, where: str, field: str) -> int:
+  if total % groups:
+    up = math.ceil(total / groups) * groups
+    raise ValueError(
+        f"{where}: {field}={total} is not divisible by num_groups={groups} (data "
+        f"shards = devices along the batch mesh axes); set {field} to a multiple "
+        f"of {groups}, e.g. {up}.")
+  return total // groups
+
+
+def group_shape(spec: BatchSpec, num_groups: int, sample: Sequence[dict] = (),
+                where: str = "batch") -> GroupShape:
+  """The per-group shape of a BatchSpec; unset rows are suggested from `sample`.
+
+  Args:
+    spec: the global batch shape.
+    num_groups: G.
+    sample: tokenized tuples (as the stream yields them) to suggest rows from;
+      needed only when some rows are None.
+    where: names the task/stage in errors.
+
+  Returns:
+    The GroupShape (R_g = R / G, B_g = B / G).
+  """
+  if spec.batch_size < 1:
+    raise ValueError(f"{where}: batch_size={spec.batch_size} must be >= 1.")
+  if spec.num_negatives > 0 and spec.negative_len < 1:
+    raise ValueError(f"{where}: num_negatives={spec.num_negatives} needs "
+                     f"negative_len >= 1 (got {spec.negative_len}).")
+  b_g = _divide(spec.batch_size, num_groups, where, "batch_size")
+  k = spec.num_negatives
+  sides = packing.SIDES if k > 0 else packing.SIDES[:2]
+  shapes = {}
+  for s in sides:
+    length = getattr(spec, f"{s}_len")
+    rows = getattr(spec, f"{s}_rows")
+    if rows is None:
+      if not sample:
+        raise ValueError(f"{where}: {s}_rows is None and no sample to suggest "
+                         "it from; set it.")
+      if s == "negative":
+        lengths = [t.size for ex in sample for t in ex["negative_tokens"]]
+        sequences = b_g * len(lengths) / len(sample)
+        lengths = lengths or [1]
+      else:
+        lengths = [ex[f"{s}_tokens"].size for ex in sample]
+        sequences = b_g
+      r_g = packing.suggest_rows(lengths, sequences=sequences, length=length,
+                                 segments=spec.segments, slack=spec.rows_slack)
+      if s == "negative":
+        r_g = max(r_g, k)
+    else:
+      r_g = _divide(rows, num_groups, where, f"{s}_rows")
+    shapes[s] = SideShape(length=length, rows=r_g)
+  try:
+    return GroupShape(examples=b_g, segments=spec.segments, num_negatives=k,
+                      max_misses=spec.max_misses, **shapes)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e} (rows here are per group; the BatchSpec "
+                     f"counts are {num_groups}x that)") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+  name: str
+  shape: GroupShape
+  iters: dict[int, PackedGroupIterator]  # global group index -> iterator
+
+
+class StageIterator(grain.DatasetIterator):
+  """Yields one train step's process-local batch (dict of numpy arrays) per next().
+
+  The local batch holds the groups `local_groups` (by default [process_index *
+  G_local, (process_index + 1) * G_local)); rows and examples of those groups in
+  that order. Stats (0-d entries,
+  see `packing.batch_stats`) cover the local groups only; `task_index` is the FT
+  task of the step (-1 in PFT, see `example_task`).
+
+  Build with `build_pft_iterator` / `build_ft_iterator`.
+  """
+
+  def __init__(self, *, mode: str, task_names: Sequence[str],
+               streams: Sequence[_Stream], sampler: TaskSampler | None,
+               stream_of_task: Sequence[int], seed: int, num_groups: int,
+               local_groups: Sequence[int]):
+    super().__init__()
+    self.mode = mode
+    self.task_names = tuple(task_names)
+    self._streams = list(streams)
+    self._sampler = sampler
+    self._stream_of_task = list(stream_of_task)
+    self._seed = seed
+    self.num_groups = num_groups
+    self.local_groups = tuple(local_groups)
+    self._step = 0
+
+  @property
+  def group_shapes(self) -> dict[str, GroupShape]:
+    """Stream name (task name in FT, "mixture" in PFT) -> its group shape."""
+    return {s.name: s.shape for s in self._streams}
+
+  @property
+  def step(self) -> int:
+    return self._step
+
+  def task_at(self, step: int) -> int:
+    """The task index of step `step` (FT) or -1 (PFT)."""
+    return -1 if self._sampler is None else self._sampler.task_at(step)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    task = self.task_at(self._step)
+    stream = self._streams[0 if task < 0 else self._stream_of_task[task]]
+    groups = [next(stream.iters[g]) for g in self.local_groups]
+    batch = packing.concat_groups(stream.shape, groups)
+    batch["task_index"] = np.asarray(task, np.int32)
+    self._step += 1
+    return batch
+
+  def _fingerprint(self) -> dict[str, Any]:
+    return {"version": STATE_VERSION, "mode": self.mode, "seed": self._seed,
+            "num_groups": self.num_groups, "num_workers": 0,
+            "tasks": list(self.task_names)}
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable state: fingerprint, step, per-stream per-group states."""
+    state = self._fingerprint()
+    state["step"] = self._step
+    state["streams"] = {
+        s.name: {str(g): it.get_state() for g, it in s.iters.items()}
+        for s in self._streams}
+    return state
+
+  def set_state(self, state: dict[str, Any]):
+    """Restores a `get_state()` state (or a `merge_states` of several processes').
+
+    Raises:
+      ValueError: the state comes from a different set-up (seed, mode, groups,
+        tasks, worker count) or lacks one of this process's groups.
+    """
+    want = self._fingerprint()
+    for key, value in want.items():
+      got = state.get(key)
+      if got != value:
+        fix = ("run with 0 grain workers (this pipeline uses none)"
+               if key == "num_workers" else
+               "restore with the same stage config as the run that saved it")
+        raise ValueError(f"data iterator state has {key}={got!r} but this "
+                         f"iterator has {key}={value!r}; {fix}.")
+    for s in self._streams:
+      saved = state["streams"].get(s.name)
+      if saved is None:
+        raise ValueError(f"data iterator state has no stream {s.name!r}; restore "
+                         "with the same stage config.")
+      for g, it in s.iters.items():
+        if str(g) not in saved:
+          raise ValueError(
+              f"data iterator state lacks group {g} of stream {s.name!r} (this "
+              f"process builds groups {list(self.local_groups)}); merge every "
+              "process's state with pipeline.merge_states before restoring on a "
+              "different process layout.")
+        it.set_state(saved[str(g)])
+    self._step = int(state["step"])
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Merges the states of all processes (same step) into one restorable anywhere."""
+  merged = {k: v for k, v in states[0].items() if k != "streams"}
+  merged["streams"] = {}
+  for st in states:
+    if st["step"] != merged["step"]:
+      raise ValueError(f"states are at different steps ({st['step']} vs "
+                       f"{merged['step']}); save them at the same step.")
+    for name, groups in st["streams"].items():
+      merged["streams"].setdefault(name, {}).update(groups)
+  return merged
+
+
+def with_suggested_rows(task: TaskSpec, spec: BatchSpec, *, tokenizer,
+                        num_groups: int, sample_size: int = 8192,
+                        seed: int = 0) -> BatchSpec:
+  """`spec` with every unset row count filled in from a large sample of `task`.
+
+  For configs: the iterators suggest rows from ROWS_SAMPLE_SIZE tuples at build
+  time, whose mean length is uncertain by a few percent; run this once with a big
+  sample and write the global row counts into the config instead.
+
+  Args:
+    task: the task (its examples, task string and p_drop are used).
+    spec: the batch shape; rows already set are kept.
+    tokenizer: as in `build_ft_iterator`.
+    num_groups: G.
+    sample_size: tuples tokenized (at most one epoch of the task).
+    seed: shuffle seed of the sample.
+
+  Returns:
+    A copy of `spec` with global query/positive/negative rows set.
+  """
+  ds = _task_stream(task, 0, spec, tokenizer, seed)
+  sample = _suggestion_sample(ds, min(sample_size, len(_source(task))), spec)
+  shape = group_shape(spec, num_groups, sample, where=f"task {task.name!r}")
+  rows = {f"{s}_rows": shape.side(s).rows * num_groups for s in shape.sides}
+  return dataclasses.replace(spec, **rows)
+
+
+def _check_stage(tasks: Sequence[TaskSpec], num_groups: int, process_index: int,
+                 process_count: int,
+                 local_groups: Sequence[int] | None) -> tuple[int, ...]:
+  """Validates a stage; returns the groups this process builds."""
+  if not tasks:
+    raise ValueError("a stage needs at least one task.")
+  names = [t.name for t in tasks]
+  if len(set(names)) != len(names):
+    raise ValueError(f"task names must be unique, got {names}.")
+  _check_rates([t.rate for t in tasks], [f"task {t.name!r}" for t in tasks])
+  for t in tasks:
+    if not 0.0 <= t.p_drop <= 1.0:
+      raise ValueError(f"task {t.name!r}: p_drop={t.p_drop} must be in [0, 1].")
+  for t in tasks:
+    _source(t)  # rejects empty tasks, rate 0 or not
+  if local_groups is not None:
+    groups = tuple(int(g) for g in local_groups)
+    if not groups or len(set(groups)) != len(groups) or not all(
+        0 <= g < num_groups for g in groups):
+      raise ValueError(f"local_groups={list(local_groups)} must be distinct "
+                       f"group indices in [0, num_groups={num_groups}).")
+    return groups
+  if num_groups < 1 or process_count < 1 or num_groups % process_count:
+    raise ValueError(
+        f"num_groups={num_groups} must be a positive multiple of process_count="
+        f"{process_count} (every process builds the same number of groups).")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, "
+                     f"{process_count}).")
+  g_local = num_groups // process_count
+  return tuple(range(process_index * g_local, (process_index + 1) * g_local))
+
+
+def _suggestion_sample(ds: grain.MapDataset, n: int,
+                       spec: BatchSpec) -> list[dict]:
+  """The first n tuples of a stream if some rows are left to suggest, else []."""
+  rows = (spec.query_rows, spec.positive_rows,
+          spec.negative_rows if spec.num_negatives else 0)
+  return [ds[i] for i in range(n)] if None in rows else []
+
+
+def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
+                      seed: int, process_index: int = 0, process_count: int = 1,
+                      local_groups: Sequence[int] | None = None
+                      ) -> StageIterator:
+  """Fine-tuning stage: every step's batch comes from one task.
+
+  Args:
+    tasks: the stage's tasks; each needs `batch` (its own shape). Tasks with rate
+      0 are never sampled (and build nothing).
+    tokenizer: `encode(text) -> list[int]` (pad 0, eos 1, bos 2).
+    num_groups: G, data shards of the global batch (devices along the batch axes).
+    seed: stage seed (shuffles, task-string drops, task sampling).
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()); this process
+      builds groups [process_index * G / process_count, ...) in order.
+    local_groups: overrides that range: the global group indices this process
+      builds, in the order its local batch concatenates them (e.g. the batch
+      positions of its devices when the mesh does not put them contiguously).
+
+  Returns:
+    A StageIterator; step n's task is `it.task_at(n)`, the same on all processes.
+  """
+  local = _check_stage(tasks, num_groups, process_index, process_count,
+                       local_groups)
+  streams, stream_of_task = [], []
+  for i, t in enumerate(tasks):
+    if t.batch is None:
+      raise ValueError(f"task {t.name!r} has no batch spec; FT needs a "
+                       "BatchSpec per task (TaskSpec.batch).")
+    if t.rate == 0:
+      stream_of_task.append(-1)
+      continue
+    ds = _task_stream(t, i, t.batch, tokenizer, seed)
+    sample = _suggestion_sample(
+        ds, min(ROWS_SAMPLE_SIZE, len(_source(t))), t.batch)
+    shape = group_shape(t.batch, num_groups, sample, where=f"task {t.name!r}")
+    iters = {g: iter(PackedGroupIterDataset(ds[g::num_groups], shape))
+             for g in local}
+    stream_of_task.append(len(streams))
+    streams.append(_Stream(t.name, shape, iters))
+  sampler = TaskSampler(rates=tuple(float(t.rate) for t in tasks),
+                        seed=_task_seed(seed, "__sampler__", 2))
+  return StageIterator(mode="ft", task_names=[t.name for t in tasks],
+                       streams=streams, sampler=sampler,
+                       stream_of_task=stream_of_task, seed=seed,
+                       num_groups=num_groups, local_groups=local)
+
+
+def build_pft_iterator(tasks: Sequence[TaskSpec], batch: BatchSpec, *, tokenizer,
+                       num_groups: int, seed: int, process_index: int = 0,
+                       process_count: int = 1,
+                       local_groups: Sequence[int] | None = None
+                       ) -> StageIterator:
+  """Pre-fine-tuning stage: every group's batch mixes tasks at fixed rates.
+
+  Mixing is per example and deterministic (grain's proportional interleave), so
+  every batch holds the tasks in close to exact proportion; `example_task` tells
+  them apart. All tasks share `batch`'s shape (TaskSpec.batch is ignored).
+
+  Args:
+    tasks: the stage's tasks (rate 0: left out of the mixture).
+    batch: the stage's one batch shape.
+    tokenizer, num_groups, seed, process_index, process_count, local_groups:
+      as in `build_ft_iterator`.
+
+  Returns:
+    A StageIterator with one stream named "mixture".
+  """
+  local = _check_stage(tasks, num_groups, process_index, process_count,
+                       local_groups)
+  live = [(i, t) for i, t in enumerate(tasks) if t.rate > 0]
+  full = [_task_stream(t, i, batch, tokenizer, seed) for i, t in live]
+  rates = [float(t.rate) for _, t in live]
+
+  def mix(parts):
+    return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, rates)
+
+  sample = _suggestion_sample(mix(full), ROWS_SAMPLE_SIZE, batch)
+  shape = group_shape(batch, num_groups, sample, where="pft stage batch")
+  iters = {g: iter(PackedGroupIterDataset(
+      mix([ds[g::num_groups] for ds in full]), shape)) for g in local}
+  return StageIterator(mode="pft", task_names=[t.name for t in tasks],
+                       streams=[_Stream("mixture", shape, iters)], sampler=None,
+                       stream_of_task=[0] * len(tasks), seed=seed,
+                       num_groups=num_groups, local_groups=local)
