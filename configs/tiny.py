@@ -1,6 +1,7 @@
-"""A tiny model for tests and a first forward pass.
+"""A tiny model and a two-stage run on generated tasks: tests, and a first look in seconds.
 
-  python -c "from configs import tiny; print(tiny.get_config('layers=4'))"
+  python -m embed2.main --config=configs/tiny.py --workdir=/tmp/tiny
+  python -m embed2.main --config=configs/tiny.py:pft_steps=4,ft_steps=6,every=2 --workdir=/tmp/tiny
 """
 
 from ml_collections import config_dict
@@ -9,11 +10,46 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
-  knobs = common.parse_arg(arg, layers=2, dim=64, seed=0)
-  config = config_dict.ConfigDict()
-  config.seed = knobs.seed
-  config.model = common.model("tiny", num_layers=knobs.layers, model_dim=knobs.dim,
-                              head_dims=(knobs.dim,), mrl_dims=(knobs.dim // 4, knobs.dim // 2, knobs.dim))
-  config.mesh = common.mesh()
-  config.sharding_rules = common.sharding_rules()
-  return config
+  k = common.parse_arg(arg, layers=2, dim=64, seed=0, pft_steps=4, ft_steps=6, every=2, batch=16,
+                       data=-1, fsdp=1, tensor=1, eval="", lr=3e-3)
+  c = config_dict.ConfigDict()
+  c.seed = k.seed
+  c.model = common.model("tiny", num_layers=k.layers, model_dim=k.dim, head_dims=(k.dim,),
+                         mrl_dims=(k.dim // 4, k.dim // 2, k.dim), vocab_size=8192, max_length=64,
+                         max_segments=4)
+  c.mesh = common.mesh(k.data, k.fsdp, k.tensor)
+  c.sharding_rules = common.sharding_rules()
+  c.tokenizer = ""
+  c.loss = dict(kind="softmax", temperature=0.05, learnable_temperature=True)
+
+  c.tasks = config_dict.ConfigDict()
+  c.tasks.pairs = dict(source="synthetic_pairs", task_string="query: ", p_drop=0.1, batch_size=k.batch,
+                       query_len=32, positive_len=32, negative_len=32, num_negatives=1, segments=4)
+  c.tasks.labels = dict(source="synthetic_labels", task_string="classify: ", p_drop=0.0,
+                        batch_size=k.batch // 2, query_len=32, positive_len=16, segments=4)
+
+  pft = config_dict.ConfigDict()
+  pft.name, pft.mode, pft.steps = "pft", "pft", k.pft_steps
+  pft.tasks = dict(pairs=0.7, labels=0.3)
+  pft.batch = dict(batch_size=2 * k.batch, query_len=32, positive_len=32, segments=4)
+  pft.optim = dict(learning_rate=k.lr, warmup_steps=1)
+  pft.freeze = ()
+  ft = config_dict.ConfigDict()
+  ft.name, ft.mode, ft.steps = "ft", "ft", k.ft_steps
+  ft.tasks = dict(pairs=0.6, labels=0.4)
+  ft.optim = dict(learning_rate=k.lr / 2, warmup_steps=1)
+  ft.freeze = ()
+  c.stages = [pft, ft]
+
+  c.checkpoint = dict(every=k.every, keep=3, async_save=True)
+  c.log_every = 1
+  c.eval_every = 0
+  c.eval_suite = k.eval
+  c.max_consecutive_skips = 3
+  c.init_from = ""
+  # Test hooks: steps (0-based count of steps done) whose loss is made NaN, and a step at which the
+  # process kills itself (SIGKILL) or asks itself to stop (SIGTERM). Empty / -1 = off.
+  c.debug_nan_steps = ()
+  c.debug_kill_at_step = -1
+  c.debug_sigterm_at_step = -1
+  return c

@@ -13,6 +13,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 from data_pipelines import stdlib_tasks
+from data_pipelines import synthetic
 
 TaskSource = Sequence[dict[str, Any]]
 
@@ -20,6 +21,10 @@ TASKS: dict[str, Callable[..., TaskSource]] = {
     "stdlib_code_search": functools.partial(stdlib_tasks.load_task, "code_search"),
     "stdlib_doc_retrieval": functools.partial(stdlib_tasks.load_task, "doc_retrieval"),
     "stdlib_module_cls": functools.partial(stdlib_tasks.load_task, "module_classification"),
+    # Generated, for tests and quick checks.
+    "synthetic_pairs": functools.partial(synthetic.word_pairs, size=512),
+    "synthetic_labels": functools.partial(synthetic.word_pairs, size=512, num_labels=6),
+    "synthetic_empty": functools.partial(synthetic.word_pairs, size=0),
 }
 
 

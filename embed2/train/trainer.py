@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import time
+import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -253,25 +254,23 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
   num_groups = sharding.num_batch_shards(mesh)
   validate(config, data, num_groups)
 
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=int(config.checkpoint.every),
-                                       keep=config.checkpoint.get("keep", 3),
-                                       async_save=bool(config.checkpoint.get("async_save", True)),
-                                       read_only=True)
-  latest = checkpointer.latest_step()
-  meta = None
-  if latest is not None:
-    meta = checkpointer.read_meta(latest)
-    check_workdir_compatible(config, meta, workdir)
-  checkpointer.close()
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=int(config.checkpoint.every),
-                                       keep=config.checkpoint.get("keep", 3),
-                                       async_save=bool(config.checkpoint.get("async_save", True)))
-
   tokenizer = Tokenizer.from_file(config.tokenizer) if config.get("tokenizer") else Tokenizer.default()
   model_cfg = ModelConfig.from_dict(config.model.to_dict())
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size="
                      f"{model_cfg.vocab_size}; raise vocab_size to at least {tokenizer.vocab_size}")
+
+  latest, meta = None, None
+  if (workdir / "checkpoints").exists():
+    reader = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+    latest = reader.latest_step()
+    if latest is not None:
+      meta = reader.read_meta(latest)
+      check_workdir_compatible(config, meta, workdir)
+    reader.close()
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=int(config.checkpoint.every),
+                                       keep=config.checkpoint.get("keep", 3),
+                                       async_save=bool(config.checkpoint.get("async_save", True)))
 
   trainee = build_trainee(config, mesh, rules)
   if meta is not None:
@@ -322,6 +321,10 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
       writer.progress_start(stage.name, stage_step, n_steps)
       t_last, examples_since, tokens_since = time.perf_counter(), 0, 0
       while stage_step < n_steps:
+        if global_step == int(config.get("debug_kill_at_step", -1)):
+          os.kill(os.getpid(), signal.SIGKILL)
+        if global_step == int(config.get("debug_sigterm_at_step", -1)):
+          os.kill(os.getpid(), signal.SIGTERM)
         host = next(it)
         if batch_hook is not None:
           host = batch_hook(global_step, host)
@@ -365,6 +368,7 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
                       if np.ndim(v) == 0 and k not in ("task_index",)})
           capacity = sum(v.size for k, v in host.items() if k.endswith("_tokens") and np.ndim(v) == 2)
           row["nonpad_fraction"] = float(host["num_tokens"]) / max(capacity, 1)
+          row["data/batch_crc"] = zlib.crc32(host["query_tokens"].tobytes())
           writer.write(global_step, row)
           t_last, examples_since, tokens_since = time.perf_counter(), 0, 0
         stage_done = stage_step == n_steps
@@ -372,9 +376,8 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
                                                    global_step % int(config.eval_every) == 0)):
           writer.write(global_step, {f"eval/{k}": v for k, v in
                                      eval_fn(trainee.model, global_step, stage.name).items()})
-        if preemption.requested or stage_done or checkpointer.should_save(global_step):
-          _save(checkpointer, config, trainee, optimizer, it, si, stage_step, global_step, skipped_total,
-                force=preemption.requested or stage_done)
+        if preemption.requested or stage_done or global_step % int(config.checkpoint.every) == 0:
+          _save(checkpointer, config, trainee, optimizer, it, si, stage_step, global_step, skipped_total)
         if preemption.requested:
           preempted = True
           break
@@ -408,7 +411,7 @@ def _set_train_tree(trainee, optimizer, tree) -> None:
 
 
 def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step, global_step,
-          skipped_total, *, force):
+          skipped_total):
   meta = {
       "step": global_step, "stage_index": stage_index, "stage_step": stage_step,
       "stage_name": config.stages[stage_index].name, "data_state": it.get_state(),
@@ -419,4 +422,4 @@ def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step,
       "process_count": jax.process_count(),
   }
   checkpointer.save(global_step, params=model_params(trainee), train=_train_tree(trainee, optimizer),
-                    meta=meta, force=force)
+                    meta=meta, force=True)

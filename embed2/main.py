@@ -1,0 +1,102 @@
+"""The main job: train every stage of a config, evaluate, and (optionally) soup fine-tuned variants.
+
+  python -m embed2.main --config=configs/demo.py --workdir=/tmp/embed2_demo
+  python -m embed2.main --config=configs/demo.py --workdir=DIR --config.stages[1].steps=50
+
+Re-running the same command on the same workdir resumes from the last finished checkpoint. SIGTERM
+saves a checkpoint at the current step and exits with code 0.
+
+This entry point is the one place where `embed2` reads `data_pipelines`: it resolves each task's
+`source` name (config.tasks.NAME.source) through `data_pipelines.tasks.TASKS`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import jax
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from embed2.train import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and eval results go.")
+
+
+def resolve_tasks(config) -> dict[str, trainer.TaskData]:
+  """Task name -> its train/eval examples, from `config.tasks.NAME.source`."""
+  from data_pipelines import tasks as task_defs  # pylint: disable=g-import-not-at-top
+  data = {}
+  for name, tc in config.tasks.items():
+    source = tc.get("source", name)
+    if source not in task_defs.TASKS:
+      raise ValueError(f"config.tasks.{name}.source={source!r} is not a known task; known: "
+                       f"{sorted(task_defs.TASKS)}")
+    data[name] = trainer.TaskData(train=task_defs.TASKS[source]("train"),
+                                  eval=task_defs.TASKS[source]("eval"))
+  return data
+
+
+def make_eval_fn(config, workdir):
+  """eval_fn(model, step, stage) for the trainer: the config's suite, results also in DIR/eval/."""
+  suite = config.get("eval_suite")
+  if not suite:
+    return None
+  from embed2.eval import suites  # pylint: disable=g-import-not-at-top
+  from embed2.inference import Embedder  # pylint: disable=g-import-not-at-top
+  from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  tokenizer = Tokenizer.from_file(config.tokenizer) if config.get("tokenizer") else Tokenizer.default()
+  task_strings = {n: t.get("task_string", "") for n, t in config.tasks.items()}
+
+  def eval_fn(model, step, stage):
+    embedder = Embedder(model, tokenizer, task_strings=task_strings)
+    results = suites.evaluate_suite(embedder, suite)
+    if jax.process_index() == 0:
+      out = epath.Path(workdir) / "eval"
+      out.mkdir(parents=True, exist_ok=True)
+      (out / f"step_{step}_{stage}.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    return results
+
+  return eval_fn
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  data = resolve_tasks(config)
+  eval_fn = make_eval_fn(config, workdir)
+  result = trainer.train(config, workdir, data, eval_fn=eval_fn)
+  summary = {"global_step": result.global_step, "preempted": result.preempted,
+             "skipped_steps": result.skipped_steps}
+  if result.preempted:
+    logging.info("preempted at step %d; re-run the same command to resume", result.global_step)
+    return summary
+  if eval_fn is not None:
+    from embed2.eval import suites  # pylint: disable=g-import-not-at-top
+    final = eval_fn(result.trainee.model, result.global_step, "final")
+    summary["eval"] = final
+    if jax.process_index() == 0:
+      (epath.Path(workdir) / "eval" / "final.json").write_text(json.dumps(final, indent=1, sort_keys=True))
+      print(suites.format_table(final))
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides look like --config.seed=1")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required, e.g. "
+                         "python -m embed2.main --config=configs/demo.py --workdir=/tmp/embed2_demo")
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, trainer.TrainingStopped) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

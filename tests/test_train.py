@@ -1,0 +1,222 @@
+"""The training system: two stages end to end, resume after a kill, SIGTERM, guard rails, bad config."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from embed2.train import checkpoint as ckpt_lib
+from embed2.train import trainer
+from embed2.train.metrics_writer import read_metrics
+from embed2.main import resolve_tasks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(arg="", **overrides):
+  c = tiny.get_config(arg)
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def data():
+  return resolve_tasks(config())
+
+
+def run_main(workdir, arg="", *flags, check=True, env_devices=4):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  cmd = [sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py" + (f":{arg}" if arg else ""),
+         f"--workdir={workdir}", *flags]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def final_params(workdir):
+  directory, step = ckpt_lib.resolve_checkpoint_path(os.path.join(workdir, "checkpoints"))
+  ck = ckpt_lib.Checkpointer(directory, read_only=True)
+  meta = ck.read_meta(step)
+  from embed2.model import EmbeddingModel, ModelConfig
+  model = EmbeddingModel(ModelConfig.from_dict(meta["model_config"]), rngs=nnx.Rngs(0))
+  ckpt_lib.load_model_params(model, os.path.join(directory, str(step)))
+  return step, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def crcs(workdir):
+  return [(r["step"], r["data/batch_crc"]) for r in read_metrics(workdir) if "data/batch_crc" in r]
+
+
+# ------------------------------------------------------------------------------ smoke
+
+
+def test_two_stages_end_to_end(tmp_path, data):
+  c = config("pft_steps=3,ft_steps=8,every=100")
+  result = trainer.train(c, str(tmp_path), data)
+  assert result.global_step == 11 and not result.preempted
+  rows = read_metrics(tmp_path)
+  pft = [r for r in rows if r["stage"] == "pft"]
+  ft = [r for r in rows if r["stage"] == "ft"]
+  assert len(pft) == 3 and all(r["task"] == "mixture" for r in pft)
+  assert {r["task"] for r in ft} == {"pairs", "labels"}  # single-task batches, both sampled
+  # Two different per-task batch sizes in FT: the examples of each task's batches differ.
+  n_valid = {r["task"]: r["num_valid"] for r in ft}
+  assert n_valid["pairs"] > n_valid["labels"]
+  # One compiled step for PFT, one per FT task shape: compiled once and cached.
+  assert result.compiled_steps == 3
+  for r in rows:
+    for key in ("loss", "loss/dim_16", "temperature", "grad_norm", "examples_per_s", "tokens_per_s",
+                "nonpad_fraction"):
+      assert key in r and np.isfinite(r[key]), (key, r)
+  assert os.path.isdir(tmp_path / "tensorboard") and os.listdir(tmp_path / "tensorboard")
+  # Stage ends are always checkpointed.
+  assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [3, 11]
+
+
+def test_frozen_parameters_do_not_move(tmp_path, data):
+  c = config("pft_steps=2,ft_steps=2,every=100")
+  c.stages[1].freeze = ("transformer/embedder", "transformer/blocks/0/")
+  trainer.train(c, str(tmp_path), data)
+  ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True)
+  from embed2.model import EmbeddingModel, ModelConfig
+  params = []
+  for step in (2, 4):
+    model = EmbeddingModel(ModelConfig.from_dict(ck.read_meta(step)["model_config"]), rngs=nnx.Rngs(0))
+    ckpt_lib.load_model_params(model, str(tmp_path / "checkpoints" / str(step)))
+    params.append(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  a, b = params
+  np.testing.assert_array_equal(a["transformer"]["embedder"]["embedding"], b["transformer"]["embedder"]["embedding"])
+  np.testing.assert_array_equal(a["transformer"]["blocks"][0]["attn"]["q"], b["transformer"]["blocks"][0]["attn"]["q"])
+  assert not np.array_equal(a["transformer"]["blocks"][1]["attn"]["q"], b["transformer"]["blocks"][1]["attn"]["q"])
+  c.stages[1].freeze = ("no_such_param",)
+  with pytest.raises(ValueError, match="matches no parameter"):
+    trainer.train(c, str(tmp_path / "other"), data)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path):
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  run_main(full, "pft_steps=3,ft_steps=5,every=2")
+  proc = run_main(killed, "pft_steps=3,ft_steps=5,every=2", "--config.debug_kill_at_step=5", check=False)
+  assert proc.returncode == -9  # SIGKILL: no chance to save anything
+  steps_at_kill = ckpt_lib.Checkpointer(killed / "checkpoints", read_only=True).all_steps()
+  assert steps_at_kill and max(steps_at_kill) < 8
+  run_main(killed, "pft_steps=3,ft_steps=5,every=2")
+  step_a, a = final_params(full)
+  step_b, b = final_params(killed)
+  assert step_a == step_b == 8
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  # The same sequence of batches: each step's batch checksum, including the replayed steps.
+  got = dict(crcs(killed))  # later lines (after resume) overwrite the replayed steps
+  assert got == dict(crcs(full))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  proc = run_main(tmp_path, "pft_steps=3,ft_steps=5,every=100", "--config.debug_sigterm_at_step=4",
+                  check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True)
+  assert max(ck.all_steps()) == 5  # the step in flight when the signal came completes, then saves
+  run_main(tmp_path, "pft_steps=3,ft_steps=5,every=100")
+  assert max(ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps()) == 8
+
+
+def test_leftover_temporary_checkpoint_is_ignored(tmp_path, data):
+  c = config("pft_steps=2,ft_steps=2,every=100")
+  trainer.train(c, str(tmp_path), data)
+  # A killed save leaves a temporary directory behind; it must never be restored.
+  tmp = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234"
+  (tmp / "params").mkdir(parents=True)
+  (tmp / "meta").mkdir()
+  ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True)
+  assert ck.latest_step() == 4
+  c.stages[1].steps = 3
+  with pytest.raises(ValueError, match="incompatible config"):
+    trainer.train(c, str(tmp_path), data)
+
+
+# ------------------------------------------------------------------------ guard rails
+
+
+def test_nan_batch_is_skipped_and_counted(tmp_path, data):
+  c = config("pft_steps=2,ft_steps=4,every=100", debug_nan_steps=(3,))
+  result = trainer.train(c, str(tmp_path), data)
+  assert result.skipped_steps == 1 and result.global_step == 6
+  rows = [r for r in read_metrics(tmp_path) if "skipped" in r]
+  skipped = {r["step"]: r["skipped"] for r in rows}
+  assert skipped[4] == 1 and all(v == 0 for s, v in skipped.items() if s != 4)
+
+
+def test_consecutive_nans_stop_the_run(tmp_path, data):
+  c = config("pft_steps=2,ft_steps=6,every=2", debug_nan_steps=(3, 4, 5, 6))
+  with pytest.raises(trainer.TrainingStopped, match="3 consecutive steps had a non-finite loss"):
+    trainer.train(c, str(tmp_path), data)
+  # The last good checkpoint is intact and restorable.
+  ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True)
+  assert ck.latest_step() in (2, 4)
+  final_params(tmp_path)
+
+
+def test_sampler_frequencies_match_rates_across_resume(data):
+  c = trainer.normalize(config("pft_steps=2,ft_steps=3000"))
+  from embed2.data.tokenizer import Tokenizer
+  tok = Tokenizer.default()
+  it = trainer.stage_iterator(c, c.stages[1], data, tok, 4, 1)
+  n = 3000
+  tasks = [it.task_at(s) for s in range(n)]
+  # Realised frequency of "pairs" (rate 0.6): within 4 standard errors.
+  p = 0.6
+  freq = np.mean(np.array(tasks) == 0)
+  assert abs(freq - p) < 4 * np.sqrt(p * (1 - p) / n), freq
+  # Across a resume the same sequence continues (state restored into a new iterator).
+  for _ in range(7):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(3)]
+  it2 = trainer.stage_iterator(c, c.stages[1], data, tok, 4, 1)
+  it2.set_state(state)
+  for e in expected:
+    got = next(it2)
+    assert int(got["task_index"]) == int(e["task_index"])
+    np.testing.assert_array_equal(got["query_tokens"], e["query_tokens"])
+
+
+# -------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda c: c.stages[1].tasks.update(nope=1.0), "unknown task 'nope'"),
+    (lambda c: c.stages[0].tasks.update(pairs=-1.0), "negative or not finite"),
+    (lambda c: c.stages[1].tasks.update(pairs=0.0, labels=0.0), "rates are all zero"),
+    (lambda c: c.tasks.pairs.update(batch_size=6), "batch_size=6 is not divisible by the 8 data shards"),
+    (lambda c: c.tasks.labels.update(source="synthetic_empty"), "task 'labels' has zero training examples"),
+    (lambda c: c.stages[0].update(mode="mixed"), "choose 'pft'"),
+])
+def test_bad_config_is_refused_before_training(tmp_path, mutate, match):
+  c = trainer.normalize(config("pft_steps=1,ft_steps=1"))
+  mutate(c)
+  data = resolve_tasks(c)
+  with pytest.raises(ValueError, match=match):
+    trainer.train(c, str(tmp_path / "w"), data, )
+  assert not (tmp_path / "w").exists()  # nothing was written
+
+
+def test_incompatible_workdir_is_refused_and_untouched(tmp_path, data):
+  c = config("pft_steps=1,ft_steps=1,every=100")
+  trainer.train(c, str(tmp_path), data)
+  before = {p: os.path.getmtime(p) for p in map(str, tmp_path.rglob("*"))}
+  other = config("pft_steps=1,ft_steps=1,every=100,dim=32")
+  with pytest.raises(ValueError, match="incompatible config: config.model differs"):
+    trainer.train(other, str(tmp_path), data)
+  assert before == {p: os.path.getmtime(p) for p in map(str, tmp_path.rglob("*"))}
