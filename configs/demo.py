@@ -56,5 +56,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval_every = 0  # 0 = at the end of each stage only
   c.eval_suite = "demo"
   c.max_consecutive_skips = 5
+  c.data_groups = 0  # pack groups of the global batch; 0 = the number of data shards of the mesh
   c.init_from = ""
   return c
+
+
+def sweep(arg: str | None = None) -> list[dict]:
+  """Fine-tuning learning rate x seed."""
+  del arg
+  return [{"seed": s, "stages[1].optim.learning_rate": lr} for s in (0, 1) for lr in (5e-4, 1e-3, 2e-3)]

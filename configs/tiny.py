@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval_every = 0
   c.eval_suite = k.eval
   c.max_consecutive_skips = 3
+  c.data_groups = 0  # pack groups of the global batch; 0 = the number of data shards of the mesh
   c.init_from = ""
   # Test hooks: steps (0-based count of steps done) whose loss is made NaN, and a step at which the
   # process kills itself (SIGKILL) or asks itself to stop (SIGTERM). Empty / -1 = off.
@@ -53,3 +54,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.debug_kill_at_step = -1
   c.debug_sigterm_at_step = -1
   return c
+
+
+def sweep(arg: str | None = None) -> list[dict]:
+  """Two seeds and two fine-tuning learning rates."""
+  del arg
+  return [{"seed": s, "stages[1].optim.learning_rate": lr} for s in (0, 1) for lr in (1e-3, 3e-3)]

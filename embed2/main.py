@@ -21,10 +21,15 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from embed2 import distributed
 from embed2.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and eval results go.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 120, "Seconds to wait for the coordinator.")
 
 
 def resolve_tasks(config) -> dict[str, trainer.TaskData]:
@@ -91,8 +96,10 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required, e.g. "
                          "python -m embed2.main --config=configs/demo.py --workdir=/tmp/embed2_demo")
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           timeout_s=_INIT_TIMEOUT.value)
     run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, trainer.TrainingStopped) as e:
+  except (ValueError, trainer.TrainingStopped, distributed.StartupError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -38,6 +38,7 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_dict
 
+from embed2 import distributed
 from embed2 import losses
 from embed2 import sharding
 from embed2.data import pipeline
@@ -251,7 +252,8 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
   config = normalize(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = tuple(tuple(r) for r in config.sharding_rules)
-  num_groups = sharding.num_batch_shards(mesh)
+  shards = sharding.num_batch_shards(mesh)
+  num_groups = int(config.get("data_groups", 0)) or shards
   validate(config, data, num_groups)
 
   tokenizer = Tokenizer.from_file(config.tokenizer) if config.get("tokenizer") else Tokenizer.default()
@@ -268,6 +270,14 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
       meta = reader.read_meta(latest)
       check_workdir_compatible(config, meta, workdir)
     reader.close()
+  if meta is not None and not config.get("data_groups"):
+    # Resuming on another mesh: keep the run's pack groups, so the batches continue exactly.
+    num_groups = int(meta.get("num_groups", num_groups))
+  if num_groups % shards:
+    raise ValueError(f"the run packs its batches in {num_groups} groups (config.data_groups or the "
+                     f"checkpoint), which the {shards} data shards of mesh {dict(mesh.shape)} do not divide; "
+                     f"use a mesh whose data x fsdp divides {num_groups}")
+  validate(config, data, num_groups)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=int(config.checkpoint.every),
                                        keep=config.checkpoint.get("keep", 3),
                                        async_save=bool(config.checkpoint.get("async_save", True)))
@@ -376,6 +386,8 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
                                                    global_step % int(config.eval_every) == 0)):
           writer.write(global_step, {f"eval/{k}": v for k, v in
                                      eval_fn(trainee.model, global_step, stage.name).items()})
+        if jax.process_count() > 1:  # every process must agree to stop at the same step
+          preemption.requested = distributed.any_process(preemption.requested)
         if preemption.requested or stage_done or global_step % int(config.checkpoint.every) == 0:
           _save(checkpointer, config, trainee, optimizer, it, si, stage_step, global_step, skipped_total)
         if preemption.requested:
@@ -412,14 +424,17 @@ def _set_train_tree(trainee, optimizer, tree) -> None:
 
 def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step, global_step,
           skipped_total):
+  # Each process holds its own pack groups' iterator state; merged, it restores on any process layout.
+  states = distributed.allgather_json(it.get_state())
+  data_state = states[0] if len(states) == 1 else pipeline.merge_states(states)
   meta = {
       "step": global_step, "stage_index": stage_index, "stage_step": stage_step,
-      "stage_name": config.stages[stage_index].name, "data_state": it.get_state(),
+      "stage_name": config.stages[stage_index].name, "data_state": data_state,
       "model_config": ModelConfig.from_dict(config.model.to_dict()).to_dict(),
       "tokenizer": config.get("tokenizer") or "",
       "task_strings": {n: t.get("task_string", "") for n, t in config.tasks.items()},
       "fingerprint": _canonical(fingerprint(config)), "skipped_total": skipped_total,
-      "process_count": jax.process_count(),
+      "process_count": jax.process_count(), "num_groups": it.num_groups,
   }
   checkpointer.save(global_step, params=model_params(trainee), train=_train_tree(trainee, optimizer),
                     meta=meta, force=True)
