@@ -43,9 +43,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   pft.optim = dict(learning_rate=k.lr, warmup_steps=max(k.pft_steps // 10, 1), decay="cosine",
                    final_lr_ratio=0.2, weight_decay=0.01)
   pft.freeze = ()
+  # FT: the main run specialises in code search; the soup's variant specialises in documentation
+  # (doc retrieval + classification). Each is in-domain on its own tasks and out-of-domain on the
+  # other's; the soup of the two recovers both.
   ft = config_dict.ConfigDict()
   ft.name, ft.mode, ft.steps = "ft", "ft", k.ft_steps
-  ft.tasks = dict(code_search=0.5, doc_retrieval=0.3, module_cls=0.2)
+  ft.tasks = dict(code_search=1.0, doc_retrieval=0.0, module_cls=0.0)
   ft.optim = dict(learning_rate=k.lr / 2, warmup_steps=max(k.ft_steps // 10, 1), decay="cosine",
                   final_lr_ratio=0.1, weight_decay=0.01)
   ft.freeze = ()
@@ -58,6 +61,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.max_consecutive_skips = 5
   c.data_groups = 0  # pack groups of the global batch; 0 = the number of data shards of the mesh
   c.init_from = ""
+  # The main job ends with a soup: each variant re-runs the last stage from the PFT parameters with
+  # its overrides (tasks, seed, optim) in WORKDIR/variants/NAME; then WORKDIR/soup averages them all.
+  c.soup = dict(method="uniform", variants=[
+      dict(name="docs", seed=k.seed + 1, tasks=dict(code_search=0.0, doc_retrieval=0.6, module_cls=0.4))])
   return c
 
 

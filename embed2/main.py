@@ -70,7 +70,76 @@ def make_eval_fn(config, workdir):
   return eval_fn
 
 
+def variant_config(config, variant, workdir):
+  """The config of one fine-tuning variant: the last stage again, from the previous stage's export,
+  with the variant's overrides (`tasks` rates, `seed`, `optim` fields)."""
+  config = trainer.normalize(config)
+  if len(config.stages) < 2:
+    raise ValueError("config.soup.variants re-run the last stage from the one before it; "
+                     "config.stages needs at least two stages")
+  v = trainer.normalize(config)
+  last = v.stages[-1]
+  with v.unlocked():
+    if "tasks" in variant:
+      last.tasks = dict(variant["tasks"])
+    if "optim" in variant:
+      last.optim.update(dict(variant["optim"]))
+    if "seed" in variant:
+      v.seed = int(variant["seed"])
+    v.stages = [last]
+    v.init_from = str(trainer.stage_export_path(workdir, config.stages[-2].name))
+  return v
+
+
+def run_soup(config, workdir, data, eval_fn) -> dict[str, Any]:
+  """Fine-tunes each variant of `config.soup.variants`, soups them with the main run, evaluates all."""
+  from embed2 import soup as soup_lib  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(workdir)
+  ingredients = {config.stages[-1].name: workdir / "checkpoints"}
+  for variant in config.soup.variants:
+    name = variant["name"]
+    vdir = workdir / "variants" / name
+    logging.info("soup: fine-tuning variant %s in %s", name, vdir)
+    vconfig = variant_config(config, variant, workdir)
+    r = trainer.train(vconfig, str(vdir), data)
+    if r.preempted:
+      return {"preempted": True}
+    ingredients[name] = vdir / "checkpoints"
+  out = workdir / "soup"
+  if not (out / "soup.json").exists():
+    soup_lib.make_soup([str(p) for p in ingredients.values()], out=str(out),
+                       method=config.soup.get("method", "uniform"),
+                       weights=config.soup.get("weights") or None)
+  results = {}
+  if eval_fn is not None:
+    from embed2.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    from embed2.model import EmbeddingModel, ModelConfig  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    for name, path in list(ingredients.items()) + [("soup", out)]:
+      model = EmbeddingModel(ModelConfig.from_dict(config.model.to_dict()), rngs=nnx.Rngs(0))
+      ckpt_lib.load_model_params(model, str(path))
+      results[name] = eval_fn(model, 0, f"soup_{name}")
+    if jax.process_index() == 0:
+      (workdir / "eval" / "soup.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+      print(soup_table(results))
+  return results
+
+
+def soup_table(results: dict[str, dict[str, float]], metric: str = "ndcg@10") -> str:
+  """Rows: ingredients and the soup; columns: each task's `metric` at the full MRL dim."""
+  names = list(results)
+  keys = sorted({k for r in results.values() for k in r
+                 if f"/{metric}/" in k and not k.startswith(("bm25", "mean"))})
+  dims = sorted({int(k.rsplit("dim_", 1)[1]) for k in keys if "dim_" in k})
+  keys = [k for k in keys if not dims or k.endswith(f"dim_{dims[-1]}")]
+  head = ["model"] + [k.split("/")[0] for k in keys]
+  rows = [head] + [[n] + [f"{results[n].get(k, float('nan')):.3f}" for k in keys] for n in names]
+  width = [max(len(r[i]) for r in rows) for i in range(len(head))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows)
+
+
 def run(config, workdir: str) -> dict[str, Any]:
+  config = trainer.normalize(config)
   data = resolve_tasks(config)
   eval_fn = make_eval_fn(config, workdir)
   result = trainer.train(config, workdir, data, eval_fn=eval_fn)
@@ -80,12 +149,14 @@ def run(config, workdir: str) -> dict[str, Any]:
     logging.info("preempted at step %d; re-run the same command to resume", result.global_step)
     return summary
   if eval_fn is not None:
-    from embed2.eval import suites  # pylint: disable=g-import-not-at-top
-    final = eval_fn(result.trainee.model, result.global_step, "final")
+    from embed2.evaluate import format_table  # pylint: disable=g-import-not-at-top
+    final = result.last_eval or eval_fn(result.trainee.model, result.global_step, "final")
     summary["eval"] = final
     if jax.process_index() == 0:
       (epath.Path(workdir) / "eval" / "final.json").write_text(json.dumps(final, indent=1, sort_keys=True))
-      print(suites.format_table(final))
+      print(format_table(final))
+  if config.get("soup") and config.soup.get("variants"):
+    summary["soup"] = run_soup(config, workdir, data, eval_fn)
   return summary
 
 

@@ -63,8 +63,7 @@ METHODS = ("uniform", "weighted", "greedy")
 
 # ModelConfig fields that do not change the parameter tree or values (compute dtype, kernels,
 # rematerialisation, limits, the MRL prefixes the loss uses); ingredients may differ in them.
-PARAMETER_FREE_FIELDS = ("dtype", "attention_impl", "remat", "max_length", "causal", "mrl_dims",
-                         "max_segments", "name")
+PARAMETER_FREE_FIELDS = ckpt_lib.PARAMETER_FREE_FIELDS
 
 # Meta fields that describe how to resume training; a soup cannot be resumed, so they are dropped.
 RESUME_FIELDS = ("data_state", "stage_index", "stage_step", "stage_name", "fingerprint",
@@ -153,8 +152,7 @@ def open_ingredient(path: str | os.PathLike) -> Ingredient:
   return Ingredient(path=str(path), directory=directory, step=step, meta=meta, tree=tree)
 
 
-def _arch(cfg: ModelConfig) -> dict[str, Any]:
-  return {k: v for k, v in cfg.to_dict().items() if k not in PARAMETER_FREE_FIELDS}
+_arch = ckpt_lib.architecture
 
 
 def first_tree_mismatch(want: Mapping[str, tuple], have: Mapping[str, tuple]) -> str | None:

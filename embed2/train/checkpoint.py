@@ -30,6 +30,15 @@ from embed2.model import ModelConfig
 
 ITEMS = ("params", "train", "meta")
 
+# ModelConfig fields that do not change the parameters: a checkpoint loads across a change of these.
+PARAMETER_FREE_FIELDS = ("dtype", "attention_impl", "remat", "max_length", "causal", "mrl_dims",
+                         "max_segments", "name")
+
+
+def architecture(cfg: ModelConfig) -> dict[str, Any]:
+  """The fields of a model config that decide the parameters' tree and shapes."""
+  return {k: v for k, v in cfg.to_dict().items() if k not in PARAMETER_FREE_FIELDS}
+
 
 class Checkpointer:
   """Saves and restores training checkpoints in `directory` (created on first save)."""
@@ -37,9 +46,12 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, every: int = 1, keep: int | None = 3,
                async_save: bool = True, read_only: bool = False):
     self.directory = epath.Path(directory)
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, int(every)), max_to_keep=keep, create=not read_only,
-        enable_async_checkpointing=async_save, read_only=read_only)
+    if read_only:  # (the save options would only draw warnings)
+      options = ocp.CheckpointManagerOptions(save_interval_steps=0, max_to_keep=None, create=False,
+                                             read_only=True)
+    else:
+      options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, int(every)), max_to_keep=keep,
+                                             enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   # ---------------------------------------------------------------------------- queries
@@ -156,12 +168,9 @@ def load_model_params(model, path: str | os.PathLike) -> dict[str, Any]:
   ck = Checkpointer(directory, read_only=True)
   meta = ck.read_meta(step)
   want = ModelConfig.from_dict(meta["model_config"])
-  have = model.cfg
-  arch = lambda c: {k: v for k, v in c.to_dict().items()
-                    if k not in ("attention_impl", "remat", "dtype", "max_length", "causal", "name",
-                                 "max_segments", "mrl_dims")}
-  if arch(want) != arch(have):
-    diff = {k: (v, arch(have)[k]) for k, v in arch(want).items() if arch(have)[k] != v}
+  want, have = architecture(want), architecture(model.cfg)
+  if want != have:
+    diff = {k: (v, have.get(k)) for k, v in want.items() if have.get(k) != v}
     raise ValueError(f"checkpoint {path} has a different architecture: {diff} (checkpoint, config)")
   state = nnx.state(model, nnx.Param)
   target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding),

@@ -233,6 +233,7 @@ class TrainResult:
   skipped_steps: int
   compiled_steps: int
   trainee: Any
+  last_eval: dict[str, float] | None = None  # the eval_fn results at the end of the last stage run
 
 
 def train(config, workdir: str, data: Mapping[str, TaskData], *,
@@ -301,6 +302,7 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
   skipped_total = int(meta.get("skipped_total", 0)) if meta else 0
   preempted = False
   steps_compiled = 0
+  last_eval = None
   debug_nan = set(int(s) for s in config.get("debug_nan_steps", ()))
 
   with _Preemption() as preemption:
@@ -384,12 +386,14 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
         stage_done = stage_step == n_steps
         if eval_fn is not None and (stage_done or (config.get("eval_every") and
                                                    global_step % int(config.eval_every) == 0)):
-          writer.write(global_step, {f"eval/{k}": v for k, v in
-                                     eval_fn(trainee.model, global_step, stage.name).items()})
+          last_eval = eval_fn(trainee.model, global_step, stage.name)
+          writer.write(global_step, {f"eval/{k}": v for k, v in last_eval.items()})
         if jax.process_count() > 1:  # every process must agree to stop at the same step
           preemption.requested = distributed.any_process(preemption.requested)
         if preemption.requested or stage_done or global_step % int(config.checkpoint.every) == 0:
           _save(checkpointer, config, trainee, optimizer, it, si, stage_step, global_step, skipped_total)
+        if stage_done:
+          export_stage(workdir, config, trainee, stage.name, global_step)
         if preemption.requested:
           preempted = True
           break
@@ -401,7 +405,8 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
   checkpointer.close()
   writer.close()
   return TrainResult(global_step=global_step, preempted=preempted, skipped_steps=skipped_total,
-                     compiled_steps=steps_compiled, trainee=trainee)
+                     compiled_steps=steps_compiled, trainee=trainee,
+                     last_eval=last_eval if not preempted else None)
 
 
 def _abstract(tree):
@@ -422,19 +427,36 @@ def _set_train_tree(trainee, optimizer, tree) -> None:
   nnx.update(trainee.loss, loss_state)
 
 
+def model_meta(config, step: int) -> dict[str, Any]:
+  """What a parameters-only checkpoint needs to be loaded on its own (by Embedder, soups, init_from)."""
+  return {"step": step, "model_config": ModelConfig.from_dict(config.model.to_dict()).to_dict(),
+          "tokenizer": config.get("tokenizer") or "",
+          "task_strings": {n: t.get("task_string", "") for n, t in config.tasks.items()}}
+
+
+def stage_export_path(workdir, stage_name: str) -> epath.Path:
+  return epath.Path(workdir) / "stages" / stage_name
+
+
+def export_stage(workdir, config, trainee, stage_name: str, step: int) -> None:
+  """Keeps each stage's final parameters in WORKDIR/stages/NAME (outside the retention policy), so a
+  later stage, a fine-tuning variant or a soup can start from them."""
+  ck = ckpt_lib.Checkpointer(stage_export_path(workdir, stage_name), keep=1, async_save=False)
+  ck.save(step, params=model_params(trainee), meta=model_meta(config, step), force=True)
+  ck.close()
+
+
 def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step, global_step,
           skipped_total):
   # Each process holds its own pack groups' iterator state; merged, it restores on any process layout.
   states = distributed.allgather_json(it.get_state())
   data_state = states[0] if len(states) == 1 else pipeline.merge_states(states)
-  meta = {
-      "step": global_step, "stage_index": stage_index, "stage_step": stage_step,
+  meta = model_meta(config, global_step)
+  meta.update({
+      "stage_index": stage_index, "stage_step": stage_step,
       "stage_name": config.stages[stage_index].name, "data_state": data_state,
-      "model_config": ModelConfig.from_dict(config.model.to_dict()).to_dict(),
-      "tokenizer": config.get("tokenizer") or "",
-      "task_strings": {n: t.get("task_string", "") for n, t in config.tasks.items()},
       "fingerprint": _canonical(fingerprint(config)), "skipped_total": skipped_total,
       "process_count": jax.process_count(), "num_groups": it.num_groups,
-  }
+  })
   checkpointer.save(global_step, params=model_params(trainee), train=_train_tree(trainee, optimizer),
                     meta=meta, force=True)
