@@ -220,3 +220,16 @@ def test_incompatible_workdir_is_refused_and_untouched(tmp_path, data):
   with pytest.raises(ValueError, match="incompatible config: config.model differs"):
     trainer.train(other, str(tmp_path), data)
   assert before == {p: os.path.getmtime(p) for p in map(str, tmp_path.rglob("*"))}
+
+
+def test_grad_cache_stage_matches_full_batch(tmp_path, data):
+  rows = {}
+  for chunks in (0, 2):
+    c = config("pft_steps=2,ft_steps=1,every=100")
+    c.stages = [c.stages[0]]
+    c.stages[0].grad_cache_chunks = chunks
+    trainer.train(c, str(tmp_path / str(chunks)), data)
+    rows[chunks] = [r for r in read_metrics(tmp_path / str(chunks)) if "loss" in r]
+  for a, b in zip(rows[0], rows[2]):
+    for key in ("loss", "grad_norm", "loss/dim_16"):
+      assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (key, a[key], b[key])

@@ -24,7 +24,8 @@ from flax import nnx
 
 from embed2 import losses
 from embed2 import sharding
-from embed2.model import EmbeddingModel
+from embed2.model import EmbeddingModel, gather_slots
+from embed2.train import grad_cache
 
 SIDES = ("query", "positive", "negative")
 # Batch keys that stay on the host (statistics for the logs), everything else goes to the devices.
@@ -61,9 +62,41 @@ def batch_loss(trainee: Trainee, batch: dict[str, jax.Array], *, loss_fn: Callab
   return loss, aux
 
 
+def grad_cache_loss_and_grads(trainee: Trainee, batch: dict[str, jax.Array], *, loss_fn: Callable,
+                              num_groups: int, num_chunks: int):
+  """(loss, aux), grads of `batch_loss` computed with GradCache: the rows of every side are embedded in
+  `num_chunks` chunks without keeping activations, then re-run chunk by chunk to pull dL/dE back. Equal
+  to `nnx.value_and_grad(batch_loss)` up to float summation order; activation memory of one chunk."""
+  graphdef, params, rest = nnx.split(trainee.model, nnx.Param, ...)
+  sides = [s for s in SIDES if f"{s}_tokens" in batch]
+  inputs = {s: {k: batch[f"{s}_{k}"] for k in ("tokens", "segment_ids", "positions")} for s in sides}
+  loss_inputs = {k: v for k, v in batch.items() if not k.endswith(("_tokens", "_segment_ids", "_positions"))}
+
+  def embed_fn(p, x):
+    return nnx.merge(graphdef, p, rest).encode_rows(x["tokens"], x["segment_ids"], x["positions"])
+
+  def loss_of_embeddings(embs, loss_params, li):
+    e = {s: gather_slots(embs[s], li[f"{s}_slot"], num_groups) for s in sides}
+    loss, aux = loss_fn(e["query"], e["positive"], neg_bkd=e.get("negative"),
+                        neg_valid_bk=li.get("negative_valid") if "negative" in e else None,
+                        q_ids_b=li.get("query_ids"), p_ids_b=li.get("positive_ids"),
+                        valid_b=li.get("example_valid"), **loss_params)
+    return loss * li["poison"], aux
+
+  fn = grad_cache.grad_cache_value_and_grad(embed_fn, loss_of_embeddings, num_chunks=num_chunks,
+                                            num_groups=num_groups, has_aux=True)
+  loss_params = {k: v[...] for k, v in trainee.loss.items()}
+  value, (g_model, g_loss) = fn(params, loss_params, inputs, loss_inputs)
+  grads = nnx.state(trainee, nnx.Param)
+  nnx.replace_by_pure_dict(grads, {"model": nnx.to_pure_dict(g_model), "loss": g_loss})
+  return value, grads
+
+
 def train_step(trainee: Trainee, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], *,
-               loss_fn: Callable, num_groups: int) -> dict[str, jax.Array]:
+               loss_fn: Callable, num_groups: int, grad_cache_chunks: int = 0) -> dict[str, jax.Array]:
   """One update. A non-finite loss or gradient leaves the model and optimizer untouched.
+
+  With `grad_cache_chunks` > 0 the gradient comes from GradCache (see `grad_cache_loss_and_grads`).
 
   Returns metrics: loss, per-MRL-dim losses and accuracies, temperature, grad norm, `skipped` (1 when
   the update was skipped), number of valid examples.
@@ -72,8 +105,12 @@ def train_step(trainee: Trainee, optimizer: nnx.Optimizer, batch: dict[str, jax.
   def objective(t):
     return batch_loss(t, batch, loss_fn=loss_fn, num_groups=num_groups)
 
-  (loss, aux), grads = nnx.value_and_grad(objective, has_aux=True)(trainee)
-  grad_norm = optax.global_norm(grads)
+  if grad_cache_chunks:
+    (loss, aux), grads = grad_cache_loss_and_grads(trainee, batch, loss_fn=loss_fn, num_groups=num_groups,
+                                                   num_chunks=grad_cache_chunks)
+  else:
+    (loss, aux), grads = nnx.value_and_grad(objective, has_aux=True)(trainee)
+  grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   before = nnx.state((trainee, optimizer))
   # Non-finite gradients would poison AdamW's moments even if the update were masked afterwards, so
@@ -105,15 +142,18 @@ class StepFunctions:
   compiled: dict = dataclasses.field(default_factory=dict)
   compile_seconds: dict = dataclasses.field(default_factory=dict)
 
-  def get(self, key: Any, loss_cfg: losses.LossConfig, state: Any, batch: dict[str, jax.Array]):
-    sig = (key, loss_cfg, tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items())))
+  def get(self, key: Any, loss_cfg: losses.LossConfig, state: Any, batch: dict[str, jax.Array],
+          grad_cache_chunks: int = 0):
+    sig = (key, loss_cfg, grad_cache_chunks,
+           tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items())))
     if sig not in self.compiled:
       loss_fn = losses.sharded_contrastive_loss(self.mesh, cfg=loss_cfg)
       graphdef, num_groups = self.graphdef, self.num_groups
 
       def step(state, batch):
         trainee, optimizer = nnx.merge(graphdef, state)
-        metrics = train_step(trainee, optimizer, batch, loss_fn=loss_fn, num_groups=num_groups)
+        metrics = train_step(trainee, optimizer, batch, loss_fn=loss_fn, num_groups=num_groups,
+                             grad_cache_chunks=grad_cache_chunks)
         return nnx.state((trainee, optimizer)), metrics
 
       t0 = time.perf_counter()

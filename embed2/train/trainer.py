@@ -329,6 +329,7 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
       task_names = list(dict(stage.tasks))
       loss_cfgs = {n: loss_config(config, config.tasks[n]) for n in task_names}
       pft_loss = loss_config(config)
+      gc_chunks = int(stage.get("grad_cache_chunks", 0))
       consecutive = 0
       writer.progress_start(stage.name, stage_step, n_steps)
       t_last, examples_since, tokens_since = time.perf_counter(), 0, 0
@@ -344,7 +345,7 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
         task = "mixture" if task_i < 0 else task_names[task_i]
         lcfg = pft_loss if task_i < 0 else loss_cfgs[task]
         batch = step_lib.device_batch(host, mesh, poison=np.nan if global_step in debug_nan else 1.0)
-        fn = steps.get(task, lcfg, state, batch)
+        fn = steps.get(task, lcfg, state, batch, grad_cache_chunks=gc_chunks)
         state, metrics = fn(state, batch)
         metrics = jax.device_get(metrics)
         global_step += 1
