@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 Relevance = Sequence[Mapping[int, float]] | np.ndarray
 
@@ -82,14 +83,24 @@ def chunked_topk(q_qd: jax.Array, corpus_nd: jax.Array, k: int, chunk: int,
     scores (Q, k') float32 (or the inputs' wider dtype), indices (Q, k') int32, k' = min(k, N),
     best first.
   """
-  num_q, dim = q_qd.shape
   num_docs = corpus_nd.shape[0]
-  if corpus_nd.shape[1] != dim:
-    raise ValueError(f"q_qd has d={dim} but corpus_nd has d={corpus_nd.shape[1]}.")
+  if corpus_nd.shape[1] != q_qd.shape[1]:
+    raise ValueError(f"q_qd has d={q_qd.shape[1]} but corpus_nd has d={corpus_nd.shape[1]}.")
   if k < 1 or chunk < 1:
     raise ValueError(f"k={k} and chunk={chunk} must be >= 1.")
-  k = min(k, num_docs)
-  chunk = min(chunk, num_docs)
+  return _scan_topk(q_qd, corpus_nd, min(k, num_docs), min(chunk, num_docs), precision)
+
+
+def _scan_topk(q_qd: jax.Array, corpus_nd: jax.Array, k: int, chunk: int,
+               precision: jax.lax.Precision, *, offset: jax.Array | int = 0,
+               num_valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The running top-k of `chunked_topk` (k <= N, chunk <= N), traceable inside shard_map.
+
+  Rows at local index >= `num_valid` (padding) score -inf; returned indices are `offset` + the
+  local row index.
+  """
+  num_q = q_qd.shape[0]
+  num_docs = corpus_nd.shape[0]
   num_chunks = -(-num_docs // chunk)
   dtype = jnp.result_type(q_qd.dtype, corpus_nd.dtype, jnp.float32)
 
@@ -101,14 +112,92 @@ def chunked_topk(q_qd: jax.Array, corpus_nd: jax.Array, k: int, chunk: int,
     s_qc = jnp.einsum("qd,cd->qc", q_qd, c_cd, precision=precision,
                       preferred_element_type=dtype).astype(dtype)
     idx_c = aligned + jnp.arange(chunk, dtype=jnp.int32)
-    s_qc = jnp.where(idx_c[None, :] >= start, s_qc, -jnp.inf)  # rows of the previous chunk
+    keep_c = idx_c >= start  # rows of the previous chunk are masked
+    if num_valid is not None:
+      keep_c &= idx_c < num_valid
+    s_qc = jnp.where(keep_c[None, :], s_qc, -jnp.inf)
     both_s = jnp.concatenate([best_qk, s_qc], axis=1)
-    both_idx = jnp.concatenate([best_idx_qk, jnp.broadcast_to(idx_c, (num_q, chunk))], axis=1)
+    glob_c = (offset + idx_c).astype(jnp.int32)
+    both_idx = jnp.concatenate([best_idx_qk, jnp.broadcast_to(glob_c, (num_q, chunk))], axis=1)
     top_s, pos = jax.lax.top_k(both_s, k)
     return top_s, jnp.take_along_axis(both_idx, pos, axis=1)
 
   init = (jnp.full((num_q, k), -jnp.inf, dtype), jnp.full((num_q, k), -1, jnp.int32))
   return jax.lax.fori_loop(0, num_chunks, body, init)
+
+
+def sharded_topk(q_qd: jax.Array | np.ndarray, corpus_nd: jax.Array | np.ndarray, k: int, *,
+                 mesh: jax.sharding.Mesh, axes: Sequence[str] | None = None, chunk: int = 4096,
+                 precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Top-k dot-product scores with the corpus split across the devices of a mesh.
+
+  The corpus rows are split over `axes` (default: every mesh axis, so every device holds N / D
+  rows; N is padded up to a multiple of D with rows that never rank). Each device runs the chunked
+  scan of `chunked_topk` over its own rows, the D local top-k lists are all-gathered (Q * D * k
+  scores, never a (Q, N) matrix) and merged with one more top-k. Queries are replicated.
+
+  Ties go to the lower corpus index, as in `rank_topk` / `chunked_topk`: the gathered lists are
+  concatenated in device order, which is corpus order, each list holds its ties in index order,
+  and `lax.top_k` keeps equal values in positional order.
+
+  Args:
+    q_qd: (Q, d) queries.
+    corpus_nd: (N, d) corpus; a host array, or a jax.Array (re-laid out if sharded otherwise).
+    k: results per query; clipped to N.
+    mesh: the device mesh.
+    axes: mesh axes to split the corpus over; default all of them.
+    chunk: corpus rows per scan step on each device (clipped to the local shard).
+    precision: matmul precision (HIGHEST by default, as in `chunked_topk`).
+
+  Returns:
+    scores (Q, k') float32, indices (Q, k') int32, k' = min(k, N), best first; replicated.
+  """
+  axes = tuple(mesh.axis_names if axes is None else axes)
+  unknown = [a for a in axes if a not in mesh.axis_names]
+  if unknown:
+    raise ValueError(f"axes={axes}: {unknown} are not axes of the mesh {mesh.axis_names}.")
+  num_q, dim = q_qd.shape
+  num_docs = corpus_nd.shape[0]
+  if corpus_nd.shape[1] != dim:
+    raise ValueError(f"q_qd has d={dim} but corpus_nd has d={corpus_nd.shape[1]}.")
+  if k < 1 or chunk < 1:
+    raise ValueError(f"k={k} and chunk={chunk} must be >= 1.")
+  if num_docs == 0:
+    raise ValueError("corpus_nd is empty (N=0); there is nothing to rank.")
+  num_dev = int(np.prod([mesh.shape[a] for a in axes]))
+  local_n = -(-num_docs // num_dev)
+  k = min(k, num_docs)
+  k_local = min(k, local_n)  # D * k_local >= k: the merge always has k candidates
+  pad = local_n * num_dev - num_docs
+  if pad:  # on the host when the corpus is there, so no device ever holds it whole
+    xp = np if isinstance(corpus_nd, np.ndarray) else jnp
+    corpus_nd = xp.concatenate([corpus_nd, xp.zeros((pad, dim), corpus_nd.dtype)])
+  corpus_spec = P(axes if len(axes) > 1 else axes[0], None)
+  corpus_nd = jax.device_put(corpus_nd, NamedSharding(mesh, corpus_spec))
+  q_qd = jax.device_put(q_qd, NamedSharding(mesh, P()))
+  return _sharded_topk_fn(mesh, axes, corpus_spec, num_docs, local_n, k, k_local,
+                          min(chunk, local_n), precision)(q_qd, corpus_nd)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_topk_fn(mesh, axes, corpus_spec, num_docs, local_n, k, k_local, chunk, precision):
+  """The jitted shard_map of `sharded_topk`, one per static configuration."""
+
+  def local(q_qd, c_nd):
+    shard = jax.lax.axis_index(axes)
+    offset = shard * local_n
+    num_valid = jnp.clip(num_docs - offset, 0, local_n)
+    s_qk, i_qk = _scan_topk(q_qd, c_nd, k_local, chunk, precision, offset=offset,
+                            num_valid=num_valid)
+    all_s = jax.lax.all_gather(s_qk, axes, axis=1, tiled=True)  # (Q, D * k_local), device order
+    all_i = jax.lax.all_gather(i_qk, axes, axis=1, tiled=True)
+    top_s, pos = jax.lax.top_k(all_s, k)
+    return top_s, jnp.take_along_axis(all_i, pos, axis=1)
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), corpus_spec), out_specs=(P(), P()),
+                     check_vma=False)
+  return jax.jit(fn)
 
 
 def _check_ranking(ranked_qk: np.ndarray) -> None:

@@ -1,0 +1,105 @@
+"""Evaluates a checkpoint on a benchmark suite: prints a table, writes JSON.
+
+  python -m embed2.evaluate --checkpoint=/tmp/demo/checkpoints --suite=demo
+  python -m embed2.evaluate --checkpoint=DIR --suite=mteb_code --data_dir=/data --dims=128,768 \
+      --out=/tmp/mteb_code.json
+
+--checkpoint takes a checkpoints directory (its latest step), a step directory, or a workdir.
+--dims defaults to every MRL dim the model was trained at; all dims come from one embedding pass.
+Suites and their data layouts: embed2/eval/suites.py (`--suite=list` prints them).
+
+JSON written to --out:
+  {"checkpoint": ..., "step": ..., "suite": ..., "dims": [...], "seconds": ...,
+   "metrics": {"<task>/<metric>/dim_<d>": ..., "<task>/<metric>/bm25": ..., "mean/...": ...}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Mapping, Sequence
+
+
+def format_table(results: Mapping[str, float]) -> str:
+  """Rows "<task>  <metric>", one column per "dim_<d>" (increasing) and "bm25"."""
+  cells: dict[tuple[str, str], dict[str, float]] = {}
+  columns: set[str] = set()
+  for key, value in results.items():
+    parts = key.rsplit("/", 2)
+    if len(parts) != 3:
+      continue
+    task, metric, col = parts
+    cells.setdefault((task, metric), {})[col] = value
+    columns.add(col)
+  dims = sorted((c for c in columns if c.startswith("dim_")), key=lambda c: int(c[4:]))
+  cols = dims + sorted(c for c in columns if not c.startswith("dim_"))
+  task_w = max([len("task")] + [len(t) for t, _ in cells])
+  metric_w = max([len("metric")] + [len(m) for _, m in cells])
+  lines = [f"{'task':<{task_w}}  {'metric':<{metric_w}}  " + "  ".join(f"{c:>8}" for c in cols)]
+  lines.append("-" * len(lines[0]))
+  for (task, metric), row in cells.items():
+    vals = "  ".join(f"{row[c]:>8.4f}" if c in row else f"{'':>8}" for c in cols)
+    lines.append(f"{task:<{task_w}}  {metric:<{metric_w}}  {vals}")
+  return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m embed2.evaluate", description=__doc__.split("\n")[0])
+  p.add_argument("--checkpoint", help="checkpoints dir, step dir or workdir")
+  p.add_argument("--suite", required=True, help="suite name (see embed2/eval/suites.py); 'list' lists")
+  p.add_argument("--dims", default="", help="comma-separated MRL dims; default all trained dims")
+  p.add_argument("--out", default="", help="JSON file to write")
+  p.add_argument("--data_dir", default="", help="data folder (default $EMBED2_DATA_DIR or ~/embed2_data)")
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--max_length", type=int, default=0, help="tokens per input; 0 = the model's")
+  p.add_argument("--dtype", default="", help="compute dtype override: float32 / bfloat16")
+  p.add_argument("--no_bm25", action="store_true", help="skip the BM25 baseline")
+  return p.parse_args(list(argv))
+
+
+def main(argv: Sequence[str]) -> dict:
+  """Runs the command; returns the JSON document it writes."""
+  args = parse_args(argv)
+  from embed2.eval import suites  # after argument parsing: `--help` should not wait for jax
+
+  if args.suite == "list":
+    for name, s in suites.SUITES.items():
+      print(f"{name:<16} {'+'.join(s.modalities):<12} {s.description}")
+    return {}
+  if not args.checkpoint:
+    raise SystemExit("--checkpoint is required (a checkpoints dir, a step dir or a workdir)")
+  suite = suites.get_suite(args.suite)
+  try:
+    dims = tuple(int(d) for d in args.dims.split(",") if d.strip()) or None
+  except ValueError:
+    raise SystemExit(f"--dims={args.dims!r} must be comma-separated integers, e.g. --dims=64,256")
+
+  from embed2.inference import Embedder
+  from embed2.train import checkpoint as ckpt_lib
+
+  start = time.perf_counter()
+  directory, step = ckpt_lib.resolve_checkpoint_path(args.checkpoint)
+  embedder = Embedder.from_checkpoint(os.fspath(directory / str(step)), dtype=args.dtype or None,
+                                      batch_size=args.batch_size,
+                                      max_length=args.max_length or None)
+  results = suites.evaluate_suite(embedder, suite, dims, data_dir=args.data_dir or None,
+                                  bm25=not args.no_bm25)
+  doc = {"checkpoint": os.fspath(directory), "step": step, "suite": suite.name,
+         "dims": list(dims or embedder.dims), "seconds": round(time.perf_counter() - start, 3),
+         "metrics": results}
+  print(f"suite {suite.name}, checkpoint {directory} step {step} ({doc['seconds']:.1f} s)")
+  print(format_table(results))
+  if args.out:
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(doc, f, indent=1, sort_keys=True)
+    print(f"wrote {args.out}")
+  return doc
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,162 @@
+"""Embeds a corpus file with a checkpoint and writes the vectors to .npy (and .parquet).
+
+  python -m embed2.export --checkpoint=/tmp/demo/checkpoints --input=docs.jsonl --output=/tmp/docs \
+      [--field=text] [--id_field=id] [--dim=256] [--task=NAME --query] [--batch_size=64]
+
+Input: `.jsonl` (one JSON object per line, its text under --field and an optional id under
+--id_field; a line may also be a bare JSON string), or any other file read as plain text, one input
+per line (empty lines are inputs too, so row i is line i). Blank .jsonl lines are skipped.
+
+Output: `<output>.npy`, float32 (N, dim), row i = input i, each row L2-normalised at dim; and, when
+pyarrow is installed, `<output>.parquet` with columns `id` (string: the --id_field value, else the
+row number) and `embedding` (fixed-size list of dim float32). Inputs are read and embedded in
+chunks of --chunk, so the corpus need not fit in memory; a tqdm bar shows progress.
+
+By default inputs are embedded as documents (no task string); `--query --task=NAME` embeds them as
+queries of a trained task instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+def _read(path: str, field: str, id_field: str) -> Iterator[tuple[str, str]]:
+  """(id, text) per input, in file order."""
+  jsonl = path.endswith(".jsonl")
+  with open(path, encoding="utf-8") as f:
+    row = 0
+    for line_no, line in enumerate(f, 1):
+      if not jsonl:
+        yield str(row), line.rstrip("\n").rstrip("\r")
+        row += 1
+        continue
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_no} is not valid JSON ({e})") from None
+      if isinstance(obj, str):
+        yield str(row), obj
+      elif isinstance(obj, dict) and isinstance(obj.get(field), str):
+        yield str(obj.get(id_field, row)), obj[field]
+      else:
+        raise ValueError(f"{path}:{line_no} has no string field {field!r} (keys: "
+                         f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}); "
+                         "set --field")
+      row += 1
+
+
+def count_inputs(path: str) -> int:
+  if path.endswith(".jsonl"):
+    with open(path, encoding="utf-8") as f:
+      return sum(1 for line in f if line.strip())
+  with open(path, encoding="utf-8") as f:
+    return sum(1 for _ in f)
+
+
+def export_embeddings(embedder, input_path: str, output_prefix: str, *, field: str = "text",
+                      id_field: str = "id", dim: int | None = None, task: str | None = None,
+                      is_query: bool = False, chunk: int = 1024, parquet: bool = True,
+                      progress: bool = True) -> dict:
+  """Embeds every input of `input_path`; see the module docstring for formats.
+
+  Returns:
+    {"count": N, "dim": dim, "npy": path, "parquet": path or None}.
+  """
+  from tqdm import tqdm
+
+  if not os.path.isfile(input_path):
+    raise FileNotFoundError(f"--input={input_path} is not a file")
+  dim = embedder.check_dim(dim)  # validate before reading anything
+  if task is not None and not is_query:
+    raise ValueError("--task applies to queries only; add --query to embed the inputs as queries")
+  total = count_inputs(input_path)
+  npy_path = output_prefix + ".npy"
+  os.makedirs(os.path.dirname(os.path.abspath(npy_path)), exist_ok=True)
+  out_nd = np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.float32, shape=(total, dim))
+  writer, pq_path, pa = None, None, None
+  if parquet:
+    try:
+      import pyarrow as pa
+      import pyarrow.parquet as pq
+    except ImportError:
+      pa = None
+    if pa is not None:
+      pq_path = output_prefix + ".parquet"
+      schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+      writer = pq.ParquetWriter(pq_path, schema)
+  done = 0
+  bar = tqdm(total=total, unit="input", desc="embedding", disable=not progress)
+  try:
+    ids, texts = [], []
+    rows = _read(input_path, field, id_field)
+
+    def flush():
+      nonlocal done
+      e_nd = embedder.embed(texts, dim=dim, task=task, is_query=is_query)
+      out_nd[done:done + len(texts)] = e_nd
+      if writer is not None:
+        flat = pa.array(e_nd.reshape(-1), pa.float32())
+        writer.write_table(pa.table({"id": pa.array(ids, pa.string()),
+                                     "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)}))
+      done += len(texts)
+      bar.update(len(texts))
+      ids.clear()
+      texts.clear()
+
+    for i, text in rows:
+      ids.append(i)
+      texts.append(text)
+      if len(texts) == chunk:
+        flush()
+    if texts:
+      flush()
+  finally:
+    bar.close()
+    if writer is not None:
+      writer.close()
+  out_nd.flush()
+  if done != total:
+    raise RuntimeError(f"{input_path} changed while it was read ({total} inputs counted, {done} read)")
+  return {"count": total, "dim": dim, "npy": npy_path, "parquet": pq_path}
+
+
+def main(argv: Sequence[str]) -> dict:
+  p = argparse.ArgumentParser(prog="python -m embed2.export", description=__doc__.split("\n")[0])
+  p.add_argument("--checkpoint", required=True, help="checkpoints dir, step dir or workdir")
+  p.add_argument("--input", required=True, help=".jsonl or plain text file")
+  p.add_argument("--output", required=True, help="output path prefix (.npy / .parquet added)")
+  p.add_argument("--field", default="text")
+  p.add_argument("--id_field", default="id")
+  p.add_argument("--dim", type=int, default=0, help="MRL dim; 0 = the full embedding")
+  p.add_argument("--task", default="", help="task name whose task string queries get")
+  p.add_argument("--query", action="store_true", help="embed inputs as queries (default documents)")
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--max_length", type=int, default=0, help="tokens per input; 0 = the model's")
+  p.add_argument("--on_overflow", default="truncate", choices=("truncate", "error"))
+  p.add_argument("--chunk", type=int, default=1024, help="inputs read and embedded at a time")
+  p.add_argument("--no_parquet", action="store_true")
+  args = p.parse_args(list(argv))
+
+  from embed2.inference import Embedder
+
+  embedder = Embedder.from_checkpoint(args.checkpoint, batch_size=args.batch_size,
+                                      max_length=args.max_length or None,
+                                      on_overflow=args.on_overflow)
+  res = export_embeddings(embedder, args.input, args.output, field=args.field,
+                          id_field=args.id_field, dim=args.dim or None, task=args.task or None,
+                          is_query=args.query, chunk=args.chunk, parquet=not args.no_parquet)
+  print(json.dumps(res))
+  return res
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

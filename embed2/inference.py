@@ -1,0 +1,426 @@
+"""Using a trained model: checkpoint -> `embed(inputs)` -> float32 numpy vectors, and exact search.
+
+  emb = Embedder.from_checkpoint("/tmp/run/checkpoints")
+  q_nd = emb.embed(["how do I read a tar file"], task="stdlib_code_search", dim=128)
+  d_nd = emb.embed(corpus_texts, is_query=False, dim=128)
+  scores_qk, ids_qk = search(q_nd, d_nd, k=10)
+
+Inputs are strings or items (`Text`, `Image`, `Audio`, `Video`), or a list of items for one
+interleaved input. Text is tokenized by the training pipeline's own transforms
+(`embed2.data.pipeline.PrependTaskString` and `Tokenize`: [bos] + ids + [eos], truncated), so an input
+gets exactly the token ids it would get in a training batch, and the embedding equals the train step's
+for the same text and task string. Image / audio / video items are accepted by the API but this model
+has no frontend for them yet (issue 7 adds the frontends): they raise `MissingFrontendError`.
+
+Batching: inputs are sorted by token count and cut into batches of `batch_size`; each batch is padded
+to the smallest length bucket that holds its longest input. One function is compiled per bucket
+(the batch dimension is always `batch_size`), and jax's cache keeps it for every later call with the
+same bucket (`Embedder.num_compilations` counts traces).
+
+MRL dims: `embed(..., dim=d)` accepts only the dims the model was trained at (`config.model.mrl_dims`,
+plus the full embedding dim). A prefix the loss never saw is a worse embedding with no warning sign,
+so asking for one is an error; `truncate(e_nd, dim)` cuts any prefix explicitly if you want one anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from embed2 import sharding
+from embed2.data import pipeline
+from embed2.data.tokenizer import Tokenizer
+from embed2.eval import metrics
+from embed2.eval.retrieval import truncate  # re-exported: the public MRL cut
+from embed2.model import EmbeddingModel, ModelConfig
+
+OVERFLOW_POLICIES = ("truncate", "error")
+
+
+# ------------------------------------------------------------------------------------------ items
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Text:
+  """A piece of text."""
+  text: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Image:
+  """An image: `pixels` uint8 (H, W, 3), or a file `path`."""
+  pixels: np.ndarray | None = None
+  path: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Audio:
+  """A waveform: `samples` float (T,) at `sample_rate` Hz, or a file `path`."""
+  samples: np.ndarray | None = None
+  sample_rate: int | None = None
+  path: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Video:
+  """A video: `frames` uint8 (T, H, W, 3) at `fps` frames per second, or a file `path`."""
+  frames: np.ndarray | None = None
+  fps: float | None = None
+  path: str | None = None
+
+
+_MODALITY = {Image: "image", Audio: "audio", Video: "video"}
+
+
+class MissingFrontendError(ValueError):
+  """The model cannot read this modality (it has no frontend for it)."""
+
+
+def missing_frontend(modality: str) -> MissingFrontendError:
+  return MissingFrontendError(
+      f"this model has no {modality} frontend: it embeds text only (the image / audio / video "
+      "frontends arrive with issue 7). Pass strings or Text items.")
+
+
+def _as_text(x: Any, where: str) -> str:
+  """One input -> the text it stands for; raises for multimodal items and unsupported types."""
+  if isinstance(x, str):
+    return str(x)
+  if isinstance(x, Text):
+    if not isinstance(x.text, str):
+      raise TypeError(f"{where}: Text.text must be str, got {type(x.text).__name__}")
+    return x.text
+  if type(x) in _MODALITY:
+    raise missing_frontend(_MODALITY[type(x)])
+  if isinstance(x, (list, tuple)):
+    if not x:
+      raise ValueError(f"{where} is an empty interleaved input; give it at least one item")
+    parts = []
+    for j, part in enumerate(x):
+      if isinstance(part, (list, tuple)):
+        raise TypeError(f"{where}[{j}] is a list inside an interleaved input; an interleaved input "
+                        "is a flat list of items")
+      parts.append(_as_text(part, f"{where}[{j}]"))
+    # An interleaved text-only input is one text, the way a text example is one string in training.
+    return "".join(parts)
+  raise TypeError(f"{where} has unsupported type {type(x).__name__}; inputs are str, Text, Image, "
+                  "Audio, Video, or a list of those items for one interleaved input")
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def default_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
+  """32, 64, 128, ... below max_length, then max_length itself."""
+  out, b = [], smallest
+  while b < max_length:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (max_length,)
+
+
+def _model_mesh(model) -> jax.sharding.Mesh | None:
+  """The mesh the model's parameters live on, if they are NamedSharding'd."""
+  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    s = getattr(leaf, "sharding", None)
+    if isinstance(s, NamedSharding):
+      return s.mesh
+  return None
+
+
+def search(q_qd: np.ndarray, corpus_nd: np.ndarray, k: int, *, mesh=None, chunk: int = 4096
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Exact nearest neighbours by dot product (cosine for unit vectors).
+
+  With a mesh, the corpus is split across its devices, each device ranks its shard and the local
+  top-k are merged (`metrics.sharded_topk`); without one, a chunked scan on the default device.
+  Ties go to the lower corpus index.
+
+  Args:
+    q_qd: (Q, d) queries.
+    corpus_nd: (N, d) corpus.
+    k: neighbours per query (clipped to N).
+    mesh: optional device mesh.
+    chunk: corpus rows scored at a time (per device).
+
+  Returns:
+    scores float32 (Q, k'), indices int64 (Q, k'), best first; k' = min(k, N).
+  """
+  q_qd = np.asarray(q_qd, np.float32)
+  corpus_nd = np.asarray(corpus_nd, np.float32)
+  if q_qd.ndim != 2 or corpus_nd.ndim != 2 or q_qd.shape[1] != corpus_nd.shape[1]:
+    raise ValueError(f"search needs (Q, d) queries and (N, d) corpus with the same d; got "
+                     f"{q_qd.shape} and {corpus_nd.shape}")
+  if corpus_nd.shape[0] == 0:
+    raise ValueError("search: the corpus is empty")
+  if q_qd.shape[0] == 0:
+    k = min(k, corpus_nd.shape[0])
+    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+  if mesh is not None:
+    s, i = metrics.sharded_topk(q_qd, corpus_nd, k, mesh=mesh, chunk=chunk)
+  else:
+    s, i = metrics.chunked_topk(q_qd, corpus_nd, k=k, chunk=min(chunk, corpus_nd.shape[0]))
+  return np.asarray(s, np.float32), np.asarray(i).astype(np.int64)
+
+
+# -------------------------------------------------------------------------------------- embedder
+
+
+class Embedder:
+  """Embeds batches of inputs with an `EmbeddingModel`, compiled once per length bucket.
+
+  Args:
+    model: the model; its parameters are read at every call, so an Embedder built on a model that is
+      training sees the current weights (in-training evaluation).
+    tokenizer: the tokenizer the model was trained with.
+    task_strings: {task name: task string prepended to queries}, as in the checkpoint's meta.
+    max_length: tokens per input at most ([bos] + text + [eos]); default the model's max_length.
+    batch_size: inputs per compiled call (rounded up to a multiple of the mesh's batch shards).
+    buckets: padded lengths to compile for; default 32, 64, ..., max_length. Buckets above
+      max_length are dropped and max_length is added if missing, so every input fits one.
+    mesh: device mesh; default the mesh of the model's parameters (none: the default device).
+    on_overflow: "truncate" (cut to max_length, keeping bos and eos, with a warning) or "error"
+      (raise ValueError naming the inputs).
+  """
+
+  def __init__(self, model: EmbeddingModel, tokenizer: Tokenizer, *,
+               task_strings: dict[str, str] | None = None, max_length: int | None = None,
+               batch_size: int = 32, buckets: Sequence[int] | None = None,
+               mesh: jax.sharding.Mesh | None = None, on_overflow: str = "truncate"):
+    cfg: ModelConfig = model.cfg
+    self.model = model
+    self.tokenizer = tokenizer
+    self.task_strings = dict(task_strings or {})
+    if tokenizer.vocab_size > cfg.vocab_size:
+      raise ValueError(f"tokenizer has vocab_size={tokenizer.vocab_size} but the model only "
+                       f"{cfg.vocab_size} ids; load the tokenizer the model was trained with")
+    self.max_length = int(max_length if max_length is not None else cfg.max_length)
+    if not 3 <= self.max_length <= cfg.max_length:
+      raise ValueError(f"max_length={self.max_length} must be in [3, config.model.max_length="
+                       f"{cfg.max_length}] (bos + at least one token + eos)")
+    if on_overflow not in OVERFLOW_POLICIES:
+      raise ValueError(f"on_overflow={on_overflow!r}; choose one of {OVERFLOW_POLICIES}")
+    self.on_overflow = on_overflow
+    if buckets is None:
+      buckets = default_buckets(self.max_length)
+    buckets = sorted({int(b) for b in buckets if 0 < int(b) <= self.max_length})
+    if not buckets or buckets[-1] < self.max_length:
+      buckets.append(self.max_length)
+    self.buckets = tuple(buckets)
+    self.mesh = mesh if mesh is not None else _model_mesh(model)
+    shards = sharding.num_batch_shards(self.mesh) if self.mesh is not None else 1
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be >= 1")
+    self.batch_size = -(-int(batch_size) // shards) * shards
+    self._tokenize = pipeline.Tokenize(tokenizer=tokenizer, in_key="text", out_key="tokens",
+                                       truncated_key="truncated", max_length=self.max_length)
+    self._num_traces = 0
+    self._graphdef = nnx.graphdef(model)
+
+    def forward(state, tokens_bl, segment_ids_bl, positions_bl):
+      self._num_traces += 1  # runs at trace time only: counts compilations
+      m = nnx.merge(self._graphdef, state)
+      return m.encode_rows(tokens_bl, segment_ids_bl, positions_bl)[:, 0, :]  # (B, d): slot 0
+
+    if self.mesh is not None:
+      self._in_sharding = sharding.batch_sharding(self.mesh, 2)
+      self._forward = jax.jit(forward, out_shardings=NamedSharding(self.mesh, P()))
+    else:
+      self._in_sharding = None
+      self._forward = jax.jit(forward)
+
+  # ------------------------------------------------------------------------------- properties
+
+  @property
+  def config(self) -> ModelConfig:
+    return self.model.cfg
+
+  @property
+  def embed_dim(self) -> int:
+    return self.model.cfg.embed_dim
+
+  @property
+  def dims(self) -> tuple[int, ...]:
+    """The dims `embed` accepts: the trained MRL dims and the full embedding dim, increasing."""
+    return tuple(sorted(set(self.model.cfg.resolved_mrl_dims) | {self.embed_dim}))
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    """What this model can read. Text only until the multimodal frontends exist (issue 7)."""
+    return ("text",)
+
+  @property
+  def num_compilations(self) -> int:
+    """How many times the forward function was traced (one per new (bucket, batch) shape)."""
+    return self._num_traces
+
+  # ----------------------------------------------------------------------------- construction
+
+  @classmethod
+  def from_checkpoint(cls, path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
+                      dtype: str | None = None, rules=None, **kwargs) -> "Embedder":
+    """Loads a checkpoint (a training run's, a soup, an import) for inference.
+
+    Args:
+      path: a checkpoints directory (latest step), a step directory, or a workdir.
+      mesh: where to place the model; default a data-parallel mesh over all devices.
+      dtype: compute dtype override ("float32" / "bfloat16"); parameters stay float32.
+      rules: logical-axis rules; default `sharding.DEFAULT_RULES`.
+      **kwargs: the constructor's keyword arguments (max_length, batch_size, buckets, on_overflow).
+    """
+    from embed2.train import checkpoint as ckpt_lib  # only this entry point needs orbax
+
+    directory, step = ckpt_lib.resolve_checkpoint_path(path)
+    meta = ckpt_lib.Checkpointer(directory, read_only=True).read_meta(step)
+    if "model_config" not in meta:
+      raise ValueError(f"checkpoint {directory}/{step} has no model_config in its meta; it was not "
+                       "written by embed2's trainer, soup or import")
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    if dtype is not None:
+      cfg = cfg.replace(dtype=dtype)
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
+    # An abstract model (shapes and shardings, no values) that the restore fills in: nothing is
+    # initialised only to be overwritten, and no device holds more than its shard.
+    abstract = nnx.eval_shape(lambda: EmbeddingModel(cfg, rules=rules, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = sharding.param_shardings(abs_state, mesh, rules)
+    abs_state = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abs_state,
+        shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    model = nnx.merge(graphdef, abs_state)
+    ckpt_lib.load_model_params(model, os.fspath(directory / str(step)))
+    unfilled = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(
+        nnx.state(model)) if not isinstance(x, jax.Array)]
+    if unfilled:
+      raise ValueError(f"checkpoint {directory}/{step} did not provide {unfilled}")
+    tok_path = meta.get("tokenizer") or ""
+    tokenizer = Tokenizer.from_file(tok_path) if tok_path else Tokenizer.default()
+    logging.info("Embedder: loaded step %d from %s", step, directory)
+    return cls(model, tokenizer, task_strings=meta.get("task_strings") or {}, mesh=mesh, **kwargs)
+
+  # -------------------------------------------------------------------------------- tokenize
+
+  def _prefix(self, task: str | None, prefix: str | None, is_query: bool) -> str:
+    if task is not None and prefix is not None:
+      raise ValueError("give either task (a task name) or prefix (a literal string), not both")
+    if prefix is not None:
+      return prefix  # asked for explicitly: applied to queries and documents alike
+    if task is None or not is_query:
+      return ""  # task strings are prepended to queries only, as in training
+    if task not in self.task_strings:
+      raise ValueError(f"task={task!r} is not a task this model was trained with; known tasks: "
+                       f"{sorted(self.task_strings)} (or pass task=None for no task string)")
+    return self.task_strings[task]
+
+  def tokenize(self, inputs: Sequence[Any], *, task: str | None = None, is_query: bool = True,
+               prefix: str | None = None) -> list[np.ndarray]:
+    """Token ids of each input exactly as training builds them: int32 (n,), n <= max_length.
+
+    Raises:
+      TypeError / MissingFrontendError: an input of an unsupported type / modality.
+      ValueError: an unknown task, or an input too long under on_overflow="error".
+    """
+    if isinstance(inputs, (str, Text, Image, Audio, Video)) or not isinstance(inputs, Sequence):
+      raise TypeError(f"inputs must be a list of inputs, got {type(inputs).__name__}; wrap a single "
+                      "input in a list: embed([x])")
+    texts = [_as_text(x, f"inputs[{i}]") for i, x in enumerate(inputs)]
+    task_string = self._prefix(task, prefix, is_query)
+    prepend = pipeline.PrependTaskString(task_string=task_string, p_drop=0.0, key="text")
+    rng = np.random.default_rng(0)  # p_drop=0: the draw never drops the string
+    out, overflow = [], []
+    for i, text in enumerate(texts):
+      ex = self._tokenize.map(prepend.random_map({"text": text}, rng))
+      out.append(ex["tokens"])
+      if ex["truncated"]:
+        overflow.append(i)
+    if overflow:
+      msg = (f"{len(overflow)} of {len(texts)} inputs (indices {overflow[:5]}"
+             f"{' ...' if len(overflow) > 5 else ''}) are longer than max_length={self.max_length} "
+             "tokens")
+      if self.on_overflow == "error":
+        raise ValueError(msg + "; shorten them, raise max_length, or use on_overflow='truncate'")
+      warnings.warn(msg + "; they were truncated (on_overflow='error' refuses them instead)",
+                    stacklevel=3)
+    return out
+
+  # ----------------------------------------------------------------------------------- embed
+
+  def check_dim(self, dim: int | None) -> int:
+    if dim is None:
+      return self.embed_dim
+    if dim not in self.dims:
+      raise ValueError(f"dim={dim} is not a trained MRL dim of this model; choose one of {self.dims} "
+                       "(or cut any prefix yourself with embed2.inference.truncate)")
+    return int(dim)
+
+  def embed_tokens(self, tokens: Sequence[np.ndarray]) -> np.ndarray:
+    """Full-dim unit-norm embeddings of tokenized inputs: float32 (N, d), in input order."""
+    n = len(tokens)
+    out_nd = np.zeros((n, self.embed_dim), np.float32)
+    if n == 0:
+      return out_nd
+    lengths = np.asarray([len(t) for t in tokens])
+    if lengths.max() > self.max_length or lengths.min() < 1:
+      raise ValueError(f"token sequences must have 1..max_length={self.max_length} ids; got lengths "
+                       f"{lengths.min()}..{lengths.max()}")
+    order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: little padding
+    state = nnx.state(self.model)
+    b = self.batch_size
+    for start in range(0, n, b):
+      idx = order[start:start + b]
+      length = next(x for x in self.buckets if x >= lengths[idx].max())
+      tok_bl = np.zeros((b, length), np.int32)
+      seg_bl = np.zeros((b, length), np.int32)
+      pos_bl = np.zeros((b, length), np.int32)
+      for row, i in enumerate(idx):
+        m = lengths[i]
+        tok_bl[row, :m] = tokens[i]
+        seg_bl[row, :m] = 1
+        pos_bl[row, :m] = np.arange(m)
+      out_nd[idx] = self._run(state, tok_bl, seg_bl, pos_bl)[:len(idx)]
+    return out_nd
+
+  def _run(self, state, tok_bl, seg_bl, pos_bl) -> np.ndarray:
+    if self.mesh is None:
+      return np.asarray(self._forward(state, tok_bl, seg_bl, pos_bl))
+    # make_array_from_callback works on any mesh, multi-process included (every process holds the
+    # same host batch here); the output is replicated, so every process can read it whole.
+    put = lambda x: jax.make_array_from_callback(x.shape, self._in_sharding, lambda i: x[i])
+    with jax.set_mesh(self.mesh):
+      out = self._forward(state, put(tok_bl), put(seg_bl), put(pos_bl))
+    return np.asarray(out)
+
+  def embed(self, inputs: Sequence[Any], *, dim: int | None = None, task: str | None = None,
+            is_query: bool = True, prefix: str | None = None) -> np.ndarray:
+    """Embeds inputs: float32 (N, dim), each row L2-normalised at `dim`.
+
+    Args:
+      inputs: a list of str / Text / Image / Audio / Video, or lists of items (one interleaved
+        input each). An empty list gives a (0, dim) array.
+      dim: an MRL dim the model was trained at (see `dims`); None = the full embedding.
+      task: a task name of `task_strings`; its task string is prepended to each query, as in
+        training. None = no task string.
+      is_query: False for documents / targets: `task` is ignored (training adds no task string to
+        them).
+      prefix: a literal string prepended to every input (queries or documents), instead of a named
+        task's string; e.g. an MTEB prompt.
+
+    Raises:
+      TypeError: inputs is not a list, or holds an unsupported type.
+      MissingFrontendError: an image / audio / video item (no frontend yet).
+      ValueError: an untrained dim, an unknown task, or (on_overflow="error") a too-long input.
+    """
+    dim = self.check_dim(dim)
+    tokens = self.tokenize(inputs, task=task, is_query=is_query, prefix=prefix)
+    e_nd = self.embed_tokens(tokens)
+    return e_nd if dim == self.embed_dim else truncate(e_nd, dim)
+

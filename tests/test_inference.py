@@ -1,0 +1,200 @@
+"""Embedder: equals the training encoder, MRL renormalises, buckets compile once, bad input is refused."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from embed2 import inference
+from embed2.data import packing, pipeline
+from embed2.data.tokenizer import Tokenizer
+from embed2.inference import Audio, Embedder, Image, MissingFrontendError, Text, Video
+from embed2.model import EmbeddingModel, ModelConfig
+from embed2.train.checkpoint import Checkpointer
+
+RNG = np.random.default_rng()
+TASK = "search"
+TASK_STRING = "task: search result | query: "
+WORDS = ("tar archive gzip file read write socket server client thread lock queue parse json "
+         "decode encode path directory copy remove stream buffer bytes string format date time").split()
+
+
+def sentence(n_words, rng=RNG):
+  return " ".join(rng.choice(WORDS, n_words))
+
+
+def random_model(seed):
+  """The tiny preset on the shipped tokenizer's vocab, every parameter random (norm scales too).
+
+  Built abstractly and filled from numpy: an eager nnx init compiles op by op (seconds).
+  """
+  cfg = ModelConfig.from_name("tiny", vocab_size=8192)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: EmbeddingModel(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  return nnx.merge(graphdef, jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape).astype(x.dtype)), state))
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+  model = random_model(int(RNG.integers(1 << 30)))
+  d = tmp_path_factory.mktemp("ckpt")
+  ck = Checkpointer(d)
+  ck.save(3, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True,
+          meta={"model_config": model.cfg.to_dict(), "tokenizer": "",
+                "task_strings": {TASK: TASK_STRING, "empty": ""}})
+  ck.wait()
+  return d
+
+
+@pytest.fixture(scope="module")
+def embedder(ckpt_dir):
+  return Embedder.from_checkpoint(ckpt_dir, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def local_embedder():
+  """Single device, small buckets: for counting compilations."""
+  return Embedder(random_model(int(RNG.integers(1 << 30))), Tokenizer.default(),
+                  task_strings={TASK: TASK_STRING}, batch_size=4, buckets=(16, 32, 64),
+                  max_length=64)
+
+
+def test_from_checkpoint_equals_training_encoder(embedder):
+  """Both sides of a packed training batch (task string on queries) == Embedder.embed."""
+  # Queries of <= 15 tokens (task string included): two fit in every 32-token row.
+  examples = [{"query": sentence(int(RNG.integers(1, 6))),
+               "positive": sentence(int(RNG.integers(3, 30))),  # <= 60 tokens: untruncated
+               "negatives": [], "query_id": i, "positive_id": 1000 + i} for i in range(16)]
+  spec = pipeline.BatchSpec(batch_size=8, query_len=32, positive_len=64, segments=4,
+                            query_rows=4, positive_rows=6)
+  task = pipeline.TaskSpec(name=TASK, examples=examples, task_string=TASK_STRING, p_drop=0.0,
+                           batch=spec)
+  it = pipeline.build_ft_iterator([task], tokenizer=embedder.tokenizer, num_groups=1, seed=0)
+  batch = packing.model_inputs(next(it))
+  assert batch["query_segment_ids"].max() > 1, "the batch should pack several queries per row"
+  # The train step's path (model(batch, num_groups, prefix)), jitted as the train step is.
+  train_embed = nnx.jit(lambda m, b, prefix: m(b, 1, prefix=prefix), static_argnames="prefix")
+  q_bd = np.asarray(train_embed(embedder.model, batch, prefix="query_"))
+  p_bd = np.asarray(train_embed(embedder.model, batch, prefix="positive_"))
+  valid = np.asarray(batch["example_valid"])
+  ids = np.asarray(batch["query_ids"])[valid]
+  assert len(ids) >= 4
+  want_q = embedder.embed([examples[i]["query"] for i in ids], task=TASK)
+  want_p = embedder.embed([examples[i]["positive"] for i in ids], is_query=False)
+  np.testing.assert_allclose(q_bd[valid], want_q, atol=2e-5)
+  np.testing.assert_allclose(p_bd[valid], want_p, atol=2e-5)
+  # The task string matters: without it the queries embed differently.
+  plain = embedder.embed([examples[i]["query"] for i in ids])
+  assert np.abs(plain - want_q).max() > 1e-3
+
+
+def test_tokens_match_training_tokenizer(embedder):
+  text = sentence(5)
+  toks = embedder.tokenize([text], task=TASK)[0]
+  want = [2] + embedder.tokenizer.encode(TASK_STRING + text) + [1]
+  np.testing.assert_array_equal(toks, want)
+  np.testing.assert_array_equal(embedder.tokenize([text], task=TASK, is_query=False)[0],
+                                [2] + embedder.tokenizer.encode(text) + [1])
+
+
+def test_mrl_truncation_renormalises(embedder):
+  texts = [sentence(int(n)) for n in RNG.integers(1, 20, 11)]
+  full = embedder.embed(texts)
+  assert full.dtype == np.float32 and full.shape == (11, embedder.embed_dim)
+  np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-5)
+  for dim in embedder.config.resolved_mrl_dims:
+    e = embedder.embed(texts, dim=dim)
+    assert e.shape == (11, dim)
+    ref = full[:, :dim].astype(np.float64)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(e, ref, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+
+
+def test_buckets_compile_once_and_order_is_kept(local_embedder):
+  e = local_embedder
+  short = [sentence(int(n)) for n in RNG.integers(1, 4, 6)]  # <= 16 tokens
+  before = e.num_compilations
+  a = e.embed(short)
+  assert e.num_compilations == before + 1
+  e.embed([sentence(2) for _ in range(9)])  # same bucket, several batches
+  assert e.num_compilations == before + 1
+  long = sentence(20)
+  while len(e.tokenize([long])[0]) <= 40:  # > 32 tokens: the 64 bucket
+    long += " " + sentence(1)
+  assert 32 < len(e.tokenize([long])[0]) <= 64
+  mixed = e.embed([short[0], long, short[1]])
+  assert e.num_compilations == before + 2
+  e.embed([long, short[2]])
+  assert e.num_compilations == before + 2
+  if hasattr(e._forward, "_cache_size"):  # jax's own count of compiled executables agrees
+    assert e._forward._cache_size() == e.num_compilations
+  # Sorting by length is undone, and padding to a longer bucket does not change a vector.
+  np.testing.assert_allclose(mixed[[0, 2]], a[:2], atol=1e-5)
+  np.testing.assert_allclose(mixed[1], e.embed([long])[0], atol=1e-5)
+
+
+def test_bad_inputs(local_embedder):
+  e = local_embedder
+  assert e.embed([]).shape == (0, e.embed_dim)
+  assert e.embed([], dim=16).shape == (0, 16)
+  for bad in ([b"bytes"], [3], [{"text": "x"}], [None]):
+    with pytest.raises(TypeError, match="unsupported type"):
+      e.embed(bad)
+  with pytest.raises(TypeError, match="wrap a single input"):
+    e.embed("a lone string")
+  for item, name in ((Image(pixels=np.zeros((4, 4, 3), np.uint8)), "image"),
+                     (Audio(samples=np.zeros(10), sample_rate=16000), "audio"),
+                     (Video(path="clip.mp4"), "video")):
+    with pytest.raises(MissingFrontendError, match=f"no {name} frontend"):
+      e.embed([item])
+    with pytest.raises(MissingFrontendError, match=f"no {name} frontend"):
+      e.embed([[Text(text="caption"), item]])
+  with pytest.raises(ValueError, match=r"dim=17 is not a trained MRL dim.*\(16, 32, 64\)"):
+    e.embed(["x"], dim=17)
+  with pytest.raises(ValueError, match="not a task this model was trained with"):
+    e.embed(["x"], task="nope")
+  with pytest.raises(ValueError, match="empty interleaved"):
+    e.embed([[]])
+  # Too long: truncated (bos and eos kept) with a warning, or refused.
+  long = sentence(80)
+  with pytest.warns(UserWarning, match="longer than max_length=64"):
+    got = e.embed(["ok", long])
+  ids = e.tokenizer.encode(long)
+  want = e.embed_tokens([np.asarray([2] + ids[:62] + [1], np.int32)])
+  np.testing.assert_allclose(got[1], want[0], atol=1e-6)
+  strict = Embedder(e.model, e.tokenizer, max_length=64, buckets=(64,), on_overflow="error")
+  with pytest.raises(ValueError, match=r"indices \[1\]"):
+    strict.embed(["ok", long])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert np.isfinite(e.embed(["still works"])).all()  # nothing above broke the embedder
+
+
+def test_interleaved_text_items_and_prefix(local_embedder):
+  e = local_embedder
+  np.testing.assert_allclose(e.embed([[Text(text="read a "), "tar file"]]),
+                             e.embed(["read a tar file"]), atol=1e-6)
+  np.testing.assert_allclose(e.embed(["x y"], task=TASK), e.embed(["x y"], prefix=TASK_STRING),
+                             atol=1e-6)
+  # Documents never get a task string; an explicit prefix applies to them too.
+  np.testing.assert_allclose(e.embed(["x y"], task=TASK, is_query=False), e.embed(["x y"]),
+                             atol=1e-6)
+  np.testing.assert_allclose(e.embed(["x y"], prefix="p: ", is_query=False), e.embed(["p: x y"]),
+                             atol=1e-6)
+
+
+def test_search_sharded_and_local(embedder):
+  q = embedder.embed([sentence(3) for _ in range(5)], dim=32)
+  c = embedder.embed([sentence(6) for _ in range(37)], dim=32, is_query=False)
+  ref = np.argsort(-(q.astype(np.float64) @ c.T.astype(np.float64)), axis=1, kind="stable")[:, :7]
+  for mesh in (None, embedder.mesh):
+    s, i = inference.search(q, c, 7, mesh=mesh, chunk=8)
+    np.testing.assert_array_equal(i, ref)
+    np.testing.assert_allclose(s, np.take_along_axis(q @ c.T, ref, axis=1), atol=1e-5)
+  with pytest.raises(ValueError, match="same d"):
+    inference.search(q, c[:, :16], 3)
