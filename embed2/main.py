@@ -47,20 +47,20 @@ def resolve_tasks(config) -> dict[str, trainer.TaskData]:
 
 
 def make_eval_fn(config, workdir):
-  """eval_fn(model, step, stage) for the trainer: the config's suite, results also in DIR/eval/."""
+  """eval_fn(model, step, stage) for the trainer: the config's suite (compiled once, reading the live
+  weights at every call); results also in DIR/eval/step_STEP_STAGE.json."""
   suite = config.get("eval_suite")
   if not suite:
     return None
   from embed2.eval import suites  # pylint: disable=g-import-not-at-top
-  from embed2.inference import Embedder  # pylint: disable=g-import-not-at-top
   from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
 
   tokenizer = Tokenizer.from_file(config.tokenizer) if config.get("tokenizer") else Tokenizer.default()
-  task_strings = {n: t.get("task_string", "") for n, t in config.tasks.items()}
+  evaluator = suites.SuiteEvaluator(suite, tokenizer=tokenizer,
+                                    task_strings={n: t.get("task_string", "") for n, t in config.tasks.items()})
 
   def eval_fn(model, step, stage):
-    embedder = Embedder(model, tokenizer, task_strings=task_strings)
-    results = suites.evaluate_suite(embedder, suite)
+    results = evaluator(model, step, stage)
     if jax.process_index() == 0:
       out = epath.Path(workdir) / "eval"
       out.mkdir(parents=True, exist_ok=True)
@@ -68,6 +68,11 @@ def make_eval_fn(config, workdir):
     return results
 
   return eval_fn
+
+
+def unprefixed(results: dict[str, float]) -> dict[str, float]:
+  """"eval/SUITE/task/metric/dim_d" -> "task/metric/dim_d"."""
+  return {k.split("/", 2)[2] if k.startswith("eval/") else k: v for k, v in results.items()}
 
 
 def variant_config(config, variant, workdir):
@@ -118,7 +123,7 @@ def run_soup(config, workdir, data, eval_fn) -> dict[str, Any]:
     for name, path in list(ingredients.items()) + [("soup", out)]:
       model = EmbeddingModel(ModelConfig.from_dict(config.model.to_dict()), rngs=nnx.Rngs(0))
       ckpt_lib.load_model_params(model, str(path))
-      results[name] = eval_fn(model, 0, f"soup_{name}")
+      results[name] = unprefixed(eval_fn(model, 0, f"soup_{name}"))
     if jax.process_index() == 0:
       (workdir / "eval" / "soup.json").write_text(json.dumps(results, indent=1, sort_keys=True))
       print(soup_table(results))
@@ -154,7 +159,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     summary["eval"] = final
     if jax.process_index() == 0:
       (epath.Path(workdir) / "eval" / "final.json").write_text(json.dumps(final, indent=1, sort_keys=True))
-      print(format_table(final))
+      print(format_table(unprefixed(final)))
   if config.get("soup") and config.soup.get("variants"):
     summary["soup"] = run_soup(config, workdir, data, eval_fn)
   return summary

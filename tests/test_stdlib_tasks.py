@@ -90,7 +90,7 @@ def test_deterministic_and_copies(mined):
 
 
 def test_task_dict_and_errors():
-  assert set(tasks.TASKS) == {"stdlib_code_search", "stdlib_doc_retrieval", "stdlib_module_cls"}
+  assert {"stdlib_code_search", "stdlib_doc_retrieval", "stdlib_module_cls"} <= set(tasks.TASKS)
   assert tasks.build_task("stdlib_doc_retrieval", "eval") == \
       stdlib_tasks.load_task("doc_retrieval", "eval")
   with pytest.raises(ValueError, match="stdlib_code_search"):

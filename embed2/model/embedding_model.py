@@ -107,3 +107,40 @@ class EmbeddingModel(nnx.Module):
                               side[prefix + "positions"], side.get(prefix + "soft_tokens"),
                               side.get(prefix + "soft_mask"))
     return gather_slots(pooled, side[prefix + "slot"], num_groups)
+
+  def embed_sides(self, batch: dict, num_groups: int, sides) -> dict[str, jax.Array]:
+    """Embeds several sides of a packed batch ({side}_tokens ... {side}_slot), as `__call__` per side.
+
+    Sides whose rows have the same length share ONE transformer pass: their rows are joined within
+    each pack group (so a device's rows stay on that device) and split again after pooling. One pass
+    instead of three makes the train step's program smaller (faster to compile) and its matmuls larger.
+
+    Returns:
+      {side: unit-norm float32 (B, d) or (B, K, d)}.
+    """
+    by_len: dict[int, list[str]] = {}
+    for s in sides:
+      by_len.setdefault(batch[f"{s}_tokens"].shape[1], []).append(s)
+    out = {}
+    g = num_groups
+    for names in by_len.values():
+      if len(names) == 1:
+        out[names[0]] = self(batch, g, prefix=f"{names[0]}_")
+        continue
+      rows = [batch[f"{s}_tokens"].shape[0] // g for s in names]
+
+      def joined(key):
+        parts = [batch[f"{s}_{key}"] for s in names]
+        parts = [p.reshape((g, -1) + p.shape[1:]) for p in parts]
+        cat = jnp.concatenate(parts, axis=1)
+        return cat.reshape((-1,) + cat.shape[2:])
+
+      pooled = self.encode_rows(joined("tokens"), joined("segment_ids"), joined("positions"))
+      pooled = pooled.reshape((g, -1) + pooled.shape[1:])  # (G, sum R_g, S, d)
+      start = 0
+      for s, r in zip(names, rows):
+        part = pooled[:, start:start + r].reshape((g * r,) + pooled.shape[2:])
+        out[s] = gather_slots(part, batch[f"{s}_slot"], g)
+        start += r
+    return out
+

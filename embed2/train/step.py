@@ -41,18 +41,10 @@ class Trainee(nnx.Module):
                           for k, v in loss_params.items()})
 
 
-def embed_side(model: EmbeddingModel, batch: dict[str, jax.Array], side: str, num_groups: int):
-  """(B, d) embeddings of one side of a packed batch ((B, K, d) for negatives), or None if absent."""
-  if f"{side}_tokens" not in batch:
-    return None
-  return model(batch, num_groups, prefix=f"{side}_")
-
-
 def batch_loss(trainee: Trainee, batch: dict[str, jax.Array], *, loss_fn: Callable, num_groups: int):
   """Contrastive loss of one packed batch; `loss_fn` is `losses.sharded_contrastive_loss(...)`."""
-  q = embed_side(trainee.model, batch, "query", num_groups)
-  p = embed_side(trainee.model, batch, "positive", num_groups)
-  neg = embed_side(trainee.model, batch, "negative", num_groups)
+  e = trainee.model.embed_sides(batch, num_groups, [s for s in SIDES if f"{s}_tokens" in batch])
+  q, p, neg = e["query"], e["positive"], e.get("negative")
   params = {k: v[...] for k, v in trainee.loss.items()}
   loss, aux = loss_fn(q, p, neg_bkd=neg, neg_valid_bk=batch.get("negative_valid") if neg is not None else None,
                       q_ids_b=batch.get("query_ids"), p_ids_b=batch.get("positive_ids"),

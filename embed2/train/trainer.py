@@ -246,7 +246,7 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
     workdir: where checkpoints, metrics.jsonl and TensorBoard events go.
     data: task name -> TaskData for every task the stages use.
     eval_fn: called as eval_fn(model, global_step, stage_name) every `config.eval_every` steps and at the
-      end of each stage; returns scalars to log.
+      end of each stage; returns scalars to log (named as they should appear, e.g. "eval/demo/...").
     batch_hook: test hook, called as batch_hook(global_step, host_batch) -> host_batch.
   """
   workdir = epath.Path(workdir)
@@ -388,7 +388,7 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
         if eval_fn is not None and (stage_done or (config.get("eval_every") and
                                                    global_step % int(config.eval_every) == 0)):
           last_eval = eval_fn(trainee.model, global_step, stage.name)
-          writer.write(global_step, {f"eval/{k}": v for k, v in last_eval.items()})
+          writer.write(global_step, dict(last_eval))
         if jax.process_count() > 1:  # every process must agree to stop at the same step
           preemption.requested = distributed.any_process(preemption.requested)
         if preemption.requested or stage_done or global_step % int(config.checkpoint.every) == 0:
