@@ -177,7 +177,7 @@ def test_sampler_frequencies_match_rates_across_resume(data):
   tasks = [it.task_at(s) for s in range(n)]
   # Realised frequency of "pairs" (rate 0.6): within 4 standard errors.
   p = 0.6
-  freq = np.mean(np.array(tasks) == 0)
+  freq = np.mean(np.array(tasks) == list(it.task_names).index("pairs"))
   assert abs(freq - p) < 4 * np.sqrt(p * (1 - p) / n), freq
   # Across a resume the same sequence continues (state restored into a new iterator).
   for _ in range(7):
@@ -202,6 +202,7 @@ def test_sampler_frequencies_match_rates_across_resume(data):
     (lambda c: c.tasks.pairs.update(batch_size=6), "batch_size=6 is not divisible by the 8 data shards"),
     (lambda c: c.tasks.labels.update(source="synthetic_empty"), "task 'labels' has zero training examples"),
     (lambda c: c.stages[0].update(mode="mixed"), "choose 'pft'"),
+    (lambda c: c.tasks.labels.update(segments=2), "segments=2 differs from config.model.max_segments=4"),
 ])
 def test_bad_config_is_refused_before_training(tmp_path, mutate, match):
   c = trainer.normalize(config("pft_steps=1,ft_steps=1"))

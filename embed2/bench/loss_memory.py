@@ -20,10 +20,11 @@ quadratically (single device) or as B_local * B (sharded). Writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Any, Sequence
+
+from embed2.bench import common
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -134,14 +135,7 @@ def _print_row(row: dict[str, Any], first: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = _parse(argv)
-  result = run(args)
-  out_dir = os.path.dirname(args.out)
-  if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {args.out}")
-  return result
+  return common.write_json(args.out, run(args))
 
 
 if __name__ == "__main__":

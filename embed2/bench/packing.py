@@ -24,7 +24,6 @@ of this process), and steps/s. Writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -32,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from embed2.bench import common
 from embed2.data import packing
 from embed2.data import pipeline
 from embed2.data.packing import GroupShape, SideShape
@@ -73,26 +73,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def _lognormal(rng, n, median, sigma, max_len, min_len=3):
-  x = np.exp(np.log(median) + sigma * rng.standard_normal(n))
-  return np.clip(np.round(x), min_len, max_len).astype(int)
-
-
 def _token_tuples(rng, n, args) -> list[dict[str, Any]]:
-  ql = _lognormal(rng, n, 18, 0.6, args.query_len)
-  pl = _lognormal(rng, n, 140, 0.8, args.positive_len)
-  nl = _lognormal(rng, n * args.num_negatives, 140, 0.8,
-                  args.negative_len).reshape(n, args.num_negatives)
-  return [{"query_tokens": np.full(ql[i], 7, np.int32),
-           "positive_tokens": np.full(pl[i], 7, np.int32),
-           "negative_tokens": [np.full(m, 7, np.int32) for m in nl[i]],
-           "query_id": i, "positive_id": i} for i in range(n)]
+  # Queries median 18 tokens, passages and negatives median 140 (common.token_tuples' defaults).
+  return common.token_tuples(rng, n, query_len=args.query_len, positive_len=args.positive_len,
+                             negative_len=args.negative_len, num_negatives=args.num_negatives)
 
 
 def _text_tuples(rng, n, args) -> list[dict[str, Any]]:
   def text(median):
     # ~1.3 tokens per word for this vocabulary; lengths in words.
-    k = int(_lognormal(rng, 1, median / 1.3, 0.8, 4 * args.positive_len)[0])
+    k = int(common.lognormal_lengths(rng, 1, median / 1.3, 0.8, 4 * args.positive_len)[0])
     return " ".join(rng.choice(_WORDS, k))
 
   return [{"query": text(16), "positive": text(140),
@@ -231,29 +221,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   return out
 
 
+_COLUMNS = (("part", "part"), ("variant", "variant"), ("nonpad_fraction", "nonpad"),
+            ("query_nonpad_fraction", "q"), ("positive_nonpad_fraction", "p"),
+            ("negative_nonpad_fraction", "n"), ("example_fill", "fill"),
+            ("row_tokens_per_step", "row_tok/step"), ("useful_tokens_per_s", "useful_tok/s"),
+            ("steps_per_s", "steps/s"))
+
+
 def _table(results: dict[str, Any]) -> str:
-  cols = ("nonpad_fraction", "query_nonpad_fraction", "positive_nonpad_fraction",
-          "negative_nonpad_fraction", "example_fill", "row_tokens_per_step",
-          "useful_tokens_per_s", "steps_per_s")
-  short = ("nonpad", "q", "p", "n", "fill", "row_tok/step", "useful_tok/s",
-           "steps/s")
-  lines = [f"{'part':10s}{'variant':8s}" + "".join(f"{c:>14s}" for c in short)]
-  for part in ("packing", "pipeline"):
-    for variant, r in results[part].items():
-      cells = "".join(f"{str(r.get(c, '-')):>14s}" for c in cols)
-      lines.append(f"{part:10s}{variant:8s}{cells}")
-  return "\n".join(lines)
+  rows = [dict(r, part=part, variant=variant) for part in ("packing", "pipeline")
+          for variant, r in results[part].items()]
+  return common.format_table(rows, _COLUMNS)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = _parse(argv)
   results = run(args)
   print(_table(results))
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {args.out}")
-  return results
+  return common.write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -158,8 +158,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gemma3-270m": dict(vocab_size=262_144, model_dim=640, num_layers=18, num_heads=4, num_kv_heads=1,
                         head_dim=256, mlp_dim=2048, sliding_window=512, global_every=6,
                         max_length=32_768, rope_global_base=1_000_000.0),
+    # Its config says sliding_window=512, but with use_bidirectional_attention transformers lets token i
+    # see j when |i - j| <= 512 // 2, i.e. |i - j| < 257 in our convention.
     "embeddinggemma-300m": dict(vocab_size=262_144, model_dim=768, num_layers=24, num_heads=3,
-                                num_kv_heads=1, head_dim=256, mlp_dim=1152, sliding_window=512,
+                                num_kv_heads=1, head_dim=256, mlp_dim=1152, sliding_window=257,
                                 global_every=6, max_length=2048, head_dims=(3072, 768),
                                 mrl_dims=(128, 256, 512, 768)),
     "gemma3-1b": dict(vocab_size=262_144, model_dim=1152, num_layers=26, num_heads=4, num_kv_heads=1,

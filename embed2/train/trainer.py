@@ -121,8 +121,13 @@ def validate(config, data: Mapping[str, TaskData], num_groups: int) -> None:
       raise ValueError(f"{where}.tasks rates are all zero; give at least one task a rate > 0")
     specs = ([(f"{where}.batch", stage.batch)] if stage.mode == "pft" else
              [(f"config.tasks.{n}", config.tasks[n]) for n, r in rates.items() if r > 0])
+    max_segments = ModelConfig.from_dict(config.model.to_dict()).max_segments
     for w, d in specs:
       spec = batch_spec(d, w)
+      if spec.segments != max_segments:
+        raise ValueError(f"{w}.segments={spec.segments} differs from config.model.max_segments="
+                         f"{max_segments}; the model pools max_segments slots per row, so set both to the "
+                         "same number")
       if spec.batch_size % num_groups:
         raise ValueError(f"{w}.batch_size={spec.batch_size} is not divisible by the {num_groups} data shards "
                          f"(mesh data x fsdp); use a multiple of {num_groups}")
@@ -264,7 +269,9 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
                      f"{model_cfg.vocab_size}; raise vocab_size to at least {tokenizer.vocab_size}")
 
   latest, meta = None, None
-  if (workdir / "checkpoints").exists():
+  # Decided together: a process must not see a directory that another has just created (the managers
+  # below synchronise all processes, so they must all take the same branch).
+  if distributed.any_process((workdir / "checkpoints").exists()):
     reader = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
     latest = reader.latest_step()
     if latest is not None:
@@ -286,10 +293,11 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
   trainee = build_trainee(config, mesh, rules)
   if meta is not None:
     ckpt_lib.load_model_params(trainee.model, str(workdir / "checkpoints" / str(latest)))
+    set_loss_params(trainee, meta)
     logging.info("resuming from step %d (stage %d, step %d of it)", latest, meta["stage_index"],
                  meta["stage_step"])
   elif config.get("init_from"):
-    ckpt_lib.load_model_params(trainee.model, config.init_from)
+    set_loss_params(trainee, ckpt_lib.load_model_params(trainee.model, config.init_from))
     logging.info("initialised from %s", config.init_from)
 
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
@@ -428,11 +436,26 @@ def _set_train_tree(trainee, optimizer, tree) -> None:
   nnx.update(trainee.loss, loss_state)
 
 
-def model_meta(config, step: int) -> dict[str, Any]:
-  """What a parameters-only checkpoint needs to be loaded on its own (by Embedder, soups, init_from)."""
-  return {"step": step, "model_config": ModelConfig.from_dict(config.model.to_dict()).to_dict(),
+def model_meta(config, step: int, trainee=None) -> dict[str, Any]:
+  """What a parameters-only checkpoint needs to be loaded on its own (by Embedder, soups, init_from).
+
+  The loss's learnable scalars (temperature, sigmoid bias) ride along as exact float32 values in JSON,
+  so that they carry over into the next stage, a resumed run or a fine-tuning variant.
+  """
+  meta = {"step": step, "model_config": ModelConfig.from_dict(config.model.to_dict()).to_dict(),
           "tokenizer": config.get("tokenizer") or "",
           "task_strings": {n: t.get("task_string", "") for n, t in config.tasks.items()}}
+  if trainee is not None:
+    meta["loss_params"] = {k: float(jax.device_get(v[...])) for k, v in trainee.loss.items()}
+  return meta
+
+
+def set_loss_params(trainee, meta: dict[str, Any]) -> None:
+  """Loss scalars from a checkpoint's meta, where it has them under the same names."""
+  saved = meta.get("loss_params") or {}
+  for k, v in trainee.loss.items():
+    if k in saved:
+      v[...] = jax.device_put(np.float32(saved[k]), v[...].sharding)
 
 
 def stage_export_path(workdir, stage_name: str) -> epath.Path:
@@ -443,7 +466,7 @@ def export_stage(workdir, config, trainee, stage_name: str, step: int) -> None:
   """Keeps each stage's final parameters in WORKDIR/stages/NAME (outside the retention policy), so a
   later stage, a fine-tuning variant or a soup can start from them."""
   ck = ckpt_lib.Checkpointer(stage_export_path(workdir, stage_name), keep=1, async_save=False)
-  ck.save(step, params=model_params(trainee), meta=model_meta(config, step), force=True)
+  ck.save(step, params=model_params(trainee), meta=model_meta(config, step, trainee), force=True)
   ck.close()
 
 
@@ -452,7 +475,7 @@ def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step,
   # Each process holds its own pack groups' iterator state; merged, it restores on any process layout.
   states = distributed.allgather_json(it.get_state())
   data_state = states[0] if len(states) == 1 else pipeline.merge_states(states)
-  meta = model_meta(config, global_step)
+  meta = model_meta(config, global_step, trainee)
   meta.update({
       "stage_index": stage_index, "stage_step": stage_step,
       "stage_name": config.stages[stage_index].name, "data_state": data_state,

@@ -1,0 +1,82 @@
+"""Fine-tune EmbeddingGemma-300M in the paper's two stages: PFT (large mixed batches), then FT (one task a
+batch, per-task batch sizes), then a soup of the FT run and a second-seed variant.
+
+  python -m embed2.convert --hf_dir=/ckpt/hf/embeddinggemma-300m --out=/ckpt/embeddinggemma-300m
+  python -m embed2.main --config=configs/ft_embeddinggemma_300m.py:ckpt=/ckpt/embeddinggemma-300m \
+      --workdir=/tmp/eg300m
+  python -m embed2.main --config=configs/ft_embeddinggemma_300m.py:ckpt=DIR,pft_steps=20,ft_steps=20,batch=32 \
+      --workdir=/tmp/eg300m_quick
+
+`ckpt` is the directory `embed2.convert` wrote from the Hugging Face sentence-transformers folder: the
+backbone, the 768 -> 3072 -> 768 dense head and Gemma's tokenizer.model. EmbeddingGemma is already an
+encoder, so this run starts from it with small learning rates and a short PFT.
+
+Tasks are the offline stdlib suite (data_pipelines/stdlib_tasks.py) until real datasets are plugged in
+(a TFDS builder or manifest per task, named in `source`). Task strings follow EmbeddingGemma's prompts
+("task: ... | query: "); embed2 prepends them to queries only, while EmbeddingGemma's own document
+prompt is "title: none | text: ".
+"""
+
+from ml_collections import config_dict
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  k = common.parse_arg(arg, ckpt="/ckpt/embeddinggemma-300m", pft_steps=500, ft_steps=1000, batch=128,
+                       lr=2e-5, seed=0, max_length=512, data=-1, fsdp=1, tensor=1, dtype="bfloat16",
+                       remat="dots")
+  c = config_dict.ConfigDict()
+  c.seed = k.seed
+  # sliding_window=257: transformers' bidirectional window for the checkpoint's 512 (|i - j| <= 256);
+  # see embed2.convert. The checkpoint's architecture must match this one for init_from to load it.
+  c.model = common.model("embeddinggemma-300m", sliding_window=257, max_length=k.max_length,
+                         max_segments=8, dtype=k.dtype, remat=k.remat)
+  c.mesh = common.mesh(k.data, k.fsdp, k.tensor)
+  c.sharding_rules = common.sharding_rules()
+  c.init_from = k.ckpt
+  c.tokenizer = f"{k.ckpt}/tokenizer.model"
+  c.loss = dict(kind="softmax", temperature=0.05, learnable_temperature=True, symmetric=False,
+                blockwise=True, block_size=1024)
+
+  b = k.batch
+  c.tasks = config_dict.ConfigDict()
+  c.tasks.code_search = dict(source="stdlib_code_search", task_string="task: code retrieval | query: ",
+                             p_drop=0.1, batch_size=b, query_len=64, positive_len=256, negative_len=256,
+                             num_negatives=1, segments=8)
+  c.tasks.doc_retrieval = dict(source="stdlib_doc_retrieval", task_string="task: search result | query: ",
+                               p_drop=0.1, batch_size=2 * b, query_len=48, positive_len=192, segments=8)
+  c.tasks.module_cls = dict(source="stdlib_module_cls", task_string="task: classification | query: ",
+                            p_drop=0.1, batch_size=b // 2, query_len=96, positive_len=16, segments=8)
+
+  # Stage 1, PFT: every batch mixes the tasks at fixed rates, large batches (more in-batch negatives).
+  pft = config_dict.ConfigDict()
+  pft.name, pft.mode, pft.steps = "pft", "pft", k.pft_steps
+  pft.tasks = dict(code_search=0.4, doc_retrieval=0.4, module_cls=0.2)
+  pft.batch = dict(batch_size=4 * b, query_len=96, positive_len=256, segments=8)
+  pft.optim = dict(learning_rate=k.lr, warmup_steps=max(k.pft_steps // 10, 1), decay="cosine",
+                   final_lr_ratio=0.5, weight_decay=0.01)
+  pft.freeze = ()
+  # Stage 2, FT: each batch from one task (sampled by hand-set rates), at that task's own batch size.
+  ft = config_dict.ConfigDict()
+  ft.name, ft.mode, ft.steps = "ft", "ft", k.ft_steps
+  ft.tasks = dict(code_search=0.5, doc_retrieval=0.3, module_cls=0.2)
+  ft.optim = dict(learning_rate=k.lr / 2, warmup_steps=max(k.ft_steps // 20, 1), decay="cosine",
+                  final_lr_ratio=0.1, weight_decay=0.01)
+  ft.freeze = ()
+  c.stages = [pft, ft]
+
+  c.checkpoint = dict(every=250, keep=3, async_save=True)
+  c.log_every = 10
+  c.eval_every = 250
+  c.eval_suite = "demo"
+  c.max_consecutive_skips = 5
+  c.data_groups = 0
+  c.soup = dict(method="uniform", variants=[dict(name="seed1", seed=k.seed + 1)])
+  return c
+
+
+def sweep(arg: str | None = None) -> list[dict]:
+  """FT learning rate x seed."""
+  del arg
+  return [{"seed": s, "stages[1].optim.learning_rate": lr} for s in (0, 1) for lr in (5e-6, 1e-5, 2e-5)]

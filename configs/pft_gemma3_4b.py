@@ -1,0 +1,81 @@
+"""Turn multimodal Gemma 3 4B into an embedding model: PFT (large mixed batches), then FT (one task a
+batch, per-task batch sizes), then a soup of the FT run and a second-seed variant, as in the paper.
+
+  python -m embed2.convert --hf_dir=/ckpt/hf/gemma-3-4b-pt --out=/ckpt/gemma3-4b --dtype=bfloat16
+  python -m embed2.main --config=configs/pft_gemma3_4b.py:ckpt=/ckpt/gemma3-4b --workdir=/tmp/g4b
+  python -m embed2.main --config=configs/pft_gemma3_4b.py:ckpt=DIR,fsdp=-1,data=1 --workdir=/tmp/g4b
+
+`ckpt` is the directory `embed2.convert` wrote from Gemma3ForConditionalGeneration: the language model
+(CKPT/0, loaded by `init_from`), the SigLIP tower and projector (CKPT/vision, `config.vision`), and
+Gemma's tokenizer.model. Parameters are sharded over `fsdp` (all devices by default; the 4B model and
+its AdamW state do not fit one device's memory replicated).
+
+`config.vision` describes the vision frontend (embed2.model.vision.VisionEncoder: So400m/14 at 896 px,
+256 soft tokens per image) and where its converted weights are; the trainer consumes it once image
+tasks are wired in (issue 7). Until then the tasks are the offline text/code suite
+(data_pipelines/stdlib_tasks.py); image tasks join the same stage schedule with their own rates and
+batch sizes.
+"""
+
+from ml_collections import config_dict
+
+from configs import common
+from embed2.model.vision import VisionConfig
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  k = common.parse_arg(arg, ckpt="/ckpt/gemma3-4b", pft_steps=2000, ft_steps=1000, batch=128, lr=5e-5,
+                       seed=0, max_length=512, data=1, fsdp=-1, tensor=1, dtype="bfloat16", remat="full")
+  c = config_dict.ConfigDict()
+  c.seed = k.seed
+  c.model = common.model("gemma3-4b", causal=False, mrl_dims=(256, 768, 1536, 2560), max_length=k.max_length,
+                         max_segments=8, dtype=k.dtype, remat=k.remat)
+  c.vision = dict(init_from=f"{k.ckpt}/vision", **VisionConfig(text_dim=2560, dtype=k.dtype).to_dict())
+  c.mesh = common.mesh(k.data, k.fsdp, k.tensor)
+  c.sharding_rules = common.sharding_rules()
+  c.init_from = k.ckpt
+  c.tokenizer = f"{k.ckpt}/tokenizer.model"
+  c.loss = dict(kind="softmax", temperature=0.05, learnable_temperature=True, symmetric=False,
+                blockwise=True, block_size=1024)
+
+  b = k.batch
+  c.tasks = config_dict.ConfigDict()
+  c.tasks.code_search = dict(source="stdlib_code_search", task_string="task: code retrieval | query: ",
+                             p_drop=0.1, batch_size=b, query_len=64, positive_len=256, negative_len=256,
+                             num_negatives=1, segments=8)
+  c.tasks.doc_retrieval = dict(source="stdlib_doc_retrieval", task_string="task: search result | query: ",
+                               p_drop=0.1, batch_size=2 * b, query_len=48, positive_len=192, segments=8)
+  c.tasks.module_cls = dict(source="stdlib_module_cls", task_string="task: classification | query: ",
+                            p_drop=0.1, batch_size=b // 2, query_len=96, positive_len=16, segments=8)
+
+  # Stage 1, PFT: every batch mixes the tasks at fixed rates; large batches for many negatives.
+  pft = config_dict.ConfigDict()
+  pft.name, pft.mode, pft.steps = "pft", "pft", k.pft_steps
+  pft.tasks = dict(code_search=0.4, doc_retrieval=0.4, module_cls=0.2)
+  pft.batch = dict(batch_size=8 * b, query_len=96, positive_len=256, segments=8)
+  pft.optim = dict(learning_rate=k.lr, warmup_steps=max(k.pft_steps // 20, 1), decay="cosine",
+                   final_lr_ratio=0.1, weight_decay=0.01)
+  pft.freeze = ()
+  # Stage 2, FT: each batch from one task (sampled by hand-set rates), at that task's own batch size.
+  ft = config_dict.ConfigDict()
+  ft.name, ft.mode, ft.steps = "ft", "ft", k.ft_steps
+  ft.tasks = dict(code_search=0.5, doc_retrieval=0.3, module_cls=0.2)
+  ft.optim = dict(learning_rate=k.lr / 5, warmup_steps=max(k.ft_steps // 20, 1), decay="cosine",
+                  final_lr_ratio=0.1, weight_decay=0.01)
+  ft.freeze = ()
+  c.stages = [pft, ft]
+
+  c.checkpoint = dict(every=500, keep=2, async_save=True)
+  c.log_every = 10
+  c.eval_every = 500
+  c.eval_suite = "demo"
+  c.max_consecutive_skips = 5
+  c.data_groups = 0
+  c.soup = dict(method="uniform", variants=[dict(name="seed1", seed=k.seed + 1)])
+  return c
+
+
+def sweep(arg: str | None = None) -> list[dict]:
+  """PFT learning rate x seed."""
+  del arg
+  return [{"seed": s, "stages[0].optim.learning_rate": lr} for s in (0, 1) for lr in (2e-5, 5e-5, 1e-4)]

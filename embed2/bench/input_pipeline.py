@@ -1,0 +1,193 @@
+"""Input pipeline vs train step: examples/s the grain pipeline delivers per host, per modality, against
+what the train step consumes at the same batches.
+
+    python -m embed2.bench.input_pipeline                       # configs/demo.py: tasks, batches, model
+    python -m embed2.bench.input_pipeline --config_arg=batch=128 --batches=30
+    python -m embed2.bench.input_pipeline --config=tiny --toy --out=/tmp/input_pipeline.json
+
+Streams (table rows): the config's first stage if it is a PFT stage (one mixed batch shape) and every
+task of `config.tasks` as a fine-tuning stream of its own (each FT task has its own batch shape).
+
+  pipeline   `pipeline.build_pft_iterator` / `build_ft_iterator` exactly as the trainer builds them
+             (tokenization with the package tokenizer, packing, one process, no grain workers: the
+             calling thread does the work); `--batches` next() calls after one untimed call.
+             Build time (tokenizing the row-suggestion sample) is reported apart.
+  train step the trainer's compiled step (`StepFunctions`) on the first batch of each stream, the
+             config's own model; every stream once per round, one state threaded, median step time.
+
+examples/s count valid examples (`num_examples`); the ratio is pipeline / train step (the target:
+>= 3x for every modality). On a CPU-only host the two compete for the same cores in a real run; here
+each is measured alone. Modalities without a frontend yet (image, audio, video) are reported as
+"n/a: no frontend yet".
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Sequence
+
+
+from embed2.bench import common
+from embed2.bench import train_step as ts
+
+MODALITIES = ("text", "image", "audio", "video")
+NO_FRONTEND = "n/a: no frontend yet"
+
+
+def _configs():
+  from configs import demo, tiny  # pylint: disable=g-import-not-at-top
+  return {"demo": demo.get_config, "tiny": tiny.get_config}
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="demo", choices=("demo", "tiny"),
+                  help="configs/demo.py (stdlib tasks) or configs/tiny.py (generated tasks)")
+  ap.add_argument("--config_arg", default="", help="the config's knobs, e.g. 'batch=128,layers=2'")
+  ap.add_argument("--streams", default="", help="comma-separated stream names (default: all)")
+  ap.add_argument("--batches", type=int, default=20, help="timed next() calls per stream")
+  ap.add_argument("--steps", type=int, default=5, help="timed train-step rounds")
+  ap.add_argument("--toy", action="store_true", help="tiny sizes for a smoke run (tests)")
+  ap.add_argument("--out", default="bench_out/input_pipeline.json", help="JSON output path")
+  args = ap.parse_args(argv)
+  if args.toy:
+    args.batches, args.steps = 3, 1
+    args.config_arg = args.config_arg or "layers=1,batch=16"
+  return args
+
+
+def _streams(config, data, tokenizer, num_groups: int, wanted: Sequence[str]):
+  """name -> (stage iterator factory, loss config): the PFT stage and one FT stream per task."""
+  from embed2.data import pipeline  # pylint: disable=g-import-not-at-top
+  from embed2.train import trainer  # pylint: disable=g-import-not-at-top
+  out = {}
+  for si, stage in enumerate(config.stages):
+    if stage.mode == "pft":
+      out[stage.name] = (
+          lambda stage=stage, si=si: trainer.stage_iterator(config, stage, data, tokenizer,
+                                                            num_groups, si),
+          trainer.loss_config(config))
+      break
+  for name, tc in config.tasks.items():
+    if name not in data or not len(data[name].train):  # pylint: disable=g-explicit-length-test
+      continue
+
+    def build(name=name, tc=tc):
+      task = pipeline.TaskSpec(name=name, examples=data[name].train, rate=1.0,
+                               task_string=tc.get("task_string", ""),
+                               p_drop=float(tc.get("p_drop", 0.0)),
+                               batch=trainer.batch_spec(tc, f"config.tasks.{name}"))
+      return pipeline.build_ft_iterator([task], tokenizer=tokenizer, num_groups=num_groups,
+                                        seed=int(config.seed))
+
+    out[name] = (build, trainer.loss_config(config, tc))
+  if wanted:
+    unknown = sorted(set(wanted) - set(out))
+    if unknown:
+      raise ValueError(f"--streams names {unknown}; this config has streams {sorted(out)}")
+    out = {k: v for k, v in out.items() if k in wanted}
+  return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Measures every stream's pipeline and train step; returns the JSON-able results."""
+  from embed2 import sharding  # pylint: disable=g-import-not-at-top
+  from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from embed2.main import resolve_tasks  # pylint: disable=g-import-not-at-top
+  from embed2.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from embed2.train import trainer  # pylint: disable=g-import-not-at-top
+
+  config = trainer.normalize(_configs()[args.config](args.config_arg or None))
+  mesh = sharding.make_mesh(dict(config.mesh))
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  num_groups = int(config.get("data_groups", 0)) or sharding.num_batch_shards(mesh)
+  tokenizer = (Tokenizer.from_file(config.tokenizer) if config.get("tokenizer")
+               else Tokenizer.default())
+  t0 = time.perf_counter()
+  data = resolve_tasks(config)
+  load_s = time.perf_counter() - t0
+  wanted = [s for s in args.streams.split(",") if s]
+  streams = _streams(config, data, tokenizer, num_groups, wanted)
+
+  rows: dict[str, dict[str, Any]] = {}
+  first_batches = {}
+  for name, (factory, _) in streams.items():
+    t0 = time.perf_counter()
+    it = factory()
+    build_s = time.perf_counter() - t0
+    first_batches[name] = next(it)  # untimed: first-epoch permutation, lazy set-up
+    times, examples, tokens = [], 0, 0
+    t_all = time.perf_counter()
+    for _ in range(args.batches):
+      t0 = time.perf_counter()
+      b = next(it)
+      times.append(time.perf_counter() - t0)
+      examples += int(b["num_examples"])
+      tokens += int(b["num_tokens"])
+    seconds = time.perf_counter() - t_all
+    rows[name] = {"build_s": round(build_s, 3), "batch_examples": int(first_batches[name]["num_examples"]),
+                  "pipeline_batch_s": common.summary(times),
+                  "pipeline_examples_per_s": examples / seconds,
+                  "pipeline_tokens_per_s": tokens / seconds}
+
+  trainee = trainer.build_trainee(config, mesh, rules)
+  graphdef, state, state_shardings = ts.make_state(trainee, mesh)
+  del trainee
+  steps = step_lib.StepFunctions(graphdef, state_shardings, mesh, num_groups)
+  fns = {}
+  for name, (_, loss_cfg) in streams.items():
+    batch = step_lib.device_batch(first_batches[name], mesh)
+    t0 = time.perf_counter()
+    compiled = steps.get(name, loss_cfg, state, batch)
+    rows[name]["step_compile_s"] = round(time.perf_counter() - t0, 2)
+    fns[name] = (compiled, batch)
+  thread = ts.StateThread(state)
+  del state
+  times = common.interleaved({n: thread.runner(c, b) for n, (c, b) in fns.items()},
+                             repeats=args.steps, warmup=1)
+  for name, r in rows.items():
+    step_s = common.summary(times[name])
+    r["step_s"] = step_s
+    r["step_examples_per_s"] = r["batch_examples"] / step_s["median_s"]
+    r["ratio"] = r["pipeline_examples_per_s"] / r["step_examples_per_s"]
+    r["modality"] = "text"
+  text_ratios = [r["ratio"] for r in rows.values()]
+  return {
+      "benchmark": "input_pipeline", "host": common.host_info(),
+      "config": {"config": args.config, "config_arg": args.config_arg, "batches": args.batches,
+                 "steps": args.steps, "num_groups": num_groups, "model": config.model.to_dict()},
+      "task_load_s": round(load_s, 2),
+      "per_host": "one process: the whole global batch is this host's",
+      "streams": rows,
+      "modalities": {m: ({"min_ratio": min(text_ratios), "streams": sorted(rows)} if m == "text"
+                         else NO_FRONTEND) for m in MODALITIES},
+  }
+
+
+COLUMNS = (("name", "stream"), ("modality", "modality"), ("batch_examples", "B"),
+           ("pipeline_examples_per_s", "pipeline ex/s", ".1f"),
+           ("pipeline_tokens_per_s", "pipeline tok/s", ".0f"),
+           ("step_examples_per_s", "step ex/s", ".1f"), ("ratio", "pipeline/step", ".2f"),
+           ("build_s", "build s", ".2f"), ("step_compile_s", "compile s", ".1f"))
+
+
+def report(result: dict[str, Any]) -> str:
+  rows = [dict(v, name=k) for k, v in result["streams"].items()]
+  rows += [{"name": "-", "modality": m, "ratio": result["modalities"][m]}
+           for m in MODALITIES if m != "text"]
+  host = result["host"]
+  return (common.format_table(rows, COLUMNS) +
+          f"\n{host['cpus']} CPUs, {host['num_devices']} {host['device_kind']} device(s), jax "
+          f"{host['jax']}; text min ratio {result['modalities']['text']['min_ratio']:.2f}x")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = _parse(argv)
+  result = run(args)
+  print(report(result))
+  return common.write_json(args.out, result)
+
+
+if __name__ == "__main__":
+  main()
