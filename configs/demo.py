@@ -15,7 +15,8 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
-  k = common.parse_arg(arg, pft_steps=160, ft_steps=160, layers=4, dim=256, batch=64, lr=2e-3, seed=0)
+  k = common.parse_arg(arg, pft_steps=300, ft_steps=150, layers=2, dim=128, batch=32, lr=2e-3, seed=0,
+                       soup=True, eval="demo")
   c = config_dict.ConfigDict()
   c.seed = k.seed
   c.model = common.model("small", num_layers=k.layers, model_dim=k.dim, head_dim=k.dim // 4,
@@ -57,14 +58,15 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.checkpoint = dict(every=50, keep=2, async_save=True)
   c.log_every = 10
   c.eval_every = 0  # 0 = at the end of each stage only
-  c.eval_suite = "demo"
+  c.eval_suite = k.eval  # "" = no evaluation
   c.max_consecutive_skips = 5
   c.data_groups = 0  # pack groups of the global batch; 0 = the number of data shards of the mesh
   c.init_from = ""
   # The main job ends with a soup: each variant re-runs the last stage from the PFT parameters with
   # its overrides (tasks, seed, optim) in WORKDIR/variants/NAME; then WORKDIR/soup averages them all.
-  c.soup = dict(method="uniform", variants=[
-      dict(name="docs", seed=k.seed + 1, tasks=dict(code_search=0.0, doc_retrieval=0.6, module_cls=0.4))])
+  c.soup = dict(method="uniform", variants=(
+      dict(name="docs", seed=k.seed + 1, tasks=dict(code_search=0.0, doc_retrieval=0.6, module_cls=0.4)),
+  ) if k.soup else ())
   return c
 
 

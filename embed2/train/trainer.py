@@ -353,13 +353,17 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
         task = "mixture" if task_i < 0 else task_names[task_i]
         lcfg = pft_loss if task_i < 0 else loss_cfgs[task]
         batch = step_lib.device_batch(host, mesh, poison=np.nan if global_step in debug_nan else 1.0)
+        compiled_before = steps.num_compiled
         fn = steps.get(task, lcfg, state, batch, grad_cache_chunks=gc_chunks)
         state, metrics = fn(state, batch)
         metrics = jax.device_get(metrics)
+        if steps.num_compiled != compiled_before:  # keep compilation out of the throughput figures
+          t_last, examples_since, tokens_since = time.perf_counter(), 0, 0
+        else:
+          examples_since += int(np.sum(host["example_valid"]))
+          tokens_since += int(host.get("num_tokens", 0))
         global_step += 1
         stage_step += 1
-        examples_since += int(np.sum(host["example_valid"]))
-        tokens_since += int(host.get("num_tokens", 0))
         if int(metrics["skipped"]):
           consecutive += 1
           skipped_total += 1
