@@ -1,7 +1,8 @@
 """Train-step throughput, MFU, the loss's share of the step, and packed vs padded through the model.
 
     python -m embed2.bench.train_step                          # small preset (the demo's), B=32, L=128
-    python -m embed2.bench.train_step --preset=embeddinggemma-300m --layers=4 --batch=16 --seq=128
+    python -m embed2.bench.train_step --preset=embeddinggemma-300m --layers=4 --vocab=32768 \
+        --batch=16 --seq=128 --lengths=full --no_loss_share      # CPU MFU of the EmbeddingGemma shape
     python -m embed2.bench.train_step --preset=gemma3-1b --batch=32 --seq=512 --dtype=bfloat16 \
         --lengths=full --no_padded                             # GPU MFU (one H100 / H200)
     python -m embed2.bench.train_step --toy --out=/tmp/train_step.json
@@ -59,6 +60,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="small", choices=sorted(presets.PRESETS))
   ap.add_argument("--layers", type=int, default=0, help="num_layers override (0 = the preset's)")
+  ap.add_argument("--vocab", type=int, default=0, help="vocab_size override (0 = the preset's)")
   ap.add_argument("--batch", type=int, default=32, help="B: examples per step (global)")
   ap.add_argument("--seq", type=int, default=128, help="L: tokens per row, every side")
   ap.add_argument("--segments", type=int, default=8, help="S: examples per packed row at most")
@@ -331,6 +333,8 @@ def build(args):
                    max_segments=args.segments)
   if args.layers:
     overrides["num_layers"] = args.layers
+  if args.vocab:
+    overrides["vocab_size"] = args.vocab
   cfg = ModelConfig.from_name(args.preset, **overrides)
   if cfg.max_length < args.seq:
     cfg = cfg.replace(max_length=args.seq)

@@ -3,6 +3,7 @@ on the same EmbeddingGemma-shaped model (random weights, one config) and the sam
 
     python -m embed2.bench.vs_peers                          # 4 layers of the embeddinggemma-300m shape
     python -m embed2.bench.vs_peers --layers=24 --vocab=262144   # its full shape (slow on a CPU)
+    python -m embed2.bench.vs_peers --bucket_step=16 --no_train  # finer Embedder length buckets
     python -m embed2.bench.vs_peers --toy --out=/tmp/vs_peers.json
 
 The model. A transformers `Gemma3TextModel` with `use_bidirectional_attention=True` and random weights
@@ -33,7 +34,10 @@ same token ids). The first step's loss and gradient norm are compared first (|lo
 relative grad-norm diff < 1e-3), then interleaved rounds and the median ratio.
 
 Threads: torch.set_num_threads(--threads, default all cores); XLA's CPU client uses all cores by
-default. Both run in this one process, one after the other, never at once.
+default. Both run in this one process, one after the other, never at once. torch is also timed at
+--torch_threads_also (default 1 thread) as extra contenders: on a shared, loaded CPU its OpenMP pool
+can be far slower with all cores than with one, so besides the equal-threads ratio (`speedup`) the
+JSON gives the ratio against torch's fastest setting (`speedup_vs_fastest_torch`).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--words", type=float, default=40, help="median words per text (log-normal)")
   ap.add_argument("--max_len", type=int, default=128, help="tokens per input at most (bos/eos incl.)")
   ap.add_argument("--batch_size", type=int, default=32, help="inference batch, both tools")
+  ap.add_argument("--bucket_step", type=int, default=0,
+                  help="Embedder length buckets every this many tokens (0 = its default 32, 64, ...)")
   ap.add_argument("--repeats", type=int, default=5, help="timed inference rounds")
   ap.add_argument("--train_batch", type=int, default=8, help="B of the train step")
   ap.add_argument("--train_seq", type=int, default=64, help="L of the train step")
@@ -219,10 +225,14 @@ def load_models(args, cfg, folder: str):
   convert.convert_hf(st_dir, ckpt)
   loaded = Embedder.from_checkpoint(ckpt)
   got = loaded.config.replace(name=cfg.name, mrl_dims=cfg.mrl_dims)
+  layers = range(cfg.num_layers)
+  if [got.is_global_layer(i) for i in layers] == [cfg.is_global_layer(i) for i in layers]:
+    got = got.replace(global_every=cfg.global_every)  # e.g. 4 layers, none global: any k > 4 says so
   if got != cfg.replace(max_length=got.max_length, max_segments=got.max_segments):
     raise AssertionError(f"the converted model's config differs from the one built:\n{got}\n{cfg}")
+  buckets = tuple(range(args.bucket_step, args.max_len + 1, args.bucket_step)) if args.bucket_step else None
   embedder = Embedder(loaded.model, WordTokenizer(vocab), max_length=args.max_len,
-                      batch_size=args.batch_size, mesh=loaded.mesh)
+                      batch_size=args.batch_size, buckets=buckets, mesh=loaded.mesh)
   return st, embedder, vocab
 
 
