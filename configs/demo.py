@@ -15,7 +15,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
-  k = common.parse_arg(arg, pft_steps=300, ft_steps=150, layers=2, dim=128, batch=32, lr=2e-3, seed=0,
+  k = common.parse_arg(arg, pft_steps=150, ft_steps=80, layers=2, dim=128, batch=64, lr=3e-3, seed=0,
                        soup=True, eval="demo")
   c = config_dict.ConfigDict()
   c.seed = k.seed
@@ -30,17 +30,17 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   c.tasks = config_dict.ConfigDict()
   c.tasks.code_search = dict(source="stdlib_code_search", task_string="task: code retrieval | query: ",
-                             p_drop=0.1, batch_size=k.batch, query_len=48, positive_len=160,
-                             negative_len=160, num_negatives=1, segments=8)
+                             p_drop=0.1, batch_size=k.batch, query_len=128, positive_len=256,
+                             negative_len=256, num_negatives=1, segments=8)
   c.tasks.doc_retrieval = dict(source="stdlib_doc_retrieval", task_string="task: search result | query: ",
-                               p_drop=0.1, batch_size=k.batch, query_len=32, positive_len=128, segments=8)
+                               p_drop=0.1, batch_size=k.batch, query_len=128, positive_len=256, segments=8)
   c.tasks.module_cls = dict(source="stdlib_module_cls", task_string="task: classification | query: ",
-                            p_drop=0.1, batch_size=k.batch // 2, query_len=64, positive_len=16, segments=8)
+                            p_drop=0.1, batch_size=k.batch, query_len=128, positive_len=32, segments=8)
 
   pft = config_dict.ConfigDict()
   pft.name, pft.mode, pft.steps = "pft", "pft", k.pft_steps
   pft.tasks = dict(code_search=0.5, doc_retrieval=0.3, module_cls=0.2)
-  pft.batch = dict(batch_size=2 * k.batch, query_len=64, positive_len=160, segments=8)
+  pft.batch = dict(batch_size=2 * k.batch, query_len=128, positive_len=256, segments=8)
   pft.optim = dict(learning_rate=k.lr, warmup_steps=max(k.pft_steps // 10, 1), decay="cosine",
                    final_lr_ratio=0.2, weight_decay=0.01)
   pft.freeze = ()
