@@ -45,3 +45,38 @@ def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> config_dict.ConfigDi
 def sharding_rules():
   """`config.sharding_rules`: logical axis -> mesh axes. Short on purpose; edit per experiment."""
   return tuple(sharding.DEFAULT_RULES)
+
+
+def stdlib_tasks(b: int) -> config_dict.ConfigDict:
+  """`config.tasks` for the offline stdlib suite at base batch size `b`, with EmbeddingGemma-style task
+  strings; the real-model configs share it until real datasets are plugged in."""
+  tasks = config_dict.ConfigDict()
+  tasks.code_search = dict(source="stdlib_code_search", task_string="task: code retrieval | query: ",
+                           p_drop=0.1, batch_size=b, query_len=64, positive_len=256, negative_len=256,
+                           num_negatives=1, segments=8)
+  tasks.doc_retrieval = dict(source="stdlib_doc_retrieval", task_string="task: search result | query: ",
+                             p_drop=0.1, batch_size=2 * b, query_len=48, positive_len=192, segments=8)
+  tasks.module_cls = dict(source="stdlib_module_cls", task_string="task: classification | query: ",
+                          p_drop=0.1, batch_size=b // 2, query_len=96, positive_len=16, segments=8)
+  return tasks
+
+
+def paper_stages(*, pft_steps: int, ft_steps: int, lr: float, pft_batch: int, pft_warmup_frac: float,
+                 pft_final_lr_ratio: float, ft_lr: float) -> list[config_dict.ConfigDict]:
+  """The paper's schedule over the stdlib tasks: PFT (every batch mixes the tasks at fixed rates, large
+  batches for many in-batch negatives), then FT (each batch from one task, sampled by hand-set rates, at
+  that task's own batch size)."""
+  pft = config_dict.ConfigDict()
+  pft.name, pft.mode, pft.steps = "pft", "pft", pft_steps
+  pft.tasks = dict(code_search=0.4, doc_retrieval=0.4, module_cls=0.2)
+  pft.batch = dict(batch_size=pft_batch, query_len=96, positive_len=256, segments=8)
+  pft.optim = dict(learning_rate=lr, warmup_steps=max(int(pft_steps * pft_warmup_frac), 1), decay="cosine",
+                   final_lr_ratio=pft_final_lr_ratio, weight_decay=0.01)
+  pft.freeze = ()
+  ft = config_dict.ConfigDict()
+  ft.name, ft.mode, ft.steps = "ft", "ft", ft_steps
+  ft.tasks = dict(code_search=0.5, doc_retrieval=0.3, module_cls=0.2)
+  ft.optim = dict(learning_rate=ft_lr, warmup_steps=max(ft_steps // 20, 1), decay="cosine",
+                  final_lr_ratio=0.1, weight_decay=0.01)
+  ft.freeze = ()
+  return [pft, ft]

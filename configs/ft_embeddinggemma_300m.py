@@ -40,31 +40,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
                 blockwise=True, block_size=1024)
 
   b = k.batch
-  c.tasks = config_dict.ConfigDict()
-  c.tasks.code_search = dict(source="stdlib_code_search", task_string="task: code retrieval | query: ",
-                             p_drop=0.1, batch_size=b, query_len=64, positive_len=256, negative_len=256,
-                             num_negatives=1, segments=8)
-  c.tasks.doc_retrieval = dict(source="stdlib_doc_retrieval", task_string="task: search result | query: ",
-                               p_drop=0.1, batch_size=2 * b, query_len=48, positive_len=192, segments=8)
-  c.tasks.module_cls = dict(source="stdlib_module_cls", task_string="task: classification | query: ",
-                            p_drop=0.1, batch_size=b // 2, query_len=96, positive_len=16, segments=8)
-
-  # Stage 1, PFT: every batch mixes the tasks at fixed rates, large batches (more in-batch negatives).
-  pft = config_dict.ConfigDict()
-  pft.name, pft.mode, pft.steps = "pft", "pft", k.pft_steps
-  pft.tasks = dict(code_search=0.4, doc_retrieval=0.4, module_cls=0.2)
-  pft.batch = dict(batch_size=4 * b, query_len=96, positive_len=256, segments=8)
-  pft.optim = dict(learning_rate=k.lr, warmup_steps=max(k.pft_steps // 10, 1), decay="cosine",
-                   final_lr_ratio=0.5, weight_decay=0.01)
-  pft.freeze = ()
-  # Stage 2, FT: each batch from one task (sampled by hand-set rates), at that task's own batch size.
-  ft = config_dict.ConfigDict()
-  ft.name, ft.mode, ft.steps = "ft", "ft", k.ft_steps
-  ft.tasks = dict(code_search=0.5, doc_retrieval=0.3, module_cls=0.2)
-  ft.optim = dict(learning_rate=k.lr / 2, warmup_steps=max(k.ft_steps // 20, 1), decay="cosine",
-                  final_lr_ratio=0.1, weight_decay=0.01)
-  ft.freeze = ()
-  c.stages = [pft, ft]
+  c.tasks = common.stdlib_tasks(b)
+  c.stages = common.paper_stages(pft_steps=k.pft_steps, ft_steps=k.ft_steps, lr=k.lr,
+                                 pft_batch=4 * b, pft_warmup_frac=0.1, pft_final_lr_ratio=0.5, ft_lr=k.lr / 2)
 
   c.checkpoint = dict(every=250, keep=3, async_save=True)
   c.log_every = 10
