@@ -15,7 +15,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
-  k = common.parse_arg(arg, pft_steps=150, ft_steps=80, layers=2, dim=128, batch=64, lr=3e-3, seed=0,
+  k = common.parse_arg(arg, pft_steps=240, ft_steps=120, layers=2, dim=128, batch=64, lr=3e-3, seed=0,
                        soup=True, eval="demo")
   c = config_dict.ConfigDict()
   c.seed = k.seed
