@@ -841,12 +841,7 @@ def load_vision_params(model: VisionEncoder, path: str | os.PathLike) -> dict[st
   if want != have:
     diff = {k: (v, have.get(k)) for k, v in want.items() if have.get(k) != v}
     raise ValueError(f"vision checkpoint {p} has a different architecture: {diff} (checkpoint, model)")
-  state = nnx.state(model, nnx.Param)
-  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding),
-                        nnx.to_pure_dict(state))
-  restored = ck.restore(step, params=target)
-  nnx.replace_by_pure_dict(state, restored["params"])
-  nnx.update(model, state)
+  ckpt_lib.restore_params_into(model, ck, step)
   return meta
 
 

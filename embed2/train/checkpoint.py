@@ -83,9 +83,6 @@ class Checkpointer:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
 
-  def should_save(self, step: int) -> bool:
-    return self._manager.should_save(step)
-
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
@@ -129,12 +126,18 @@ class Checkpointer:
     return step
 
 
-def abstract_like(tree: Any, shardings: Any = None) -> Any:
-  """ShapeDtypeStructs (with shardings, if given or if the leaves are sharded arrays) for a pytree."""
-  if shardings is None:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                        tree)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs carrying each array's sharding: the restore target that places a checkpoint onto
+  the same devices and layout as `tree`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore_params_into(module, checkpointer: "Checkpointer", step: int) -> None:
+  """Restores a checkpoint's `params` item into an NNX module, in place, on the module's own shardings."""
+  state = nnx.state(module, nnx.Param)
+  restored = checkpointer.restore(step, params=abstract_like(nnx.to_pure_dict(state)))
+  nnx.replace_by_pure_dict(state, restored["params"])
+  nnx.update(module, state)
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> tuple[epath.Path, int]:
@@ -172,10 +175,5 @@ def load_model_params(model, path: str | os.PathLike) -> dict[str, Any]:
   if want != have:
     diff = {k: (v, have.get(k)) for k, v in want.items() if have.get(k) != v}
     raise ValueError(f"checkpoint {path} has a different architecture: {diff} (checkpoint, config)")
-  state = nnx.state(model, nnx.Param)
-  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding),
-                        nnx.to_pure_dict(state))
-  restored = ck.restore(step, params=target)
-  nnx.replace_by_pure_dict(state, restored["params"])
-  nnx.update(model, state)
+  restore_params_into(model, ck, step)
   return meta

@@ -28,8 +28,6 @@ from embed2.model import EmbeddingModel, gather_slots
 from embed2.train import grad_cache
 
 SIDES = ("query", "positive", "negative")
-# Batch keys that stay on the host (statistics for the logs), everything else goes to the devices.
-HOST_KEYS_PREFIX = "stats/"
 
 
 class Trainee(nnx.Module):
@@ -166,12 +164,12 @@ def device_batch(host_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
   """Host (process-local) numpy batch -> global arrays sharded over the batch axes.
 
   Every array's leading dim is rows or examples, which this process holds its own slice of; the global
-  array is assembled with `jax.make_array_from_process_local_data`. Keys starting with "stats/" and
-  non-array values stay on the host.
+  array is assembled with `jax.make_array_from_process_local_data`. 0-d entries (the batch's
+  logging statistics) and non-array values stay on the host.
   """
   out = {}
   for k, v in host_batch.items():
-    if k.startswith(HOST_KEYS_PREFIX) or not isinstance(v, np.ndarray) or v.ndim == 0:
+    if not isinstance(v, np.ndarray) or v.ndim == 0:
       continue
     shard = sharding.batch_sharding(mesh, v.ndim)
     global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]

@@ -325,10 +325,8 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
         optimizer = nnx.Optimizer(trainee, tx, wrt=nnx.Param)
       it = stage_iterator(config, stage, data, tokenizer, num_groups, si)
       if meta is not None and si == meta["stage_index"] and stage_step > 0:
-        train_target = jax.tree.map(
-            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding),
-            _train_tree(trainee, optimizer))
-        restored = checkpointer.restore(latest, params=_abstract(model_params(trainee)), train=train_target)
+        restored = checkpointer.restore(latest, params=ckpt_lib.abstract_like(model_params(trainee)),
+                                        train=ckpt_lib.abstract_like(_train_tree(trainee, optimizer)))
         _set_train_tree(trainee, optimizer, restored["train"])
         it.set_state(meta["data_state"])
       graphdef, state = nnx.split((trainee, optimizer))
@@ -420,10 +418,6 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
   return TrainResult(global_step=global_step, preempted=preempted, skipped_steps=skipped_total,
                      compiled_steps=steps_compiled, trainee=trainee,
                      last_eval=last_eval if not preempted else None)
-
-
-def _abstract(tree):
-  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding), tree)
 
 
 def _train_tree(trainee, optimizer) -> dict:
