@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Sequence
 
+from data_pipelines import media_datasets
+from data_pipelines import media_tasks
 from data_pipelines import stdlib_tasks
 from data_pipelines import synthetic
 
@@ -25,6 +27,12 @@ TASKS: dict[str, Callable[..., TaskSource]] = {
     "synthetic_pairs": functools.partial(synthetic.word_pairs, size=512),
     "synthetic_labels": functools.partial(synthetic.word_pairs, size=512, num_labels=6),
     "synthetic_empty": functools.partial(synthetic.word_pairs, size=0),
+    # Generated multimodal tasks (data_pipelines/media_tasks.py): the demo's image, audio, video and
+    # interleaved tasks, held out by content.
+    **media_tasks.MEDIA_TASKS,
+    "shapes_caption_reversed": lambda split: media_tasks.swap_sides(media_tasks.shapes_caption(split)),
+    # Real datasets (data_pipelines/media_datasets.py), read from $EMBED2_DATA_DIR/<name> when present.
+    **media_datasets.DATASETS,
 }
 
 

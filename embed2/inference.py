@@ -6,11 +6,17 @@
   scores_qk, ids_qk = search(q_nd, d_nd, k=10)
 
 Inputs are strings or items (`Text`, `Image`, `Audio`, `Video`), or a list of items for one
-interleaved input. Text is tokenized by the training pipeline's own transforms
-(`embed2.data.pipeline.PrependTaskString` and `Tokenize`: [bos] + ids + [eos], truncated), so an input
-gets exactly the token ids it would get in a training batch, and the embedding equals the train step's
-for the same text and task string. Image / audio / video items are accepted by the API but this model
-has no frontend for them yet (issue 7 adds the frontends): they raise `MissingFrontendError`.
+interleaved input. They are encoded by the training pipeline's own transforms
+(`embed2.data.pipeline.PrependTaskString` and `Tokenize`, which hands media to
+`embed2.data.interleave.InputEncoder`), so an input gets exactly the token ids and media it would get
+in a training batch, and the embedding equals the train step's for the same input and task string.
+A modality the model has no frontend for raises `MissingFrontendError`; media that cannot be read
+(corrupt or truncated bytes, an unsupported format, empty or NaN audio, a video without frames, an
+image over `config.model.max_image_pixels`) raises `MediaError` naming the input (`inputs[i]`).
+
+Media rows: every input is one row, with its own image / audio-chunk slots (the most any input of the
+batch holds, rounded up to a power of two so few shapes compile); the frontends run slot by slot, so
+an image's soft tokens are the same alone, interleaved, or next to any other input.
 
 Batching: inputs are sorted by token count and cut into batches of `batch_size`; each batch is padded
 to the smallest length bucket that holds its longest input. One function is compiled per bucket
@@ -36,7 +42,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embed2 import sharding
+from embed2.data import interleave
 from embed2.data import pipeline
+from embed2.data import segments
+from embed2.data.segments import Audio, Image, MediaError, MissingFrontendError, Text, Video
 from embed2.data.tokenizer import Tokenizer
 from embed2.eval import metrics
 from embed2.eval.retrieval import truncate  # re-exported: the public MRL cut
@@ -48,71 +57,19 @@ OVERFLOW_POLICIES = ("truncate", "error")
 # ------------------------------------------------------------------------------------------ items
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class Text:
-  """A piece of text."""
-  text: str
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class Image:
-  """An image: `pixels` uint8 (H, W, 3), or a file `path`."""
-  pixels: np.ndarray | None = None
-  path: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class Audio:
-  """A waveform: `samples` float (T,) at `sample_rate` Hz, or a file `path`."""
-  samples: np.ndarray | None = None
-  sample_rate: int | None = None
-  path: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class Video:
-  """A video: `frames` uint8 (T, H, W, 3) at `fps` frames per second, or a file `path`."""
-  frames: np.ndarray | None = None
-  fps: float | None = None
-  path: str | None = None
-
-
-_MODALITY = {Image: "image", Audio: "audio", Video: "video"}
-
-
-class MissingFrontendError(ValueError):
-  """The model cannot read this modality (it has no frontend for it)."""
-
-
 def missing_frontend(modality: str) -> MissingFrontendError:
   return MissingFrontendError(
-      f"this model has no {modality} frontend: it embeds text only (the image / audio / video "
-      "frontends arrive with issue 7). Pass strings or Text items.")
+      f"this model has no {modality} frontend (set config.model.image_frontend / audio_frontend when "
+      "training one); pass inputs of the modalities it reads (Embedder.modalities)")
 
 
-def _as_text(x: Any, where: str) -> str:
-  """One input -> the text it stands for; raises for multimodal items and unsupported types."""
-  if isinstance(x, str):
-    return str(x)
-  if isinstance(x, Text):
-    if not isinstance(x.text, str):
-      raise TypeError(f"{where}: Text.text must be str, got {type(x.text).__name__}")
-    return x.text
-  if type(x) in _MODALITY:
-    raise missing_frontend(_MODALITY[type(x)])
-  if isinstance(x, (list, tuple)):
-    if not x:
-      raise ValueError(f"{where} is an empty interleaved input; give it at least one item")
-    parts = []
-    for j, part in enumerate(x):
-      if isinstance(part, (list, tuple)):
-        raise TypeError(f"{where}[{j}] is a list inside an interleaved input; an interleaved input "
-                        "is a flat list of items")
-      parts.append(_as_text(part, f"{where}[{j}]"))
-    # An interleaved text-only input is one text, the way a text example is one string in training.
-    return "".join(parts)
-  raise TypeError(f"{where} has unsupported type {type(x).__name__}; inputs are str, Text, Image, "
-                  "Audio, Video, or a list of those items for one interleaved input")
+def _as_text(x: Any, where: str) -> str | None:
+  """The text a text-only input stands for (an interleaved text-only input is one text, the way a
+  text example is one string in training); None for an input with media."""
+  items = segments.items_of(x, where)
+  if not all(isinstance(i, (str, Text)) for i in items):
+    return None
+  return "".join(i if isinstance(i, str) else i.text for i in items)
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -220,21 +177,22 @@ class Embedder:
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be >= 1")
     self.batch_size = -(-int(batch_size) // shards) * shards
+    self.encoder = interleave.InputEncoder(tokenizer, cfg)
     self._tokenize = pipeline.Tokenize(tokenizer=tokenizer, in_key="text", out_key="tokens",
-                                       truncated_key="truncated", max_length=self.max_length)
+                                       truncated_key="truncated", max_length=self.max_length,
+                                       encoder=self.encoder)
     self._num_traces = 0
     self._graphdef = nnx.graphdef(model)
 
-    def forward(state, tokens_bl, segment_ids_bl, positions_bl):
+    def forward(state, tokens_bl, segment_ids_bl, positions_bl, media=None):
       self._num_traces += 1  # runs at trace time only: counts compilations
       m = nnx.merge(self._graphdef, state)
-      return m.encode_rows(tokens_bl, segment_ids_bl, positions_bl)[:, 0, :]  # (B, d): slot 0
+      soft, mask = (None, None) if media is None else m.soft_inputs(media, tokens_bl.shape[0])
+      return m.encode_rows(tokens_bl, segment_ids_bl, positions_bl, soft, mask)[:, 0, :]  # (B, d)
 
     if self.mesh is not None:
-      self._in_sharding = sharding.batch_sharding(self.mesh, 2)
       self._forward = jax.jit(forward, out_shardings=NamedSharding(self.mesh, P()))
     else:
-      self._in_sharding = None
       self._forward = jax.jit(forward)
 
   # ------------------------------------------------------------------------------- properties
@@ -254,8 +212,8 @@ class Embedder:
 
   @property
   def modalities(self) -> tuple[str, ...]:
-    """What this model can read. Text only until the multimodal frontends exist (issue 7)."""
-    return ("text",)
+    """What this model can read: text, then image / audio / video by its frontends."""
+    return self.model.cfg.modalities
 
   @property
   def num_compilations(self) -> int:
@@ -321,29 +279,37 @@ class Embedder:
                        f"{sorted(self.task_strings)} (or pass task=None for no task string)")
     return self.task_strings[task]
 
-  def tokenize(self, inputs: Sequence[Any], *, task: str | None = None, is_query: bool = True,
-               prefix: str | None = None) -> list[np.ndarray]:
-    """Token ids of each input exactly as training builds them: int32 (n,), n <= max_length.
+  def encode(self, inputs: Sequence[Any], *, task: str | None = None, is_query: bool = True,
+             prefix: str | None = None) -> list[interleave.Encoded]:
+    """Each input exactly as training encodes it: token ids (n <= max_length) and its media.
 
     Raises:
-      TypeError / MissingFrontendError: an input of an unsupported type / modality.
+      TypeError: inputs is not a list, or holds an unsupported type.
+      MissingFrontendError: an input needs a frontend this model lacks.
+      MediaError: a media item cannot be read (the message names `inputs[i]`).
       ValueError: an unknown task, or an input too long under on_overflow="error".
     """
     if isinstance(inputs, (str, Text, Image, Audio, Video)) or not isinstance(inputs, Sequence):
       raise TypeError(f"inputs must be a list of inputs, got {type(inputs).__name__}; wrap a single "
                       "input in a list: embed([x])")
-    texts = [_as_text(x, f"inputs[{i}]") for i, x in enumerate(inputs)]
+    values = []
+    for i, x in enumerate(inputs):
+      text = _as_text(x, f"inputs[{i}]")
+      if text is None:
+        self.encoder.check_modalities(x, f"inputs[{i}]")
+      values.append(x if text is None else text)
     task_string = self._prefix(task, prefix, is_query)
     prepend = pipeline.PrependTaskString(task_string=task_string, p_drop=0.0, key="text")
     rng = np.random.default_rng(0)  # p_drop=0: the draw never drops the string
     out, overflow = [], []
-    for i, text in enumerate(texts):
-      ex = self._tokenize.map(prepend.random_map({"text": text}, rng))
-      out.append(ex["tokens"])
-      if ex["truncated"]:
+    for i, x in enumerate(values):
+      x = prepend.random_map({"text": x}, rng)["text"]
+      toks, truncated, media = self._tokenize.encode_input(x, f"inputs[{i}]")
+      out.append(interleave.Encoded(tokens=toks, media=tuple(media), truncated=bool(truncated)))
+      if truncated:
         overflow.append(i)
     if overflow:
-      msg = (f"{len(overflow)} of {len(texts)} inputs (indices {overflow[:5]}"
+      msg = (f"{len(overflow)} of {len(values)} inputs (indices {overflow[:5]}"
              f"{' ...' if len(overflow) > 5 else ''}) are longer than max_length={self.max_length} "
              "tokens")
       if self.on_overflow == "error":
@@ -351,6 +317,14 @@ class Embedder:
       warnings.warn(msg + "; they were truncated (on_overflow='error' refuses them instead)",
                     stacklevel=3)
     return out
+
+  def tokenize(self, inputs: Sequence[Any], *, task: str | None = None, is_query: bool = True,
+               prefix: str | None = None) -> list[np.ndarray]:
+    """Token ids of each input exactly as training builds them: int32 (n,), n <= max_length.
+
+    Raises: as `encode`.
+    """
+    return [e.tokens for e in self.encode(inputs, task=task, is_query=is_query, prefix=prefix)]
 
   # ----------------------------------------------------------------------------------- embed
 
@@ -363,16 +337,23 @@ class Embedder:
     return int(dim)
 
   def embed_tokens(self, tokens: Sequence[np.ndarray]) -> np.ndarray:
-    """Full-dim unit-norm embeddings of tokenized inputs: float32 (N, d), in input order."""
-    n = len(tokens)
+    """Full-dim unit-norm embeddings of tokenized text inputs: float32 (N, d), in input order."""
+    return self.embed_encoded([interleave.Encoded(tokens=np.asarray(t), media=(), truncated=False)
+                               for t in tokens])
+
+  def embed_encoded(self, encoded: Sequence[interleave.Encoded]) -> np.ndarray:
+    """Full-dim unit-norm embeddings of encoded inputs (`encode`): float32 (N, d), in input order."""
+    n = len(encoded)
     out_nd = np.zeros((n, self.embed_dim), np.float32)
     if n == 0:
       return out_nd
-    lengths = np.asarray([len(t) for t in tokens])
+    lengths = np.asarray([len(e.tokens) for e in encoded])
     if lengths.max() > self.max_length or lengths.min() < 1:
       raise ValueError(f"token sequences must have 1..max_length={self.max_length} ids; got lengths "
                        f"{lengths.min()}..{lengths.max()}")
-    order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: little padding
+    # Similar lengths share a batch (little padding); media inputs apart from text-only ones.
+    has_media = np.asarray([bool(e.media) for e in encoded])
+    order = np.lexsort((lengths, has_media))
     state = nnx.state(self.model)
     b = self.batch_size
     for start in range(0, n, b):
@@ -383,20 +364,55 @@ class Embedder:
       pos_bl = np.zeros((b, length), np.int32)
       for row, i in enumerate(idx):
         m = lengths[i]
-        tok_bl[row, :m] = tokens[i]
+        tok_bl[row, :m] = encoded[i].tokens
         seg_bl[row, :m] = 1
         pos_bl[row, :m] = np.arange(m)
-      out_nd[idx] = self._run(state, tok_bl, seg_bl, pos_bl)[:len(idx)]
+      media = self._media_rows([encoded[i] for i in idx], length)
+      out_nd[idx] = self._run(state, tok_bl, seg_bl, pos_bl, media)[:len(idx)]
     return out_nd
 
-  def _run(self, state, tok_bl, seg_bl, pos_bl) -> np.ndarray:
+  def _media_rows(self, batch: Sequence[interleave.Encoded], length: int) -> dict | None:
+    """The batch's media as one pack group per row (`packing`'s layout), or None for text only."""
+    if not any(e.media for e in batch):
+      return None
+    cfg = self.config
+    bucket = lambda c: 0 if c == 0 else 1 << (c - 1).bit_length()
+    budget = interleave.media_budget(batch)
+    n_img, n_aud = bucket(budget[interleave.IMAGE]), bucket(budget[interleave.AUDIO])
+    b = self.batch_size
+    soft = np.full((b, length), -1, np.int32)
+    out = {"soft_index": soft}
+    if n_img:
+      out["images"] = np.zeros((b * n_img, cfg.image_size, cfg.image_size, 3), np.uint8)
+    if n_aud:
+      from embed2.data import media as media_lib  # pylint: disable=g-import-not-at-top
+      out["audio"] = np.full((b * n_aud, cfg.audio_chunk_frames, cfg.n_mels),
+                             media_lib.log_mel_pad_value(cfg), np.float32)
+    for row, e in enumerate(batch):
+      j_img = j_aud = 0
+      for m in e.media:
+        if m.kind == interleave.IMAGE:
+          out["images"][row * n_img + j_img] = m.array
+          base = j_img * cfg.image_tokens
+          j_img += 1
+        else:
+          out["audio"][row * n_aud + j_aud] = m.array
+          base = n_img * cfg.image_tokens + j_aud * cfg.audio_chunk_tokens
+          j_aud += 1
+        soft[row, m.offset:m.offset + m.tokens] = base + np.arange(m.tokens)
+    return out
+
+  def _run(self, state, tok_bl, seg_bl, pos_bl, media=None) -> np.ndarray:
     if self.mesh is None:
-      return np.asarray(self._forward(state, tok_bl, seg_bl, pos_bl))
+      return np.asarray(self._forward(state, tok_bl, seg_bl, pos_bl, media))
     # make_array_from_callback works on any mesh, multi-process included (every process holds the
     # same host batch here); the output is replicated, so every process can read it whole.
-    put = lambda x: jax.make_array_from_callback(x.shape, self._in_sharding, lambda i: x[i])
+    def put(x):
+      return jax.make_array_from_callback(x.shape, sharding.batch_sharding(self.mesh, x.ndim),
+                                          lambda i: x[i])
     with jax.set_mesh(self.mesh):
-      out = self._forward(state, put(tok_bl), put(seg_bl), put(pos_bl))
+      out = self._forward(state, put(tok_bl), put(seg_bl), put(pos_bl),
+                          None if media is None else {k: put(v) for k, v in media.items()})
     return np.asarray(out)
 
   def embed(self, inputs: Sequence[Any], *, dim: int | None = None, task: str | None = None,
@@ -416,11 +432,12 @@ class Embedder:
 
     Raises:
       TypeError: inputs is not a list, or holds an unsupported type.
-      MissingFrontendError: an image / audio / video item (no frontend yet).
+      MissingFrontendError: an image / audio / video item the model has no frontend for.
+      MediaError: a media item that cannot be read (names the input).
       ValueError: an untrained dim, an unknown task, or (on_overflow="error") a too-long input.
     """
     dim = self.check_dim(dim)
-    tokens = self.tokenize(inputs, task=task, is_query=is_query, prefix=prefix)
-    e_nd = self.embed_tokens(tokens)
+    encoded = self.encode(inputs, task=task, is_query=is_query, prefix=prefix)
+    e_nd = self.embed_encoded(encoded)
     return e_nd if dim == self.embed_dim else truncate(e_nd, dim)
 

@@ -67,7 +67,7 @@ PARAMETER_FREE_FIELDS = ckpt_lib.PARAMETER_FREE_FIELDS
 
 # Meta fields that describe how to resume training; a soup cannot be resumed, so they are dropped.
 RESUME_FIELDS = ("data_state", "stage_index", "stage_step", "stage_name", "fingerprint",
-                 "skipped_total", "process_count")
+                 "skipped_total", "process_count", "records_skipped", "records_read")
 
 SOUP_JSON = "soup.json"
 

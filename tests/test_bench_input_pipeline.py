@@ -18,4 +18,13 @@ def test_bench_runs_and_writes_json(tmp_path):
   assert r["batch_examples"] > 0 and r["modality"] == "text"
   assert data["modalities"]["text"]["min_ratio"] == r["ratio"]
   for m in ("image", "audio", "video"):
-    assert data["modalities"][m] == bench.NO_FRONTEND
+    assert data["modalities"][m] == bench.NO_STREAM
+
+
+def test_bench_measures_a_media_stream(tmp_path):
+  out = tmp_path / "input_pipeline.json"
+  data = bench.main(["--config=demo", "--toy", "--streams=v2t", f"--out={out}"])
+  r = data["streams"]["v2t"]
+  assert r["modality"] == "video" and r["batch_examples"] > 0 and r["ratio"] > 0
+  assert data["modalities"]["video"]["streams"] == ["v2t"]
+  assert data["modalities"]["text"] == bench.NO_STREAM

@@ -17,8 +17,10 @@ task of `config.tasks` as a fine-tuning stream of its own (each FT task has its 
 
 examples/s count valid examples (`num_examples`); the ratio is pipeline / train step (the target:
 >= 3x for every modality). On a CPU-only host the two compete for the same cores in a real run; here
-each is measured alone. Modalities without a frontend yet (image, audio, video) are reported as
-"n/a: no frontend yet".
+each is measured alone. A stream's modality is what its examples hold besides text (a task of
+captions -> images is "image", an interleaved image + text query is "image"; the PFT mixture is
+"mixed"); the per-modality ratio is the lowest of its streams. A modality no stream holds (e.g. any
+media with `--config=tiny`, or with `--config_arg=media=false`) is reported as "n/a: no stream".
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from embed2.bench import common
 from embed2.bench import train_step as ts
 
 MODALITIES = ("text", "image", "audio", "video")
-NO_FRONTEND = "n/a: no frontend yet"
+NO_STREAM = "n/a: no stream"
 
 
 def _configs():
@@ -79,7 +81,8 @@ def _streams(config, data, tokenizer, num_groups: int, wanted: Sequence[str]):
                                p_drop=float(tc.get("p_drop", 0.0)),
                                batch=trainer.batch_spec(tc, f"config.tasks.{name}"))
       return pipeline.build_ft_iterator([task], tokenizer=tokenizer, num_groups=num_groups,
-                                        seed=int(config.seed))
+                                        seed=int(config.seed),
+                                        encoder=trainer.input_encoder(config, tokenizer))
 
     out[name] = (build, trainer.loss_config(config, tc))
   if wanted:
@@ -151,8 +154,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     r["step_s"] = step_s
     r["step_examples_per_s"] = r["batch_examples"] / step_s["median_s"]
     r["ratio"] = r["pipeline_examples_per_s"] / r["step_examples_per_s"]
-    r["modality"] = "text"
-  text_ratios = [r["ratio"] for r in rows.values()]
+    r["modality"] = _modality(data[name].train) if name in data else "mixed"
+  by_modality = {}
+  for name, r in rows.items():
+    by_modality.setdefault(r["modality"], []).append(name)
   return {
       "benchmark": "input_pipeline", "host": common.host_info(),
       "config": {"config": args.config, "config_arg": args.config_arg, "batches": args.batches,
@@ -160,9 +165,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "task_load_s": round(load_s, 2),
       "per_host": "one process: the whole global batch is this host's",
       "streams": rows,
-      "modalities": {m: ({"min_ratio": min(text_ratios), "streams": sorted(rows)} if m == "text"
-                         else NO_FRONTEND) for m in MODALITIES},
+      "modalities": {m: ({"min_ratio": min(rows[n]["ratio"] for n in by_modality[m]),
+                          "streams": sorted(by_modality[m])} if m in by_modality else NO_STREAM)
+                     for m in MODALITIES},
   }
+
+
+def _modality(examples) -> str:
+  """What a task's first example holds besides text ("text" when nothing)."""
+  from embed2.data import segments  # pylint: disable=g-import-not-at-top
+  ex = examples[0]
+  found = segments.modalities_of(ex["query"]) | segments.modalities_of(ex["positive"])
+  media = [m for m in MODALITIES[1:] if m in found]
+  return media[-1] if media else "text"  # video over audio over image (a video has frames)
 
 
 COLUMNS = (("name", "stream"), ("modality", "modality"), ("batch_examples", "B"),
@@ -175,11 +190,13 @@ COLUMNS = (("name", "stream"), ("modality", "modality"), ("batch_examples", "B")
 def report(result: dict[str, Any]) -> str:
   rows = [dict(v, name=k) for k, v in result["streams"].items()]
   rows += [{"name": "-", "modality": m, "ratio": result["modalities"][m]}
-           for m in MODALITIES if m != "text"]
+           for m in MODALITIES if not isinstance(result["modalities"][m], dict)]
   host = result["host"]
+  mins = ", ".join(f"{m} {v['min_ratio']:.2f}x" for m, v in result["modalities"].items()
+                   if isinstance(v, dict))
   return (common.format_table(rows, COLUMNS) +
           f"\n{host['cpus']} CPUs, {host['num_devices']} {host['device_kind']} device(s), jax "
-          f"{host['jax']}; text min ratio {result['modalities']['text']['min_ratio']:.2f}x")
+          f"{host['jax']}; lowest pipeline/step ratio per modality: {mins}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

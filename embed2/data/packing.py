@@ -28,9 +28,25 @@ B = G * B_g examples:
   example_task     int32 (B,)    index of the example's task in the stage's task list
                                  (-1 on padding); lets PFT log per-task losses.
 
+Media (sides whose SideShape has image or audio slots): the sequence's soft-token
+placeholders (see `embed2.data.interleave`) are filled by the frontends from the
+group's media slots:
+
+  {s}_images       uint8 (G * N_g, S, S, 3)  N_g image slots per group; unused
+                                             slots are 0.
+  {s}_audio        float32 (G * A_g, F, M)   A_g audio-chunk slots per group;
+                                             unused slots hold silence.
+  {s}_soft_index   int32 (R, L)  -1 on ordinary tokens; at a placeholder, the
+                                 index of its soft token in group g's flattened
+                                 soft tokens: image slot j's token t is
+                                 j * T_img + t, audio slot a's token t is
+                                 N_g * T_img + a * T_aud + t.
+
 0-d entries of the batch are logging stats, never model inputs (see `batch_stats`):
-`num_tokens`, `num_truncated`, `num_examples`, `example_fill`, and per side
-`{s}_num_tokens`, `{s}_nonpad_fraction`, `{s}_num_truncated`.
+`num_tokens`, `num_truncated`, `num_examples`, `example_fill`, `num_skipped`
+(stream records the pipeline could not decode, skipped and counted), and per side
+`{s}_num_tokens`, `{s}_nonpad_fraction`, `{s}_num_truncated`, and for media sides
+`{s}_num_images`, `{s}_num_audio`.
 
 Packing policy (per group, online, best-fit): candidates are tried in order, first
 the tuples held over from the previous batch, then fresh ones from the stream. A
@@ -75,6 +91,10 @@ SIDES = ("query", "positive", "negative")
 # after a restore.
 Item = tuple[Hashable, dict[str, Any]]
 
+# Key of a stream record the pipeline could not decode (value: the reason). The
+# packer counts it in `num_skipped` and moves on.
+SKIPPED = "skipped"
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SideShape:
@@ -83,10 +103,14 @@ class SideShape:
   Attributes:
     length: L, tokens per row.
     rows: R_g, rows per group.
+    images: N_g, image slots per group (video frames are images).
+    audio: A_g, audio-chunk slots per group.
   """
 
   length: int
   rows: int
+  images: int = 0
+  audio: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,6 +125,11 @@ class GroupShape:
     positive: the positive side's shape.
     negative: the negative side's shape; required iff num_negatives > 0.
     max_misses: a batch closes once this many tuples were held over during it.
+    image_shape: (S, S, 3) of an image slot; needed when a side has image slots.
+    image_tokens: T_img, soft tokens per image.
+    audio_shape: (F, M) of an audio-chunk slot; needed when a side has audio slots.
+    audio_tokens: T_aud, soft tokens of a full chunk.
+    audio_pad: the value unused audio slots are filled with (silence).
   """
 
   examples: int
@@ -110,6 +139,11 @@ class GroupShape:
   positive: SideShape
   negative: SideShape | None = None
   max_misses: int = 64
+  image_shape: tuple[int, ...] = ()
+  image_tokens: int = 0
+  audio_shape: tuple[int, ...] = ()
+  audio_tokens: int = 0
+  audio_pad: float = 0.0
 
   def __post_init__(self):
     if self.examples < 1:
@@ -138,6 +172,18 @@ class GroupShape:
             f"{side}: rows={ss.rows} * segments={self.segments} < {need} "
             f"sequences per group; raise the {side} rows to >= "
             f"{math.ceil(need / self.segments)} or segments.")
+    for side in self.sides:
+      ss = self.side(side)
+      if ss.images < 0 or ss.audio < 0:
+        raise ValueError(f"{side}: images={ss.images} and audio={ss.audio} slots must be >= 0.")
+    if any(self.side(s).images for s in self.sides) and (
+        len(self.image_shape) != 3 or self.image_tokens < 1):
+      raise ValueError(f"image slots need image_shape (S, S, 3) and image_tokens >= 1; got "
+                       f"{self.image_shape} and {self.image_tokens}.")
+    if any(self.side(s).audio for s in self.sides) and (
+        len(self.audio_shape) != 2 or self.audio_tokens < 1):
+      raise ValueError(f"audio slots need audio_shape (F, M) and audio_tokens >= 1; got "
+                       f"{self.audio_shape} and {self.audio_tokens}.")
     if self.negative is not None and self.negative.rows < self.num_negatives:
       # With one row per negative any tuple fits an empty batch; fewer rows could
       # leave a tuple of K long negatives that fits nowhere, ever.
@@ -182,22 +228,31 @@ def suggest_rows(lengths: Sequence[int] | np.ndarray, *, sequences: float,
 
 
 class _Rows:
-  """Free space of one side's rows while a group batch fills."""
+  """Free space of one side's rows (and media slots) while a group batch fills."""
 
-  __slots__ = ("free", "used", "segments", "length")
+  __slots__ = ("free", "used", "segments", "length", "images", "audio", "total_images",
+               "total_audio")
 
   def __init__(self, side: SideShape, segments: int):
     self.free = np.full(side.rows, side.length, np.int64)
     self.used = np.zeros(side.rows, np.int64)
     self.segments = segments
     self.length = side.length
+    self.images = side.images  # free image slots (slots fill in order)
+    self.audio = side.audio
+    self.total_images = side.images
+    self.total_audio = side.audio
 
-  def place(self, n: int) -> tuple[int, int, int] | None:
-    """Best-fit: (row, start, segment) for a length-n sequence, or None.
+  def place(self, n: int, images: int = 0, audio: int = 0
+            ) -> tuple[int, int, int, int, int] | None:
+    """Best-fit: (row, start, segment, first image slot, first audio slot) for a
+    length-n sequence with that many media items, or None.
 
     The row with the least free space that still fits (ties: the first such row);
     it packs a little tighter than first-fit at the same cost.
     """
+    if images > self.images or audio > self.audio:
+      return None
     ok = (self.free >= n) & (self.used < self.segments)
     if not ok.any():
       return None
@@ -206,11 +261,17 @@ class _Rows:
     seg = int(self.used[r])
     self.free[r] -= n
     self.used[r] += 1
-    return r, start, seg
+    img0 = self.total_images - self.images
+    aud0 = self.total_audio - self.audio
+    self.images -= images
+    self.audio -= audio
+    return r, start, seg, img0, aud0
 
-  def undo(self, r: int, n: int):
+  def undo(self, r: int, n: int, images: int = 0, audio: int = 0):
     self.free[r] += n
     self.used[r] -= 1
+    self.images += images
+    self.audio += audio
 
   def full(self) -> bool:
     return not bool(((self.free >= 1) & (self.used < self.segments)).any())
@@ -224,12 +285,29 @@ def _check_tokens(side: str, toks: np.ndarray, length: int):
         "never emit empty sequences.")
 
 
-def _example_sequences(ex: dict[str, Any], k: int) -> dict[str, list[np.ndarray]]:
-  seqs = {"query": [np.asarray(ex["query_tokens"])],
-          "positive": [np.asarray(ex["positive_tokens"])]}
+def _example_sequences(ex: dict[str, Any], k: int) -> dict[str, list[tuple[np.ndarray, tuple]]]:
+  """Per side, (tokens, media) of each sequence; media as `interleave.Media` items."""
+  seqs = {s: [(np.asarray(ex[f"{s}_tokens"]), tuple(ex.get(f"{s}_media", ())))]
+          for s in ("query", "positive")}
   if k > 0:
-    seqs["negative"] = [np.asarray(t) for t in ex.get("negative_tokens", ())[:k]]
+    toks = ex.get("negative_tokens", ())[:k]
+    media = list(ex.get("negative_media", ()))[:k]
+    media += [()] * (len(toks) - len(media))
+    seqs["negative"] = [(np.asarray(t), tuple(m)) for t, m in zip(toks, media)]
   return seqs
+
+
+def _media_counts(side: str, media: tuple, shape: SideShape) -> tuple[int, int]:
+  n_img = sum(m.kind == "image" for m in media)
+  n_aud = len(media) - n_img
+  if n_img > shape.images or n_aud > shape.audio:
+    raise ValueError(
+        f"a {side} sequence holds {n_img} images and {n_aud} audio chunks but the "
+        f"{side} side has {shape.images} image and {shape.audio} audio slots per "
+        f"group; raise the batch's {side}_images / {side}_audio (or leave them None "
+        "to be suggested), or lower the per-input budgets (video_max_frames, "
+        "max_audio_chunks).")
+  return n_img, n_aud
 
 
 def _fold_id(x: int) -> int:
@@ -267,31 +345,37 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
   new_held: list[Item] = []
   accepted: list[tuple[dict[str, Any], dict[str, list]]] = []
   misses = 0
+  skipped = 0
   while len(accepted) < shape.examples and misses < shape.max_misses:
     if any(rows[s].full() for s in sides):
       break
     item = queue.pop() if queue else pull()
     ex = item[1]
+    if SKIPPED in ex:  # a record the pipeline could not decode: counted, never held
+      skipped += 1
+      continue
     seqs = _example_sequences(ex, k)
     placed: dict[str, list] = {}
     ok = True
     for s in sides:
       placed[s] = []
-      for toks in seqs[s]:
+      for toks, media in seqs[s]:
         _check_tokens(s, toks, shape.side(s).length)
-        spot = rows[s].place(toks.size)
+        n_img, n_aud = _media_counts(s, media, shape.side(s))
+        spot = rows[s].place(toks.size, n_img, n_aud)
         if spot is None:
           ok = False
           break
-        placed[s].append((*spot, toks))
+        placed[s].append((*spot, toks, media))
       if not ok:
         break
     if ok:
       accepted.append((ex, placed))
       continue
     for s, plist in placed.items():
-      for r, _, _, toks in plist:
-        rows[s].undo(r, toks.size)
+      for r, _, _, _, _, toks, media in plist:
+        n_img = sum(m.kind == "image" for m in media)
+        rows[s].undo(r, toks.size, n_img, len(media) - n_img)
     if not accepted and not new_held and all(
         int(rows[s].used.sum()) == 0 for s in sides):
       raise AssertionError(
@@ -301,7 +385,9 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
     misses += 1
   queue.reverse()
   new_held.extend(queue)  # untried held-over tuples keep their turn
-  return _assemble(shape, accepted), new_held
+  out = _assemble(shape, accepted)
+  out["num_skipped"] = np.asarray(skipped, np.int64)
+  return out, new_held
 
 
 def _assemble(shape: GroupShape, accepted) -> dict[str, np.ndarray]:
@@ -313,9 +399,15 @@ def _assemble(shape: GroupShape, accepted) -> dict[str, np.ndarray]:
     seg_ids = np.zeros((ss.rows, ss.length), np.int32)
     pos = np.zeros((ss.rows, ss.length), np.int32)
     slot = np.zeros((b_g, k) if s == "negative" else (b_g,), np.int32)
-    n_tok = 0
+    media_side = ss.images > 0 or ss.audio > 0
+    if media_side:
+      soft = np.full((ss.rows, ss.length), -1, np.int32)
+      images = np.zeros((ss.images,) + tuple(shape.image_shape), np.uint8)
+      audio = np.full((ss.audio,) + tuple(shape.audio_shape), shape.audio_pad, np.float32)
+      audio_base = ss.images * shape.image_tokens
+    n_tok = n_img = n_aud = 0
     for b, (_, placed) in enumerate(accepted):
-      for j, (r, start, seg, toks) in enumerate(placed[s]):
+      for j, (r, start, seg, img0, aud0, toks, media) in enumerate(placed[s]):
         n = toks.size
         tokens[r, start:start + n] = toks
         seg_ids[r, start:start + n] = seg + 1
@@ -325,6 +417,27 @@ def _assemble(shape: GroupShape, accepted) -> dict[str, np.ndarray]:
         else:
           slot[b] = r * s_max + seg
         n_tok += n
+        for m in media:
+          at = start + m.offset
+          if m.kind == "image":
+            images[img0] = m.array
+            base = img0 * shape.image_tokens
+            img0 += 1
+            n_img += 1
+          else:
+            audio[aud0] = m.array
+            base = audio_base + aud0 * shape.audio_tokens
+            aud0 += 1
+            n_aud += 1
+          soft[r, at:at + m.tokens] = base + np.arange(m.tokens, dtype=np.int32)
+    if media_side:
+      out[f"{s}_soft_index"] = soft
+      if ss.images:
+        out[f"{s}_images"] = images
+      if ss.audio:
+        out[f"{s}_audio"] = audio
+      out[f"{s}_num_images"] = np.asarray(n_img, np.int64)
+      out[f"{s}_num_audio"] = np.asarray(n_aud, np.int64)
     out[f"{s}_tokens"] = tokens
     out[f"{s}_segment_ids"] = seg_ids
     out[f"{s}_positions"] = pos

@@ -11,7 +11,11 @@ Data flow for one task (all lazy grain MapDatasets, random access):
   examples (list / any __len__+__getitem__ / grain MapDataset)
     EpochShuffleMapDataset(seed_t)   repeated, a new permutation every epoch
     .random_map(PrependTaskString)   task string kept with prob 1 - p_drop
-    .map(Tokenize) x 3 sides         [bos] + ids + [eos], truncated to the side's L
+    .map(Tokenize) x 3 sides         [bos] + ids + [eos], truncated to the side's L;
+                                     media / interleaved sides through an
+                                     `interleave.InputEncoder` (decode, soft-token
+                                     placeholders); an undecodable record is
+                                     marked skipped, counted by the packer
     [g::G]                           group g's share of the stream
     (PFT: MapDataset.mix over tasks with the rates, per group)
     PackedGroupIterDataset           -> one group batch per next()
@@ -45,8 +49,10 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+from absl import logging
 
 from embed2.data import packing
+from embed2.data import segments
 from embed2.data.packing import BOS_ID, EOS_ID, GroupShape, SideShape
 
 STATE_VERSION = 1
@@ -86,7 +92,11 @@ class PrependTaskString(grain.transforms.RandomMap):
     keep = bool(rng.random() >= self.p_drop) and bool(self.task_string)
     out = dict(element)
     if keep:
-      out[self.key] = self.task_string + element[self.key]
+      x = element[self.key]
+      if isinstance(x, str):
+        out[self.key] = self.task_string + x
+      else:  # an item or an interleaved input: the task string is its first text piece
+        out[self.key] = [self.task_string] + (list(x) if isinstance(x, (list, tuple)) else [x])
     out[self.kept_key] = keep
     return out
 
@@ -97,9 +107,17 @@ class Tokenize(grain.transforms.Map):
 
   A truncated sequence keeps its bos and eos and loses ids from the end.
 
-  Reads `in_key`: a str, or a list of str when `max_items` is set (negatives; the
-  first max_items are kept). Writes `out_key`: int32 (n,) with 1 <= n <= max_length,
-  or a list of them, and `truncated_key`: int, how many of them were truncated.
+  Reads `in_key`: an input (a str; with an `encoder`, also an item or a list of
+  items, see `embed2.data.interleave`), or a list of inputs when `max_items` is set
+  (negatives; the first max_items are kept). Writes `out_key`: int32 (n,) with
+  1 <= n <= max_length, or a list of them, `truncated_key`: int, how many of them
+  were truncated, and for media inputs `media_key` (default: out_key with
+  "_tokens" -> "_media"): the `interleave.Media` of each sequence (a tuple, or a
+  list of tuples).
+
+  A media input that cannot be decoded (`media.MediaError`) does not stop the
+  pipeline: the element is marked `packing.SKIPPED` (with the reason) and the
+  packer counts and drops it; later transforms pass a marked element through.
   """
 
   tokenizer: Any
@@ -110,6 +128,8 @@ class Tokenize(grain.transforms.Map):
   max_items: int | None = None
   add_bos: bool = True
   add_eos: bool = True
+  encoder: Any = None  # interleave.InputEncoder; needed for non-text inputs
+  where: str = ""  # names the task in skip reasons
 
   def __post_init__(self):
     if self.max_length < 1 + self.add_bos + self.add_eos:
@@ -138,17 +158,44 @@ class Tokenize(grain.transforms.Map):
                        "add_bos or add_eos on.")
     return toks, truncated
 
+  def encode_input(self, x, where: str) -> tuple[np.ndarray, bool, tuple]:
+    """One input -> (tokens, truncated, media); raises `segments.MediaError` for bad media."""
+    if isinstance(x, str):
+      toks, trunc = self._one(x)
+      return toks, trunc, ()
+    if self.encoder is None:
+      raise TypeError(f"{where} is a {type(x).__name__}, not text; multimodal tasks need an "
+                      "input encoder (build the iterator with encoder=interleave.InputEncoder(...))")
+    e = self.encoder.encode(x, max_length=self.max_length, where=where, add_bos=self.add_bos,
+                            add_eos=self.add_eos)
+    return e.tokens, e.truncated, e.media
+
   def map(self, element):
+    if packing.SKIPPED in element:
+      return element
     out = dict(element)
-    if self.max_items is None:
-      toks, trunc = self._one(element[self.in_key])
-      out[self.out_key] = toks
-      out[self.truncated_key] = int(trunc)
-    else:
-      texts = list(element.get(self.in_key, ()))[:self.max_items]
-      pairs = [self._one(t) for t in texts]
-      out[self.out_key] = [t for t, _ in pairs]
-      out[self.truncated_key] = sum(int(tr) for _, tr in pairs)
+    media_key = self.out_key.replace("_tokens", "_media")
+    where = (f"{self.where} " if self.where else "") + (
+        f"example {element.get('query_id', '?')} {self.in_key}")
+    try:
+      if self.max_items is None:
+        toks, trunc, media = self.encode_input(element[self.in_key], where)
+        out[self.out_key] = toks
+        out[self.truncated_key] = int(trunc)
+        if media:
+          out[media_key] = media
+      else:
+        xs = list(element.get(self.in_key, ()))[:self.max_items]
+        triples = [self.encode_input(x, f"{where}[{j}]") for j, x in enumerate(xs)]
+        out[self.out_key] = [t for t, _, _ in triples]
+        out[self.truncated_key] = sum(int(tr) for _, tr, _ in triples)
+        if any(m for _, _, m in triples):
+          out[media_key] = [m for _, _, m in triples]
+    except segments.MediaError as e:
+      # The first records are named in the log, then one in a hundred; the packer counts them all.
+      logging.log_first_n(logging.WARNING, "skipping an undecodable record: %s", 20, e)
+      logging.log_every_n(logging.WARNING, "skipping an undecodable record: %s", 100, e)
+      return {packing.SKIPPED: str(e), "query_id": element.get("query_id", -1)}
     return out
 
 
@@ -185,6 +232,10 @@ class BatchSpec:
     negative_rows: R of the negative side; None: suggested.
     rows_slack: `packing.suggest_rows` slack used when rows are suggested.
     max_misses: `packing.GroupShape.max_misses`.
+    query_images, positive_images, negative_images: image slots of each side
+      (video frames count as images); None: suggested from the sample (0 when
+      the sample has no images on that side).
+    query_audio, positive_audio, negative_audio: audio-chunk slots, likewise.
   """
 
   batch_size: int
@@ -198,6 +249,12 @@ class BatchSpec:
   negative_rows: int | None = None
   rows_slack: float = 1.0
   max_misses: int = 64
+  query_images: int | None = None
+  positive_images: int | None = None
+  negative_images: int | None = None
+  query_audio: int | None = None
+  positive_audio: int | None = None
+  negative_audio: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -378,24 +435,24 @@ def _source(task: TaskSpec) -> grain.MapDataset:
 
 
 def _task_stream(task: TaskSpec, task_index: int, spec: BatchSpec, tokenizer,
-                 seed: int) -> grain.MapDataset:
+                 seed: int, encoder=None) -> grain.MapDataset:
   """The task's infinite stream of tokenized tuples (before group slicing)."""
   ds = EpochShuffleMapDataset(_source(task), seed=_task_seed(seed, task.name, 0))
   ds = ds.random_map(PrependTaskString(task_string=task.task_string,
                                        p_drop=task.p_drop),
                      seed=_task_seed(seed, task.name, 1))
-  ds = ds.map(Tokenize(tokenizer=tokenizer, in_key="query", out_key="query_tokens",
-                       truncated_key="query_truncated", max_length=spec.query_len))
-  ds = ds.map(Tokenize(tokenizer=tokenizer, in_key="positive",
-                       out_key="positive_tokens",
+  common = dict(tokenizer=tokenizer, encoder=encoder, where=f"task {task.name!r}")
+  ds = ds.map(Tokenize(in_key="query", out_key="query_tokens",
+                       truncated_key="query_truncated", max_length=spec.query_len,
+                       **common))
+  ds = ds.map(Tokenize(in_key="positive", out_key="positive_tokens",
                        truncated_key="positive_truncated",
-                       max_length=spec.positive_len))
+                       max_length=spec.positive_len, **common))
   if spec.num_negatives > 0:
-    ds = ds.map(Tokenize(tokenizer=tokenizer, in_key="negatives",
-                         out_key="negative_tokens",
+    ds = ds.map(Tokenize(in_key="negatives", out_key="negative_tokens",
                          truncated_key="negative_truncated",
                          max_length=spec.negative_len,
-                         max_items=spec.num_negatives))
+                         max_items=spec.num_negatives, **common))
   return ds.map(SetTaskIndex(task_index=task_index))
 
 
@@ -409,16 +466,43 @@ def _divide(total: int, groups: int, where: str, field: str) -> int:
   return total // groups
 
 
+def _media_slots(spec: BatchSpec, side: str, kind: str, b_g: int,
+                 num_groups: int, sample: Sequence[dict], where: str) -> int:
+  """Per-group media slots of one side: the spec's, or suggested from `sample`."""
+  field = f"{side}_{'images' if kind == 'image' else 'audio'}"
+  given = getattr(spec, field)
+  if given is not None:
+    return _divide(given, num_groups, where, field)
+  if not sample:
+    return 0
+  key = f"{side}_media"
+
+  def count(media) -> int:
+    return sum(m.kind == kind for m in media)
+
+  if side == "negative":
+    per_tuple = [sum(count(m) for m in ex.get(key, ())) for ex in sample]
+  else:
+    per_tuple = [count(ex.get(key, ())) for ex in sample]
+  if not any(per_tuple):
+    return 0
+  # Enough for the batch's expected count, and for the largest tuple (so any
+  # tuple fits an empty batch).
+  expected = math.ceil(b_g * float(np.mean(per_tuple)) * spec.rows_slack)
+  return max(expected, max(per_tuple))
+
+
 def group_shape(spec: BatchSpec, num_groups: int, sample: Sequence[dict] = (),
-                where: str = "batch") -> GroupShape:
+                where: str = "batch", model_cfg=None) -> GroupShape:
   """The per-group shape of a BatchSpec; unset rows are suggested from `sample`.
 
   Args:
     spec: the global batch shape.
     num_groups: G.
-    sample: tokenized tuples (as the stream yields them) to suggest rows from;
-      needed only when some rows are None.
+    sample: tokenized tuples (as the stream yields them) to suggest rows and
+      media slots from; needed only when some rows are None.
     where: names the task/stage in errors.
+    model_cfg: the model's `ModelConfig`; gives the media slots' shapes.
 
   Returns:
     The GroupShape (R_g = R / G, B_g = B / G).
@@ -452,10 +536,26 @@ def group_shape(spec: BatchSpec, num_groups: int, sample: Sequence[dict] = (),
         r_g = max(r_g, k)
     else:
       r_g = _divide(rows, num_groups, where, f"{s}_rows")
-    shapes[s] = SideShape(length=length, rows=r_g)
+    shapes[s] = SideShape(
+        length=length, rows=r_g,
+        images=_media_slots(spec, s, "image", b_g, num_groups, sample, where),
+        audio=_media_slots(spec, s, "audio", b_g, num_groups, sample, where))
+  media = {}
+  if any(ss.images or ss.audio for ss in shapes.values()):
+    if model_cfg is None:
+      raise ValueError(f"{where}: the batch has media slots but no model config "
+                       "was given for their shapes; pass encoder= to the "
+                       "iterator builder.")
+    from embed2.data import media as media_lib  # pylint: disable=g-import-not-at-top
+    c = model_cfg
+    media = dict(image_shape=(c.image_size, c.image_size, 3),
+                 image_tokens=c.image_tokens,
+                 audio_shape=(c.audio_chunk_frames, c.n_mels),
+                 audio_tokens=c.audio_chunk_tokens,
+                 audio_pad=float(media_lib.log_mel_pad_value(c)))
   try:
     return GroupShape(examples=b_g, segments=spec.segments, num_negatives=k,
-                      max_misses=spec.max_misses, **shapes)
+                      max_misses=spec.max_misses, **shapes, **media)
   except ValueError as e:
     raise ValueError(f"{where}: {e} (rows here are per group; the BatchSpec "
                      f"counts are {num_groups}x that)") from None
@@ -578,7 +678,7 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def with_suggested_rows(task: TaskSpec, spec: BatchSpec, *, tokenizer,
                         num_groups: int, sample_size: int = 8192,
-                        seed: int = 0) -> BatchSpec:
+                        seed: int = 0, encoder=None) -> BatchSpec:
   """`spec` with every unset row count filled in from a large sample of `task`.
 
   For configs: the iterators suggest rows from ROWS_SAMPLE_SIZE tuples at build
@@ -592,14 +692,23 @@ def with_suggested_rows(task: TaskSpec, spec: BatchSpec, *, tokenizer,
     num_groups: G.
     sample_size: tuples tokenized (at most one epoch of the task).
     seed: shuffle seed of the sample.
+    encoder: as in `build_ft_iterator`; with one, media slots are set too.
 
   Returns:
-    A copy of `spec` with global query/positive/negative rows set.
+    A copy of `spec` with global query/positive/negative rows (and media slots)
+    set.
   """
-  ds = _task_stream(task, 0, spec, tokenizer, seed)
-  sample = _suggestion_sample(ds, min(sample_size, len(_source(task))), spec)
-  shape = group_shape(spec, num_groups, sample, where=f"task {task.name!r}")
+  ds = _task_stream(task, 0, spec, tokenizer, seed, encoder)
+  media = encoder is not None
+  sample = _suggestion_sample(ds, min(sample_size, len(_source(task))), spec,
+                              media)
+  shape = group_shape(spec, num_groups, sample, where=f"task {task.name!r}",
+                      model_cfg=encoder.cfg if media else None)
   rows = {f"{s}_rows": shape.side(s).rows * num_groups for s in shape.sides}
+  if media:
+    for s in shape.sides:
+      rows[f"{s}_images"] = shape.side(s).images * num_groups
+      rows[f"{s}_audio"] = shape.side(s).audio * num_groups
   return dataclasses.replace(spec, **rows)
 
 
@@ -636,17 +745,25 @@ def _check_stage(tasks: Sequence[TaskSpec], num_groups: int, process_index: int,
   return tuple(range(process_index * g_local, (process_index + 1) * g_local))
 
 
-def _suggestion_sample(ds: grain.MapDataset, n: int,
-                       spec: BatchSpec) -> list[dict]:
-  """The first n tuples of a stream if some rows are left to suggest, else []."""
-  rows = (spec.query_rows, spec.positive_rows,
-          spec.negative_rows if spec.num_negatives else 0)
-  return [ds[i] for i in range(n)] if None in rows else []
+def _suggestion_sample(ds: grain.MapDataset, n: int, spec: BatchSpec,
+                       media: bool = False) -> list[dict]:
+  """The first n tuples of a stream (skipped records left out) if some rows (or,
+  with `media`, media slots) are left to suggest, else []."""
+  k = spec.num_negatives
+  unset = (spec.query_rows, spec.positive_rows, spec.negative_rows if k else 0)
+  if media:
+    unset += (spec.query_images, spec.positive_images,
+              spec.negative_images if k else 0, spec.query_audio,
+              spec.positive_audio, spec.negative_audio if k else 0)
+  if None not in unset:
+    return []
+  out = [ds[i] for i in range(n)]
+  return [ex for ex in out if packing.SKIPPED not in ex] or out[:0]
 
 
 def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
                       seed: int, process_index: int = 0, process_count: int = 1,
-                      local_groups: Sequence[int] | None = None
+                      local_groups: Sequence[int] | None = None, encoder=None
                       ) -> StageIterator:
   """Fine-tuning stage: every step's batch comes from one task.
 
@@ -662,6 +779,9 @@ def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
     local_groups: overrides that range: the global group indices this process
       builds, in the order its local batch concatenates them (e.g. the batch
       positions of its devices when the mesh does not put them contiguously).
+    encoder: `interleave.InputEncoder` of the model; needed when examples hold
+      images / audio / video or interleaved inputs (their media slots are then
+      suggested from the sample unless the BatchSpec sets them).
 
   Returns:
     A StageIterator; step n's task is `it.task_at(n)`, the same on all processes.
@@ -676,10 +796,11 @@ def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
     if t.rate == 0:
       stream_of_task.append(-1)
       continue
-    ds = _task_stream(t, i, t.batch, tokenizer, seed)
+    ds = _task_stream(t, i, t.batch, tokenizer, seed, encoder)
     sample = _suggestion_sample(
-        ds, min(ROWS_SAMPLE_SIZE, len(_source(t))), t.batch)
-    shape = group_shape(t.batch, num_groups, sample, where=f"task {t.name!r}")
+        ds, min(ROWS_SAMPLE_SIZE, len(_source(t))), t.batch, encoder is not None)
+    shape = group_shape(t.batch, num_groups, sample, where=f"task {t.name!r}",
+                        model_cfg=None if encoder is None else encoder.cfg)
     iters = {g: iter(PackedGroupIterDataset(ds[g::num_groups], shape))
              for g in local}
     stream_of_task.append(len(streams))
@@ -695,7 +816,7 @@ def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
 def build_pft_iterator(tasks: Sequence[TaskSpec], batch: BatchSpec, *, tokenizer,
                        num_groups: int, seed: int, process_index: int = 0,
                        process_count: int = 1,
-                       local_groups: Sequence[int] | None = None
+                       local_groups: Sequence[int] | None = None, encoder=None
                        ) -> StageIterator:
   """Pre-fine-tuning stage: every group's batch mixes tasks at fixed rates.
 
@@ -706,8 +827,8 @@ def build_pft_iterator(tasks: Sequence[TaskSpec], batch: BatchSpec, *, tokenizer
   Args:
     tasks: the stage's tasks (rate 0: left out of the mixture).
     batch: the stage's one batch shape.
-    tokenizer, num_groups, seed, process_index, process_count, local_groups:
-      as in `build_ft_iterator`.
+    tokenizer, num_groups, seed, process_index, process_count, local_groups,
+      encoder: as in `build_ft_iterator`.
 
   Returns:
     A StageIterator with one stream named "mixture".
@@ -715,14 +836,16 @@ def build_pft_iterator(tasks: Sequence[TaskSpec], batch: BatchSpec, *, tokenizer
   local = _check_stage(tasks, num_groups, process_index, process_count,
                        local_groups)
   live = [(i, t) for i, t in enumerate(tasks) if t.rate > 0]
-  full = [_task_stream(t, i, batch, tokenizer, seed) for i, t in live]
+  full = [_task_stream(t, i, batch, tokenizer, seed, encoder) for i, t in live]
   rates = [float(t.rate) for _, t in live]
 
   def mix(parts):
     return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, rates)
 
-  sample = _suggestion_sample(mix(full), ROWS_SAMPLE_SIZE, batch)
-  shape = group_shape(batch, num_groups, sample, where="pft stage batch")
+  sample = _suggestion_sample(mix(full), ROWS_SAMPLE_SIZE, batch,
+                              encoder is not None)
+  shape = group_shape(batch, num_groups, sample, where="pft stage batch",
+                      model_cfg=None if encoder is None else encoder.cfg)
   iters = {g: iter(PackedGroupIterDataset(
       mix([ds[g::num_groups] for ds in full]), shape)) for g in local}
   return StageIterator(mode="pft", task_names=[t.name for t in tasks],

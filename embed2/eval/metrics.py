@@ -26,7 +26,7 @@ Conventions (those of trec_eval / pytrec_eval unless stated):
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -358,3 +358,17 @@ def retrieval_problem(examples: Sequence[Mapping], *, include_negatives: bool = 
           text_col[text] = len(corpus)
           corpus.append(text)
   return queries, corpus, relevance
+
+
+def reverse_problem(queries: Sequence[Any], corpus: Sequence[Any], relevance: Sequence[Mapping[int, float]]
+                    ) -> tuple[list[Any], list[Any], list[dict[int, float]]]:
+  """The same judgments the other way round: the corpus becomes the queries (each with the old
+  queries that judged it relevant) and the queries the corpus. Documents no query judged are dropped
+  as queries (nothing to find)."""
+  back: list[dict[int, float]] = [{} for _ in corpus]
+  for q, rel in enumerate(relevance):
+    for d, grade in rel.items():
+      if grade > 0:
+        back[d][q] = grade
+  keep = [d for d in range(len(corpus)) if back[d]]
+  return [corpus[d] for d in keep], list(queries), [back[d] for d in keep]

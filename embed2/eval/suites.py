@@ -8,7 +8,12 @@ Suites (the `SUITES` dict; each entry's `load` builds its tasks from `data_dir`)
   demo            the offline stdlib eval split (`data_pipelines.stdlib_tasks`): code_search,
                   doc_retrieval, module_classification as retrieval (queries with the task's task
                   string, corpus = the split's positives) plus the BM25 baseline on the same split,
-                  and a clustering of module_classification's queries by family (v-measure).
+                  and a clustering of module_classification's queries by family (v-measure); and the
+                  generated multimodal eval splits (`data_pipelines.media_tasks`): text->image,
+                  image->text, audio->text, video->text, interleaved (image + edit)->image and
+                  spelled audio->word, R@1/R@10/nDCG@10 with the chance level of R@1. A model
+                  without the frontend a task needs skips that task (logged), so text-only models
+                  run the demo suite too.
   mscoco          image-text retrieval, both directions, R@1/5/10. Manifest
   flickr30k       `<data_dir>/<suite>/test.jsonl`, one image per line:
                     {"image": "path/relative/to/manifest.jpg", "captions": ["...", ...]}
@@ -19,11 +24,13 @@ Suites (the `SUITES` dict; each entry's `load` builds its tasks from `data_dir`)
                     qrels/test.tsv (query-id, corpus-id, score; a header line). nDCG@10, R@10, MRR@10.
                   (`python -m embed2.eval.mteb_adapter` runs the official MTEB harness instead.)
 
-Image and video suites need the multimodal frontends (issue 7); until then evaluating them raises
-`MissingFrontendError` ("this model has no image frontend") before any data is read.
+Image and video suites need the model's image frontend; evaluating them with a model that has none
+raises `MissingFrontendError` ("this model has no image frontend") before any data is read.
 
 Keys of the result: "<task>/<metric>/dim_<d>" for each MRL dim, "<task>/<metric>/bm25" for the
-lexical baseline, and "mean/<metric>/dim_<d>" over the suite's retrieval tasks.
+lexical baseline, "<task>/recall@1/chance" (the expected R@1 of a random ranking, 1 / corpus size)
+for tasks that report it, and "mean/<metric>/dim_<d>" over the
+suite's retrieval tasks.
 
 `data_pipelines` is imported only inside the demo suite's loader: it is the one place this library
 reads the offline task data, the way the entry point resolves task names (see DESIGN.md).
@@ -44,7 +51,8 @@ from absl import logging
 from embed2.eval import bm25 as bm25_lib
 from embed2.eval import metrics
 from embed2.eval import retrieval
-from embed2.inference import Image, Video, missing_frontend
+from embed2.data import segments
+from embed2.inference import Audio, Image, Video, missing_frontend
 
 DATA_DIR_ENV = "EMBED2_DATA_DIR"
 
@@ -55,6 +63,17 @@ DEMO_TASKS = {"code_search": ("code_search", "stdlib_code_search"),
               "doc_retrieval": ("doc_retrieval", "stdlib_doc_retrieval"),
               "module_classification": ("module_cls", "module_classification",
                                         "stdlib_module_cls")}
+
+# The demo suite's generated multimodal tasks: suite task -> (data_pipelines.tasks.TASKS source,
+# reversed (corpus = the source's queries), config task names whose task string its queries get).
+DEMO_MEDIA_TASKS = {
+    "text_to_image": ("shapes_caption", False, ("t2i", "shapes_caption")),
+    "image_to_text": ("shapes_caption", True, ("i2t", "shapes_caption_reversed")),
+    "audio_to_text": ("tone_description", False, ("a2t", "tone_description")),
+    "video_to_text": ("moving_shapes", False, ("v2t", "moving_shapes")),
+    "interleaved_to_image": ("image_edit", False, ("edit", "image_edit")),
+    "spelled_audio_to_word": ("tone_spelling", False, ("spell", "tone_spelling")),
+}
 
 # MTEB(Code, v1): the benchmark's retrieval tasks. The suite runs those found under its folder.
 MTEB_CODE_TASKS = ("AppsRetrieval", "COIRCodeSearchNetRetrieval", "CodeEditSearchRetrieval",
@@ -80,6 +99,7 @@ class RetrievalTask:
     ks: cut-offs computed.
     report: metric names (keys of `metrics.retrieval_metrics`) kept in the results.
     bm25: also score the BM25 baseline (text tasks).
+    chance: also report "recall@1/chance", the R@1 of a random ranking.
   """
   name: str
   queries: Sequence[Any] = dataclasses.field(repr=False)
@@ -89,6 +109,16 @@ class RetrievalTask:
   ks: tuple[int, ...] = (1, 10)
   report: tuple[str, ...] = retrieval.RETRIEVAL_METRICS
   bm25: bool = False
+  chance: bool = False
+
+  @property
+  def modalities(self) -> set[str]:
+    """What the model must read for this task (from its first query and first document)."""
+    out = set()
+    for xs in (self.queries, self.corpus):
+      if len(xs):
+        out |= segments.modalities_of(xs[0])
+    return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -98,6 +128,10 @@ class ClusteringTask:
   inputs: Sequence[Any] = dataclasses.field(repr=False)
   labels: Sequence[Any] = dataclasses.field(repr=False)
   query_task: str | tuple[str, ...] | None = None
+
+  @property
+  def modalities(self) -> set[str]:
+    return segments.modalities_of(self.inputs[0]) if len(self.inputs) else set()
 
 
 Task = RetrievalTask | ClusteringTask
@@ -112,11 +146,14 @@ class Suite:
     description: one line for listings.
     modalities: what the model must read (checked before any data is loaded).
     load: data_dir -> tasks (raises FileNotFoundError naming the expected layout).
+    skip_unreadable: tasks needing a modality the model cannot read are skipped (logged) instead
+      of failing the suite.
   """
   name: str
   description: str
   modalities: tuple[str, ...]
   load: Callable[[pathlib.Path], list[Task]]
+  skip_unreadable: bool = False
 
 
 # -------------------------------------------------------------------------------------- loaders
@@ -140,7 +177,24 @@ def load_demo(data_dir: pathlib.Path | None = None) -> list[Task]:
       tasks.append(ClusteringTask(name=f"{name}_clusters", inputs=[e["query"] for e in first.values()],
                                   labels=[e["positive"] for e in first.values()],
                                   query_task=config_task))
-  return tasks
+  return tasks + load_demo_media()
+
+
+def load_demo_media() -> list[Task]:
+  """The generated multimodal eval splits (`DEMO_MEDIA_TASKS`), built on demand and held out from
+  training by content (see data_pipelines.media_tasks)."""
+  from data_pipelines import tasks as task_lib  # see the module docstring
+
+  out: list[Task] = []
+  for name, (source, reverse, config_task) in DEMO_MEDIA_TASKS.items():
+    examples = task_lib.build_task(source, "eval")
+    queries, corpus, relevance = metrics.retrieval_problem(examples)
+    if reverse:
+      queries, corpus, relevance = metrics.reverse_problem(queries, corpus, relevance)
+    out.append(RetrievalTask(name=name, queries=queries, corpus=corpus, relevance=relevance,
+                             query_task=config_task, ks=(1, 10),
+                             report=("recall@1", "recall@10", "ndcg@10"), chance=True))
+  return out
 
 
 def _read_jsonl(path: pathlib.Path, what: str) -> list[dict]:
@@ -245,8 +299,9 @@ def load_beir_folder(folder: pathlib.Path, expected: Sequence[str] = ()) -> list
 
 
 SUITES: dict[str, Suite] = {
-    "demo": Suite(name="demo", description="offline stdlib eval split + BM25 baseline",
-                  modalities=("text",), load=load_demo),
+    "demo": Suite(name="demo", description="offline stdlib eval split + BM25 baseline, and the "
+                  "generated image / audio / video / interleaved tasks", modalities=("text",),
+                  load=load_demo, skip_unreadable=True),
     "mscoco": Suite(name="mscoco", description="MSCOCO 5k test image-text retrieval, R@1/5/10",
                     modalities=("text", "image"), load=lambda d: load_image_text(d / "mscoco")),
     "flickr30k": Suite(name="flickr30k", description="Flickr30k 1k test image-text retrieval",
@@ -366,6 +421,13 @@ def evaluate_suite(embedder, suite: str | Suite, dims: Sequence[int] | None = No
   out: dict[str, float] = {}
   retrieval_names = []
   for task in tasks:
+    missing = sorted(task.modalities - set(embedder.modalities))
+    if missing:
+      if not suite.skip_unreadable:
+        raise missing_frontend(missing[0])
+      logging.log_first_n(logging.INFO, "suite %s: task %s skipped, the model reads no %s", 20,
+                          suite.name, task.name, "/".join(missing))
+      continue
     kw = _task_kwargs(embedder, task.query_task)
     if isinstance(task, RetrievalTask):
       q_qd = _embed_quietly(embedder, task.queries, is_query=True, **kw)
@@ -373,6 +435,10 @@ def evaluate_suite(embedder, suite: str | Suite, dims: Sequence[int] | None = No
       res = retrieval.retrieval_sweep(q_qd, c_nd, task.relevance, dims=dims, ks=task.ks,
                                       names=task.report, mesh=mesh)
       out.update({f"{task.name}/{k}": v for k, v in res.items()})
+      if task.chance:
+        # A random ranking puts each of a query's r relevant documents first with chance 1/N, so
+        # its expected recall@1 = (r / N) / r = 1 / N whatever r is.
+        out[f"{task.name}/recall@1/chance"] = 1.0 / len(task.corpus)
       retrieval_names.append(task.name)
       if bm25 and task.bm25:
         out.update(_bm25_results(task))

@@ -6,15 +6,24 @@ Rows may hold up to S packed examples (segment ids 1..S); pooling returns one ve
 slot, (R, S, d). A batch then picks its examples out of the slots with per-group slot indices (see
 embed2.data.packing for the layout): the rows of pack group g hold only group g's examples, so the
 gather never crosses a device boundary.
+
+Media: a side with images / audio (`{prefix}images`, `{prefix}audio`, `{prefix}soft_index`, see
+embed2.data.packing) runs each media slot through its frontend (embed2.model.frontends), flattens the
+soft tokens per pack group, and gathers them into the rows at the placeholder positions, again within
+the group. Every image / audio chunk is encoded on its own, so where it sits does not change its soft
+tokens.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from embed2 import sharding
+from embed2.model import frontends
 from embed2.model.presets import ModelConfig
 from embed2.model.transformer import Transformer, _param
 
@@ -74,6 +83,7 @@ class EmbeddingModel(nnx.Module):
     self.cfg = cfg
     self.rules = rules
     self.transformer = Transformer(cfg, rules=rules, rngs=rngs)
+    self.image_frontend, self.audio_frontend = frontends.build_frontends(cfg, rngs=rngs)
     dims = (cfg.model_dim,) + tuple(cfg.head_dims)
     init = nnx.initializers.normal(stddev=1.0)
     self.head = nnx.List([
@@ -91,36 +101,75 @@ class EmbeddingModel(nnx.Module):
       pooled = pooled @ w[...]
     return l2_normalize(pooled)
 
+  def soft_inputs(self, side: dict, num_groups: int, prefix: str = ""):
+    """Soft tokens of one side's media at their placeholder positions.
+
+    Args:
+      side: dict with `{prefix}soft_index` int32 (R, L) and `{prefix}images` uint8 (G * N_g, S, S, 3)
+        and / or `{prefix}audio` float32 (G * A_g, F, M).
+      num_groups: G.
+      prefix: key prefix.
+
+    Returns:
+      (soft tokens (R, L, D), soft mask bool (R, L)), or (None, None) for a side without media.
+    """
+    idx_rl = side.get(prefix + "soft_index")
+    if idx_rl is None:
+      return None, None
+    g = num_groups
+    r, l = idx_rl.shape
+    parts = []
+    for key, frontend, what in (("images", self.image_frontend, "image_frontend"),
+                                ("audio", self.audio_frontend, "audio_frontend")):
+      x = side.get(prefix + key)
+      if x is None:
+        continue
+      if frontend is None:
+        raise ValueError(f"the batch has {prefix}{key} but this model has no {key} frontend; set "
+                         f"config.model.{what}")
+      if x.shape[0] % g:
+        raise ValueError(f"{prefix}{key} has {x.shape[0]} slots, not divisible into {g} pack groups")
+      soft = frontend(x)  # (G * slots, T, D)
+      parts.append(soft.reshape(g, -1, soft.shape[-1]))
+    if not parts:
+      raise ValueError(f"{prefix}soft_index is given without {prefix}images or {prefix}audio")
+    soft_gnd = jnp.concatenate([p.astype(parts[0].dtype) for p in parts], axis=1)
+    idx_gm = idx_rl.reshape(g, -1)
+    out = jnp.take_along_axis(soft_gnd, jnp.maximum(idx_gm, 0)[:, :, None], axis=1)
+    return out.reshape(r, l, -1), idx_rl >= 0
+
   def __call__(self, side: dict, num_groups: int, prefix: str = "") -> jax.Array:
     """Embeds the examples of one side of a packed batch.
 
     Args:
       side: dict with `{prefix}tokens`, `{prefix}segment_ids`, `{prefix}positions` (R, L) and
-        `{prefix}slot` (B,) or (B, K); optional `{prefix}soft_tokens` / `{prefix}soft_mask`.
+        `{prefix}slot` (B,) or (B, K); for media, `{prefix}soft_index` with `{prefix}images` /
+        `{prefix}audio` (see `soft_inputs`).
       num_groups: G, the number of pack groups the rows were built in.
       prefix: key prefix, e.g. "query_".
 
     Returns:
       unit-norm float32 (B, d) (or (B, K, d)).
     """
+    soft, mask = self.soft_inputs(side, num_groups, prefix)
     pooled = self.encode_rows(side[prefix + "tokens"], side[prefix + "segment_ids"],
-                              side[prefix + "positions"], side.get(prefix + "soft_tokens"),
-                              side.get(prefix + "soft_mask"))
+                              side[prefix + "positions"], soft, mask)
     return gather_slots(pooled, side[prefix + "slot"], num_groups)
 
   def embed_sides(self, batch: dict, num_groups: int, sides) -> dict[str, jax.Array]:
     """Embeds several sides of a packed batch ({side}_tokens ... {side}_slot), as `__call__` per side.
 
-    Sides whose rows have the same length share ONE transformer pass: their rows are joined within
+    Text sides whose rows have the same length share ONE transformer pass: their rows are joined within
     each pack group (so a device's rows stay on that device) and split again after pooling. One pass
     instead of three makes the train step's program smaller (faster to compile) and its matmuls larger.
 
     Returns:
       {side: unit-norm float32 (B, d) or (B, K, d)}.
     """
-    by_len: dict[int, list[str]] = {}
+    by_len: dict[Any, list[str]] = {}
     for s in sides:
-      by_len.setdefault(batch[f"{s}_tokens"].shape[1], []).append(s)
+      key = s if f"{s}_soft_index" in batch else batch[f"{s}_tokens"].shape[1]  # media sides alone
+      by_len.setdefault(key, []).append(s)
     out = {}
     g = num_groups
     for names in by_len.values():

@@ -13,6 +13,11 @@ import dataclasses
 from typing import Any
 
 ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
+IMAGE_FRONTENDS = ("none", "patch", "vit")
+AUDIO_FRONTENDS = ("none", "conv")
+IMAGE_RESIZE = ("pad", "crop", "squash")
+# The audio frontend's two stride-2 convolutions turn every 4 mel frames into one soft token.
+AUDIO_SUBSAMPLE = 4
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
 
@@ -54,6 +59,29 @@ class ModelConfig:
   dtype: str = "float32"  # activation / compute dtype; parameters stay float32
   max_segments: int = 1  # S: examples packed per row at most (1 = no packing)
 
+  # Modality frontends (embed2.model.frontends; preprocessing in embed2.data.media). "none" = the model
+  # reads no such input. Video needs the image frontend (each frame is an image).
+  image_frontend: str = "none"  # see IMAGE_FRONTENDS: "patch" = linear patch embedding, "vit" = SigLIP
+  image_size: int = 32  # square side (pixels) every image is resized to
+  patch_size: int = 8  # p: the image is cut into (image_size / p)^2 patches
+  image_tokens: int = 16  # soft tokens per image: the patch grid average-pooled to a square this size
+  image_resize: str = "pad"  # see IMAGE_RESIZE: keep aspect and pad / centre-crop / stretch to square
+  max_image_pixels: int = 40_000_000  # a decoded image with more pixels (H * W) is refused
+  vit_width: int = 128  # the ViT frontend's shape (SigLIP layout; Gemma 3 uses 1152 / 27 / 16 / 4304)
+  vit_depth: int = 2
+  vit_heads: int = 4
+  vit_mlp_dim: int = 512
+  audio_frontend: str = "none"  # see AUDIO_FRONTENDS: "conv" = log-mel -> 2 stride-2 convs
+  sample_rate: int = 16_000  # Hz every waveform is resampled to
+  n_mels: int = 64  # M: mel bands
+  n_fft: int = 400  # STFT window (samples; Hann)
+  hop_length: int = 160  # STFT hop (samples)
+  audio_chunk_frames: int = 200  # mel frames per audio chunk: each chunk is one frontend call
+  max_audio_chunks: int = 8  # chunks per audio input at most; longer audio is cut (counted)
+  audio_conv_dim: int = 256  # channels of the audio frontend's convolutions
+  video_fps: float = 1.0  # video frames sampled per second
+  video_max_frames: int = 8  # frames per video at most (sampled evenly over the clip beyond that)
+
   def __post_init__(self):
     self.validate()
 
@@ -71,6 +99,27 @@ class ModelConfig:
   @property
   def resolved_mrl_dims(self) -> tuple[int, ...]:
     return self.mrl_dims if self.mrl_dims else (self.embed_dim,)
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    """What the model reads: text always, then image / audio / video by its frontends."""
+    out = ["text"]
+    if self.image_frontend != "none":
+      out.append("image")
+    if self.audio_frontend != "none":
+      out.append("audio")
+    if self.image_frontend != "none":
+      out.append("video")
+    return tuple(out)
+
+  @property
+  def audio_chunk_tokens(self) -> int:
+    """Soft tokens of a full audio chunk."""
+    return self.audio_tokens(self.audio_chunk_frames)
+
+  def audio_tokens(self, frames: int) -> int:
+    """Soft tokens the audio frontend makes of `frames` valid mel frames: ceil(ceil(frames/2)/2)."""
+    return -(-(-(-int(frames) // 2)) // 2)
 
   def is_global_layer(self, i: int) -> bool:
     return (i + 1) % self.global_every == 0
@@ -111,6 +160,39 @@ class ModelConfig:
       fail(f"config.model.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
     if self.dtype not in DTYPES:
       fail(f"config.model.dtype={self.dtype!r}; choose one of {DTYPES}")
+    self._validate_media(fail)
+
+  def _validate_media(self, fail) -> None:
+    for field, options in (("image_frontend", IMAGE_FRONTENDS), ("audio_frontend", AUDIO_FRONTENDS),
+                           ("image_resize", IMAGE_RESIZE)):
+      if getattr(self, field) not in options:
+        fail(f"config.model.{field}={getattr(self, field)!r}; choose one of {options}")
+    for field in ("image_size", "patch_size", "image_tokens", "max_image_pixels", "vit_width",
+                  "vit_depth", "vit_heads", "vit_mlp_dim", "sample_rate", "n_mels", "n_fft",
+                  "hop_length", "audio_chunk_frames", "max_audio_chunks", "audio_conv_dim",
+                  "video_max_frames"):
+      v = getattr(self, field)
+      if not isinstance(v, int) or v < 1:
+        fail(f"config.model.{field}={v!r} must be a positive integer")
+    if not self.video_fps > 0:
+      fail(f"config.model.video_fps={self.video_fps!r} must be > 0")
+    if self.image_size % self.patch_size:
+      fail(f"config.model.patch_size={self.patch_size} does not divide image_size={self.image_size}")
+    grid = self.image_size // self.patch_size
+    side = int(round(self.image_tokens ** 0.5))
+    if side * side != self.image_tokens or grid % side:
+      fail(f"config.model.image_tokens={self.image_tokens} must be a square whose side divides the "
+           f"{grid}x{grid} patch grid (image_size / patch_size), e.g. {grid * grid} or "
+           f"{(grid // 2) ** 2 if grid % 2 == 0 else 1}")
+    if self.image_frontend == "vit" and self.vit_width % self.vit_heads:
+      fail(f"config.model.vit_heads={self.vit_heads} does not divide vit_width={self.vit_width}")
+    if self.n_fft < self.hop_length:
+      fail(f"config.model.n_fft={self.n_fft} is shorter than hop_length={self.hop_length}; frames "
+           "would skip samples")
+    need = self.image_tokens + 2 if self.image_frontend != "none" else 0
+    if need and need > self.max_length:
+      fail(f"an image takes {need} tokens (image_tokens + 2 boundary tokens) but max_length="
+           f"{self.max_length}; lower image_tokens or raise max_length")
 
   # ------------------------------------------------------------------ presets
 

@@ -32,7 +32,8 @@ ITEMS = ("params", "train", "meta")
 
 # ModelConfig fields that do not change the parameters: a checkpoint loads across a change of these.
 PARAMETER_FREE_FIELDS = ("dtype", "attention_impl", "remat", "max_length", "causal", "mrl_dims",
-                         "max_segments", "name")
+                         "max_segments", "name", "image_resize", "max_image_pixels", "max_audio_chunks",
+                         "video_fps", "video_max_frames")
 
 
 def architecture(cfg: ModelConfig) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from ml_collections import config_dict
 from embed2 import distributed
 from embed2 import losses
 from embed2 import sharding
+from embed2.data import interleave
 from embed2.data import pipeline
 from embed2.data.tokenizer import Tokenizer
 from embed2.model import EmbeddingModel, ModelConfig
@@ -187,6 +188,13 @@ def model_params(trainee) -> dict:
 # ------------------------------------------------------------------------------ data
 
 
+def input_encoder(config, tokenizer) -> interleave.InputEncoder | None:
+  """The encoder of media and interleaved inputs for the config's model; None for a text-only model
+  (text keeps the plain tokenizing pipeline)."""
+  model_cfg = ModelConfig.from_dict(config.model.to_dict())
+  return interleave.InputEncoder(tokenizer, model_cfg) if len(model_cfg.modalities) > 1 else None
+
+
 def stage_iterator(config, stage, data: Mapping[str, TaskData], tokenizer, num_groups: int,
                    stage_index: int) -> pipeline.StageIterator:
   tasks = []
@@ -198,13 +206,47 @@ def stage_iterator(config, stage, data: Mapping[str, TaskData], tokenizer, num_g
         batch=batch_spec(tc, f"config.tasks.{name}") if stage.mode == "ft" else None))
   seed = int(config.seed) * 1000 + stage_index
   kw = dict(tokenizer=tokenizer, num_groups=num_groups, seed=seed, process_index=jax.process_index(),
-            process_count=jax.process_count())
+            process_count=jax.process_count(), encoder=input_encoder(config, tokenizer))
   if stage.mode == "pft":
     return pipeline.build_pft_iterator(tasks, batch_spec(stage.batch, f"{stage.name}.batch"), **kw)
   return pipeline.build_ft_iterator(tasks, **kw)
 
 
 # ------------------------------------------------------------------------------ loop
+
+
+class _RecordSkips:
+  """Counts the records the data pipeline skipped (media it could not decode) and stops the run when
+  they exceed `config.max_skipped_fraction` of the records read (judged once `config.
+  skipped_grace_records` were read, so one bad record in the first batch is not 100%).
+
+  The counts are this process's (its pack groups); every process decides together.
+  """
+
+  def __init__(self, config, meta):
+    self.max_fraction = float(config.get("max_skipped_fraction", 0.01))
+    self.grace = int(config.get("skipped_grace_records", 200))
+    if not 0.0 <= self.max_fraction <= 1.0:
+      raise ValueError(f"config.max_skipped_fraction={self.max_fraction} must be in [0, 1]")
+    self.skipped = int(meta.get("records_skipped", 0)) if meta else 0
+    self.read = int(meta.get("records_read", 0)) if meta else 0
+
+  def update(self, host, global_step: int, stage_name: str) -> None:
+    new = int(host.get("num_skipped", 0))
+    self.skipped += new
+    self.read += new + int(host.get("num_examples", 0))
+    if new:
+      logging.warning("step %d: the data pipeline skipped %d undecodable records (%d of %d so far)",
+                      global_step, new, self.skipped, self.read)
+    bad = self.read >= self.grace and self.skipped > self.max_fraction * self.read
+    if jax.process_count() > 1:
+      bad = distributed.any_process(bad)
+    if bad:
+      raise TrainingStopped(
+          f"the data pipeline skipped {self.skipped} of {self.read} records ({self.skipped / max(self.read, 1):.1%}) "
+          f"it could not decode (corrupt or unsupported media; the log names them), more than "
+          f"config.max_skipped_fraction={self.max_fraction} (stage {stage_name}, step {global_step}). Fix "
+          "or drop the bad records, or raise config.max_skipped_fraction.")
 
 
 class _Preemption:
@@ -308,6 +350,7 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
   if meta and start_stage_step >= int(config.stages[start_stage].steps):
     start_stage, start_stage_step = start_stage + 1, 0
   skipped_total = int(meta.get("skipped_total", 0)) if meta else 0
+  records = _RecordSkips(config, meta)
   preempted = False
   steps_compiled = 0
   last_eval = None
@@ -345,6 +388,12 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
         if global_step == int(config.get("debug_sigterm_at_step", -1)):
           os.kill(os.getpid(), signal.SIGTERM)
         host = next(it)
+        try:
+          records.update(host, global_step, stage.name)
+        except TrainingStopped:
+          checkpointer.close()
+          writer.close()
+          raise
         if batch_hook is not None:
           host = batch_hook(global_step, host)
         task_i = int(host["task_index"])
@@ -385,6 +434,7 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
           dt = max(time.perf_counter() - t_last, 1e-9)
           row = {"stage": stage.name, "task": task, "examples_per_s": examples_since / dt,
                  "tokens_per_s": tokens_since / dt, "skipped_total": skipped_total,
+                 "records_skipped_total": records.skipped,
                  "learning_rate": float(optim.schedule(ocfg, n_steps)(stage_step - 1))}
           row.update({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0})
           row.update({f"data/{k}": float(v) for k, v in host.items()
@@ -402,7 +452,8 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
         if jax.process_count() > 1:  # every process must agree to stop at the same step
           preemption.requested = distributed.any_process(preemption.requested)
         if preemption.requested or stage_done or global_step % int(config.checkpoint.every) == 0:
-          _save(checkpointer, config, trainee, optimizer, it, si, stage_step, global_step, skipped_total)
+          _save(checkpointer, config, trainee, optimizer, it, si, stage_step, global_step, skipped_total,
+                records)
         if stage_done:
           export_stage(workdir, config, trainee, stage.name, global_step)
         if preemption.requested:
@@ -469,7 +520,7 @@ def export_stage(workdir, config, trainee, stage_name: str, step: int) -> None:
 
 
 def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step, global_step,
-          skipped_total):
+          skipped_total, records):
   # Each process holds its own pack groups' iterator state; merged, it restores on any process layout.
   states = distributed.allgather_json(it.get_state())
   data_state = states[0] if len(states) == 1 else pipeline.merge_states(states)
@@ -479,6 +530,7 @@ def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step,
       "stage_name": config.stages[stage_index].name, "data_state": data_state,
       "fingerprint": _canonical(fingerprint(config)), "skipped_total": skipped_total,
       "process_count": jax.process_count(), "num_groups": it.num_groups,
+      "records_skipped": records.skipped, "records_read": records.read,
   })
   checkpointer.save(global_step, params=model_params(trainee), train=_train_tree(trainee, optimizer),
                     meta=meta, force=True)
