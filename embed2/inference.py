@@ -18,10 +18,11 @@ Media rows: every input is one row, with its own image / audio-chunk slots (the 
 batch holds, rounded up to a power of two so few shapes compile); the frontends run slot by slot, so
 an image's soft tokens are the same alone, interleaved, or next to any other input.
 
-Batching: inputs are sorted by token count and cut into batches of `batch_size`; each batch is padded
-to the smallest length bucket that holds its longest input. One function is compiled per bucket
-(the batch dimension is always `batch_size`), and jax's cache keeps it for every later call with the
-same bucket (`Embedder.num_compilations` counts traces).
+Batching: inputs are sorted by media count and token count and cut into batches of `batch_size`; each
+batch is padded to the smallest length bucket that holds its longest input. One function is compiled
+per bucket and media shape (image / audio-chunk slots per row, rounded up to a power of two; the
+batch dimension is always `batch_size`), and jax's cache keeps it for every later call with the same
+shapes (`Embedder.num_compilations` counts traces).
 
 MRL dims: `embed(..., dim=d)` accepts only the dims the model was trained at (`config.model.mrl_dims`,
 plus the full embedding dim). A prefix the loss never saw is a worse embedding with no warning sign,
@@ -61,15 +62,6 @@ def missing_frontend(modality: str) -> MissingFrontendError:
   return MissingFrontendError(
       f"this model has no {modality} frontend (set config.model.image_frontend / audio_frontend when "
       "training one); pass inputs of the modalities it reads (Embedder.modalities)")
-
-
-def _as_text(x: Any, where: str) -> str | None:
-  """The text a text-only input stands for (an interleaved text-only input is one text, the way a
-  text example is one string in training); None for an input with media."""
-  items = segments.items_of(x, where)
-  if not all(isinstance(i, (str, Text)) for i in items):
-    return None
-  return "".join(i if isinstance(i, str) else i.text for i in items)
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -292,24 +284,30 @@ class Embedder:
     if isinstance(inputs, (str, Text, Image, Audio, Video)) or not isinstance(inputs, Sequence):
       raise TypeError(f"inputs must be a list of inputs, got {type(inputs).__name__}; wrap a single "
                       "input in a list: embed([x])")
-    values = []
     for i, x in enumerate(inputs):
-      text = _as_text(x, f"inputs[{i}]")
-      if text is None:
+      if segments.as_text(x, f"inputs[{i}]") is None:
         self.encoder.check_modalities(x, f"inputs[{i}]")
-      values.append(x if text is None else text)
     task_string = self._prefix(task, prefix, is_query)
     prepend = pipeline.PrependTaskString(task_string=task_string, p_drop=0.0, key="text")
     rng = np.random.default_rng(0)  # p_drop=0: the draw never drops the string
-    out, overflow = [], []
-    for i, x in enumerate(values):
-      x = prepend.random_map({"text": x}, rng)["text"]
-      toks, truncated, media = self._tokenize.encode_input(x, f"inputs[{i}]")
-      out.append(interleave.Encoded(tokens=toks, media=tuple(media), truncated=bool(truncated)))
+    out, overflow, cut = [], [], []
+    for i, x in enumerate(inputs):
+      ex = prepend.random_map({"text": x}, rng)
+      toks, truncated, media, was_cut = self._tokenize.encode_input(
+          ex["text"], f"inputs[{i}]", ex.get("text_task_string", ""))
+      out.append(interleave.Encoded(tokens=toks, media=tuple(media), truncated=bool(truncated),
+                                    cut=was_cut))
       if truncated:
         overflow.append(i)
+      if was_cut:
+        cut.append(i)
+    if cut:
+      warnings.warn(f"{len(cut)} of {len(inputs)} inputs (indices {cut[:5]}) hold audio longer than "
+                    f"config.model.max_audio_chunks={self.config.max_audio_chunks} chunks of "
+                    f"{self.config.audio_chunk_frames} frames; only the first chunks were embedded",
+                    stacklevel=2)
     if overflow:
-      msg = (f"{len(overflow)} of {len(values)} inputs (indices {overflow[:5]}"
+      msg = (f"{len(overflow)} of {len(inputs)} inputs (indices {overflow[:5]}"
              f"{' ...' if len(overflow) > 5 else ''}) are longer than max_length={self.max_length} "
              "tokens")
       if self.on_overflow == "error":
@@ -351,9 +349,11 @@ class Embedder:
     if lengths.max() > self.max_length or lengths.min() < 1:
       raise ValueError(f"token sequences must have 1..max_length={self.max_length} ids; got lengths "
                        f"{lengths.min()}..{lengths.max()}")
-    # Similar lengths share a batch (little padding); media inputs apart from text-only ones.
-    has_media = np.asarray([bool(e.media) for e in encoded])
-    order = np.lexsort((lengths, has_media))
+    # Similar lengths and media counts share a batch: little padding, few media slots per row.
+    bucket = lambda c: 0 if c == 0 else 1 << (c - 1).bit_length()
+    n_img = np.asarray([bucket(e.count(interleave.IMAGE)) for e in encoded])
+    n_aud = np.asarray([bucket(e.count(interleave.AUDIO)) for e in encoded])
+    order = np.lexsort((lengths, n_aud, n_img))
     state = nnx.state(self.model)
     b = self.batch_size
     for start in range(0, n, b):
@@ -376,7 +376,7 @@ class Embedder:
     if not any(e.media for e in batch):
       return None
     cfg = self.config
-    bucket = lambda c: 0 if c == 0 else 1 << (c - 1).bit_length()
+    bucket = lambda c: 0 if c == 0 else 1 << (c - 1).bit_length()  # few shapes to compile
     budget = interleave.media_budget(batch)
     n_img, n_aud = bucket(budget[interleave.IMAGE]), bucket(budget[interleave.AUDIO])
     b = self.batch_size

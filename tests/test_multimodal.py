@@ -158,18 +158,20 @@ def test_pipeline_batches_media_sides_and_counts_skips(tok, cfg):
                                                     segments=4))
   it = pipeline.build_ft_iterator([task], tokenizer=tok, num_groups=2, seed=0,
                                   encoder=interleave.InputEncoder(tok, cfg))
-  seen, skipped = 0, 0
+  seen, skipped, ids = 0, 0, set()
   for _ in range(10):
     b = next(it)
     seen += int(b["num_examples"])
     skipped += int(b["num_skipped"])
+    ids |= set(int(q) for q, ok in zip(b["query_ids"], b["example_valid"]) if ok)
     assert b["query_images"].shape[1:] == (16, 16, 3) and b["query_images"].dtype == np.uint8
     assert "positive_images" not in b and "positive_soft_index" not in b
     n_soft = (b["query_soft_index"] >= 0).sum()
     assert n_soft == 4 * int(b["query_num_images"])
-  # 4 of 40 records are corrupt: every epoch skips them, and only them.
+  # 4 of 40 records are corrupt: every epoch skips them, and only them; every other record arrives.
   assert skipped > 0
   assert abs(skipped / (seen + skipped) - 0.1) < 0.05
+  assert ids == {i for i in range(40) if i % 10 != 3}
 
 
 def test_embedder_embeds_media_and_matches_the_training_path(tok, cfg, model):
@@ -262,3 +264,60 @@ def test_training_stops_when_too_many_records_are_undecodable(tmp_path):
   data = {"pics": trainer.TaskData(train=examples)}
   with pytest.raises(trainer.TrainingStopped, match=r"skipped \d+ of \d+ records .*max_skipped_fraction=0.2"):
     trainer.train(c, str(tmp_path), data)
+
+
+def test_a_stream_of_only_bad_records_yields_counted_batches_not_a_hang(tok, cfg):
+  bad = [{"query": Image(path="/nonexistent/x.png"), "positive": "p", "query_id": i, "positive_id": i}
+         for i in range(20)]
+  spec = pipeline.BatchSpec(batch_size=4, query_len=32, positive_len=8, segments=4, query_rows=2,
+                            positive_rows=1, query_images=4, positive_images=0, query_audio=0,
+                            positive_audio=0)
+  task = pipeline.TaskSpec(name="bad", examples=bad, batch=spec)
+  it = pipeline.build_ft_iterator([task], tokenizer=tok, num_groups=1, seed=0,
+                                  encoder=interleave.InputEncoder(tok, cfg))
+  b = next(it)
+  assert int(b["num_examples"]) == 0 and int(b["num_skipped"]) > 0
+  # Left to suggest its shapes, the same task fails at build time, quoting why.
+  task = pipeline.TaskSpec(name="bad", examples=bad, batch=pipeline.BatchSpec(
+      batch_size=4, query_len=32, positive_len=8, segments=4))
+  with pytest.raises(ValueError, match=r"task 'bad': 20 of the first 20 records cannot be decoded"):
+    pipeline.build_ft_iterator([task], tokenizer=tok, num_groups=1, seed=0,
+                               encoder=interleave.InputEncoder(tok, cfg))
+
+
+def test_a_tuple_with_more_media_than_the_side_holds_is_skipped_and_counted(tok, cfg):
+  rng = np.random.default_rng(9)
+  enc = interleave.InputEncoder(tok, cfg)
+  two = enc.encode([_image(rng), _image(rng)], max_length=64)
+  one = enc.encode(_image(rng), max_length=64)
+  shape = packing.GroupShape(
+      examples=1, segments=4, num_negatives=0,
+      query=packing.SideShape(length=64, rows=1, images=1), positive=packing.SideShape(length=8, rows=1),
+      image_shape=(16, 16, 3), image_tokens=4)
+  exs = [{"query_tokens": e.tokens, "query_media": e.media, "positive_tokens": np.array([2, 5, 1]),
+          "query_id": i, "positive_id": i} for i, e in enumerate((two, one))]
+  it = iter(list(enumerate(exs)))
+  batch, _ = packing.pack_group(shape, [], lambda: next(it))
+  assert int(batch["num_skipped"]) == 1 and int(batch["num_examples"]) == 1
+
+
+def test_an_item_that_cannot_fit_its_side_is_an_error_not_an_empty_sequence(tok, cfg):
+  enc = interleave.InputEncoder(tok, cfg)
+  with pytest.raises(ValueError, match=r"q: max_length=6 cannot hold even its first image \(8 tokens"):
+    enc.encode(Image(pixels=np.ones((4, 4, 3), np.uint8)), max_length=6, where="q")
+
+
+def test_errors_name_the_callers_index_and_text_items_tokenize_as_in_training(tok, cfg, model):
+  emb = Embedder(model, tok, batch_size=2, task_strings={"t": "find: "})
+  with pytest.raises(MediaError, match=r"inputs\[0\]: "):
+    emb.embed([Image(data=b"not an image")], task="t")
+  with pytest.raises(MediaError, match=r"inputs\[1\]\[0\]: "):
+    emb.embed(["ok", [Image(data=b"not an image"), "hello"]], task="t")
+  # A Text item (or a text-only list) is one text, in Embedder and in the training pipeline alike.
+  item = Text(text="red circle")
+  tokenize = pipeline.Tokenize(tokenizer=tok, in_key="q", out_key="q_tokens", truncated_key="t",
+                               max_length=32, encoder=interleave.InputEncoder(tok, cfg))
+  prepend = pipeline.PrependTaskString(task_string="find: ", key="q")
+  trained = tokenize.map(prepend.random_map({"q": [item, " now"]}, np.random.default_rng(0)))
+  np.testing.assert_array_equal(trained["q_tokens"], emb.tokenize([[item, " now"]], task="t")[0])
+  np.testing.assert_array_equal(trained["q_tokens"], emb.tokenize(["red circle now"], task="t")[0])

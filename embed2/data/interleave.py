@@ -174,6 +174,13 @@ class InputEncoder:
         self._audio(b, media_lib.load_audio(item, self.cfg, here))
       elif isinstance(item, segments.Video):
         self._video(b, media_lib.load_video(item, self.cfg, here))
+    if b.truncated and not b.media and not any(
+        isinstance(i, (str, segments.Text)) for i in items[:1]):
+      kind = segments.MODALITY[type(items[0])]
+      raise ValueError(
+          f"{where}: max_length={max_length} cannot hold even its first {kind} ({self.min_tokens(kind)} "
+          f"tokens with bos / eos and boundary tokens{', after the task string' if task_string else ''}); "
+          "raise the side's length (query_len / positive_len / negative_len) or lower image_tokens")
     body = np.asarray(b.ids, np.int32)
     parts = ([np.array([BOS_ID], np.int32)] if add_bos else []) + [body] + (
         [np.array([EOS_ID], np.int32)] if add_eos else [])
@@ -212,8 +219,14 @@ class InputEncoder:
     b.ids.append(self.ids[tok_lib.END_OF_AUDIO])
     b.cut |= cut
 
+  def min_tokens(self, kind: str) -> int:
+    """Tokens the smallest input of one item of `kind` takes, bos and eos included."""
+    stamp = 1 + len(self.tokenizer.encode("0.0s"))
+    return 2 + {"image": self.cfg.image_tokens + 2, "audio": 3,
+                "video": stamp + self.cfg.image_tokens + 4}[kind]
+
   def _video(self, b: _Builder, clip) -> None:
-    if b.free < self.cfg.image_tokens + 4:
+    if b.free < self.min_tokens("video") - 2:
       b.truncated = True
       return
     b.ids.append(self.ids[tok_lib.START_OF_VIDEO])

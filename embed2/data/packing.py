@@ -32,7 +32,8 @@ Media (sides whose SideShape has image or audio slots): the sequence's soft-toke
 placeholders (see `embed2.data.interleave`) are filled by the frontends from the
 group's media slots:
 
-  {s}_images       uint8 (G * N_g, S, S, 3)  N_g image slots per group; unused
+  {s}_images       uint8 (G * N_g, P, P, 3)  N_g image slots per group (P =
+                                             image_size); unused
                                              slots are 0.
   {s}_audio        float32 (G * A_g, F, M)   A_g audio-chunk slots per group;
                                              unused slots hold silence.
@@ -79,6 +80,7 @@ import math
 from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
+from absl import logging
 
 PAD_ID = 0
 EOS_ID = 1
@@ -297,17 +299,25 @@ def _example_sequences(ex: dict[str, Any], k: int) -> dict[str, list[tuple[np.nd
   return seqs
 
 
-def _media_counts(side: str, media: tuple, shape: SideShape) -> tuple[int, int]:
+def _media_counts(media: tuple) -> tuple[int, int]:
   n_img = sum(m.kind == "image" for m in media)
-  n_aud = len(media) - n_img
-  if n_img > shape.images or n_aud > shape.audio:
-    raise ValueError(
-        f"a {side} sequence holds {n_img} images and {n_aud} audio chunks but the "
-        f"{side} side has {shape.images} image and {shape.audio} audio slots per "
-        f"group; raise the batch's {side}_images / {side}_audio (or leave them None "
-        "to be suggested), or lower the per-input budgets (video_max_frames, "
-        "max_audio_chunks).")
-  return n_img, n_aud
+  return n_img, len(media) - n_img
+
+
+def _oversize(shape: GroupShape, seqs) -> str | None:
+  """Why a tuple can never fit an empty group batch (more media than a side has
+  slots), or None."""
+  for s, items in seqs.items():
+    n_img = sum(_media_counts(m)[0] for _, m in items)
+    n_aud = sum(_media_counts(m)[1] for _, m in items)
+    ss = shape.side(s)
+    if n_img > ss.images or n_aud > ss.audio:
+      return (f"a tuple's {s} side holds {n_img} images and {n_aud} audio chunks "
+              f"but has {ss.images} image and {ss.audio} audio slots per group; "
+              f"raise the batch spec's {s}_images / {s}_audio (or leave them None "
+              "to be suggested from a sample), or lower the per-input budgets "
+              "(video_max_frames, max_audio_chunks)")
+  return None
 
 
 def _fold_id(x: int) -> int:
@@ -329,13 +339,19 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
     pull: returns the next fresh (key, example) of this group's stream. An example
       is a dict with `query_tokens`, `positive_tokens` (1-D int arrays, 1..L long),
       `negative_tokens` (list of such, only the first K are used), `query_id`,
-      `positive_id` (ints), optional `task_index` (int) and optional truncation
-      counts `query_truncated`, `positive_truncated`, `negative_truncated`.
+      `positive_id` (ints), optional `task_index` (int), optional truncation
+      counts `query_truncated`, `positive_truncated`, `negative_truncated`, and
+      for media `query_media` / `positive_media` (tuples of `interleave.Media`)
+      and `negative_media` (a list of such tuples, aligned with
+      `negative_tokens`). An example holding `SKIPPED` (a record the pipeline
+      could not decode), or one with more media than a side has slots, is
+      counted in `num_skipped` and dropped.
 
   Returns:
     (group batch, tuples held over for the next batch). The group batch has the
     contract's arrays with R = R_g and B = B_g, plus per-group count stats
-    (0-d int64): `{s}_num_tokens`, `{s}_num_truncated`, `num_examples`.
+    (0-d int64): `{s}_num_tokens`, `{s}_num_truncated`, `num_examples`,
+    `num_skipped`, and for media sides `{s}_num_images`, `{s}_num_audio`.
   """
   k = shape.num_negatives
   sides = shape.sides
@@ -346,7 +362,11 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
   accepted: list[tuple[dict[str, Any], dict[str, list]]] = []
   misses = 0
   skipped = 0
-  while len(accepted) < shape.examples and misses < shape.max_misses:
+  # Skipped records close a batch too (after B_g + max_misses of them), so a
+  # stream of nothing but bad records still yields batches whose counts the
+  # trainer can judge instead of reading forever.
+  while (len(accepted) < shape.examples and misses < shape.max_misses and
+         skipped < shape.examples + shape.max_misses):
     if any(rows[s].full() for s in sides):
       break
     item = queue.pop() if queue else pull()
@@ -355,13 +375,18 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
       skipped += 1
       continue
     seqs = _example_sequences(ex, k)
+    reason = _oversize(shape, seqs)
+    if reason is not None:  # would never fit: counted like an undecodable record
+      logging.log_every_n(logging.WARNING, "skipping a tuple: %s", 100, reason)
+      skipped += 1
+      continue
     placed: dict[str, list] = {}
     ok = True
     for s in sides:
       placed[s] = []
       for toks, media in seqs[s]:
         _check_tokens(s, toks, shape.side(s).length)
-        n_img, n_aud = _media_counts(s, media, shape.side(s))
+        n_img, n_aud = _media_counts(media)
         spot = rows[s].place(toks.size, n_img, n_aud)
         if spot is None:
           ok = False

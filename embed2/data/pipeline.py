@@ -25,9 +25,10 @@ and packs them alone, whatever process builds it. A process builds groups
 [process_index * G_local, (process_index + 1) * G_local) only (or the groups given
 as `local_groups`), so it reads only its shard, and 1 process x 4 groups gives the
 same global batch as 2 processes x 2 groups (concatenate the local batches in
-process order). Exception: when rows are left for the pipeline to suggest, every
-process tokenizes the same sample of ROWS_SAMPLE_SIZE tuples of each task at build
-time, so that all processes agree on the shapes.
+process order). Exception: when rows (or, for a multimodal model, media slots)
+are left for the pipeline to suggest, every process encodes the same sample of
+ROWS_SAMPLE_SIZE tuples of each task at build time (media decoded too), so that
+all processes agree on the shapes; a sample mostly undecodable is an error.
 
 Checkpointing: `get_state()` is a JSON-serialisable dict (step, per-stream per-group
 read position and held-over indices, and a fingerprint of the set-up);
@@ -78,8 +79,12 @@ _CUT_MARGIN = 8
 class PrependTaskString(grain.transforms.RandomMap):
   """Prepends the task string to the query, dropped with probability p_drop.
 
-  Reads `key` (str); writes `key` (task_string + text or text unchanged) and
-  `kept_key` (bool). Deterministic per stream position given the random_map seed.
+  Reads `key` (an input); writes `key` (task_string + text, or the text unchanged;
+  a text-only list of items becomes its one joined text) and `kept_key` (bool).
+  For an input with media the task string is written to `{key}_task_string`,
+  which `Tokenize` puts in front of the encoded input, so errors about the input
+  keep naming its own items. Deterministic per stream position given the
+  random_map seed.
   """
 
   task_string: str
@@ -93,10 +98,11 @@ class PrependTaskString(grain.transforms.RandomMap):
     out = dict(element)
     if keep:
       x = element[self.key]
-      if isinstance(x, str):
-        out[self.key] = self.task_string + x
-      else:  # an item or an interleaved input: the task string is its first text piece
-        out[self.key] = [self.task_string] + (list(x) if isinstance(x, (list, tuple)) else [x])
+      text = x if isinstance(x, str) else segments.as_text(x)
+      if text is not None:
+        out[self.key] = self.task_string + text
+      else:  # media: the encoder puts the task string in front (`{key}_task_string`)
+        out[f"{self.key}_task_string"] = self.task_string
     out[self.kept_key] = keep
     return out
 
@@ -111,9 +117,11 @@ class Tokenize(grain.transforms.Map):
   items, see `embed2.data.interleave`), or a list of inputs when `max_items` is set
   (negatives; the first max_items are kept). Writes `out_key`: int32 (n,) with
   1 <= n <= max_length, or a list of them, `truncated_key`: int, how many of them
-  were truncated, and for media inputs `media_key` (default: out_key with
-  "_tokens" -> "_media"): the `interleave.Media` of each sequence (a tuple, or a
-  list of tuples).
+  were truncated (for media inputs also audio cut to max_audio_chunks), and for
+  media inputs `media_key` (out_key with "_tokens" -> "_media"): the
+  `interleave.Media` of each sequence (a tuple, or a list of tuples). A text-only
+  input (a str, `Text`, or a list of them) is one text; a media input's task
+  string comes from `{in_key}_task_string` (see PrependTaskString).
 
   A media input that cannot be decoded (`media.MediaError`) does not stop the
   pipeline: the element is marked `packing.SKIPPED` (with the reason) and the
@@ -158,17 +166,25 @@ class Tokenize(grain.transforms.Map):
                        "add_bos or add_eos on.")
     return toks, truncated
 
-  def encode_input(self, x, where: str) -> tuple[np.ndarray, bool, tuple]:
-    """One input -> (tokens, truncated, media); raises `segments.MediaError` for bad media."""
-    if isinstance(x, str):
-      toks, trunc = self._one(x)
-      return toks, trunc, ()
+  def encode_input(self, x, where: str, task_string: str = ""
+                   ) -> tuple[np.ndarray, bool, tuple, bool]:
+    """One input -> (tokens, truncated, media, cut); text-only inputs (str, Text, lists of them) are
+    one text. `task_string` goes in front of a media input (text carries its own already).
+
+    Raises:
+      segments.MediaError: bad media (the message names `where`).
+    """
+    text = x if isinstance(x, str) else segments.as_text(x, where)
+    if text is not None:
+      toks, trunc = self._one(task_string + text)
+      return toks, trunc, (), False
     if self.encoder is None:
-      raise TypeError(f"{where} is a {type(x).__name__}, not text; multimodal tasks need an "
-                      "input encoder (build the iterator with encoder=interleave.InputEncoder(...))")
-    e = self.encoder.encode(x, max_length=self.max_length, where=where, add_bos=self.add_bos,
-                            add_eos=self.add_eos)
-    return e.tokens, e.truncated, e.media
+      raise TypeError(f"{where} holds media, not only text; multimodal tasks need an input encoder "
+                      "(a model with image / audio frontends; build the iterator with "
+                      "encoder=interleave.InputEncoder(...))")
+    e = self.encoder.encode(x, max_length=self.max_length, task_string=task_string, where=where,
+                            add_bos=self.add_bos, add_eos=self.add_eos)
+    return e.tokens, e.truncated, e.media, e.cut
 
   def map(self, element):
     if packing.SKIPPED in element:
@@ -176,27 +192,37 @@ class Tokenize(grain.transforms.Map):
     out = dict(element)
     media_key = self.out_key.replace("_tokens", "_media")
     where = (f"{self.where} " if self.where else "") + (
-        f"example {element.get('query_id', '?')} {self.in_key}")
+        f"example query_id={element.get('query_id', '?')} {self.in_key}")
+    task_string = element.get(f"{self.in_key}_task_string", "")
     try:
       if self.max_items is None:
-        toks, trunc, media = self.encode_input(element[self.in_key], where)
+        toks, trunc, media, cut = self.encode_input(element[self.in_key], where, task_string)
         out[self.out_key] = toks
-        out[self.truncated_key] = int(trunc)
+        out[self.truncated_key] = int(trunc or cut)
         if media:
           out[media_key] = media
       else:
         xs = list(element.get(self.in_key, ()))[:self.max_items]
-        triples = [self.encode_input(x, f"{where}[{j}]") for j, x in enumerate(xs)]
-        out[self.out_key] = [t for t, _, _ in triples]
-        out[self.truncated_key] = sum(int(tr) for _, tr, _ in triples)
-        if any(m for _, _, m in triples):
-          out[media_key] = [m for _, _, m in triples]
+        encoded = [self.encode_input(x, f"{where}[{j}]") for j, x in enumerate(xs)]
+        out[self.out_key] = [e[0] for e in encoded]
+        out[self.truncated_key] = sum(int(e[1] or e[3]) for e in encoded)
+        if any(e[2] for e in encoded):
+          out[media_key] = [e[2] for e in encoded]
     except segments.MediaError as e:
-      # The first records are named in the log, then one in a hundred; the packer counts them all.
-      logging.log_first_n(logging.WARNING, "skipping an undecodable record: %s", 20, e)
-      logging.log_every_n(logging.WARNING, "skipping an undecodable record: %s", 100, e)
+      _log_skip(e)
       return {packing.SKIPPED: str(e), "query_id": element.get("query_id", -1)}
     return out
+
+
+_skips_logged = [0]
+
+
+def _log_skip(err) -> None:
+  """Names the first 20 skipped records in the log, then one in a hundred (the packer counts all)."""
+  n = _skips_logged[0]
+  _skips_logged[0] += 1
+  if n < 20 or n % 100 == 0:
+    logging.warning("skipping an undecodable record (%d so far in this process): %s", n + 1, err)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -701,7 +727,7 @@ def with_suggested_rows(task: TaskSpec, spec: BatchSpec, *, tokenizer,
   ds = _task_stream(task, 0, spec, tokenizer, seed, encoder)
   media = encoder is not None
   sample = _suggestion_sample(ds, min(sample_size, len(_source(task))), spec,
-                              media)
+                              media, where=f"task {task.name!r}")
   shape = group_shape(spec, num_groups, sample, where=f"task {task.name!r}",
                       model_cfg=encoder.cfg if media else None)
   rows = {f"{s}_rows": shape.side(s).rows * num_groups for s in shape.sides}
@@ -746,7 +772,7 @@ def _check_stage(tasks: Sequence[TaskSpec], num_groups: int, process_index: int,
 
 
 def _suggestion_sample(ds: grain.MapDataset, n: int, spec: BatchSpec,
-                       media: bool = False) -> list[dict]:
+                       media: bool = False, where: str = "batch") -> list[dict]:
   """The first n tuples of a stream (skipped records left out) if some rows (or,
   with `media`, media slots) are left to suggest, else []."""
   k = spec.num_negatives
@@ -758,7 +784,14 @@ def _suggestion_sample(ds: grain.MapDataset, n: int, spec: BatchSpec,
   if None not in unset:
     return []
   out = [ds[i] for i in range(n)]
-  return [ex for ex in out if packing.SKIPPED not in ex] or out[:0]
+  good = [ex for ex in out if packing.SKIPPED not in ex]
+  if len(good) < len(out) / 2:
+    first = next(ex[packing.SKIPPED] for ex in out if packing.SKIPPED in ex)
+    raise ValueError(
+        f"{where}: {len(out) - len(good)} of the first {len(out)} records cannot be "
+        f"decoded (e.g. {first}); check the task's data (paths, formats, the "
+        "'video' extra for video files) before training on it.")
+  return good
 
 
 def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
@@ -798,7 +831,8 @@ def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
       continue
     ds = _task_stream(t, i, t.batch, tokenizer, seed, encoder)
     sample = _suggestion_sample(
-        ds, min(ROWS_SAMPLE_SIZE, len(_source(t))), t.batch, encoder is not None)
+        ds, min(ROWS_SAMPLE_SIZE, len(_source(t))), t.batch, encoder is not None,
+        where=f"task {t.name!r}")
     shape = group_shape(t.batch, num_groups, sample, where=f"task {t.name!r}",
                         model_cfg=None if encoder is None else encoder.cfg)
     iters = {g: iter(PackedGroupIterDataset(ds[g::num_groups], shape))
@@ -843,7 +877,7 @@ def build_pft_iterator(tasks: Sequence[TaskSpec], batch: BatchSpec, *, tokenizer
     return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, rates)
 
   sample = _suggestion_sample(mix(full), ROWS_SAMPLE_SIZE, batch,
-                              encoder is not None)
+                              encoder is not None, where="pft stage")
   shape = group_shape(batch, num_groups, sample, where="pft stage batch",
                       model_cfg=None if encoder is None else encoder.cfg)
   iters = {g: iter(PackedGroupIterDataset(

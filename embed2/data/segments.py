@@ -120,6 +120,10 @@ def modalities_of(x: Any, where: str = "input") -> set[str]:
   return {"text" if isinstance(i, str) else MODALITY[type(i)] for i in items_of(x, where)}
 
 
-def is_text_only(x: Any) -> bool:
-  return isinstance(x, str) or (isinstance(x, (list, tuple)) and all(isinstance(i, (str, Text)) for i in x)
-                                ) or isinstance(x, Text)
+def as_text(x: Any, where: str = "input") -> str | None:
+  """The one text a text-only input stands for (`Text` items and text-only lists joined, the way a
+  text example is one string); None for an input holding media."""
+  items = items_of(x, where)
+  if not all(isinstance(i, (str, Text)) for i in items):
+    return None
+  return "".join(i if isinstance(i, str) else i.text for i in items)
