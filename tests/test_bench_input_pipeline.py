@@ -23,8 +23,9 @@ def test_bench_runs_and_writes_json(tmp_path):
 
 def test_bench_measures_a_media_stream(tmp_path):
   out = tmp_path / "input_pipeline.json"
-  data = bench.main(["--config=demo", "--toy", "--streams=v2t", f"--out={out}"])
-  r = data["streams"]["v2t"]
-  assert r["modality"] == "video" and r["batch_examples"] > 0 and r["ratio"] > 0
-  assert data["modalities"]["video"]["streams"] == ["v2t"]
+  data = bench.main(["--config=demo", "--toy", "--config_arg=layers=1,batch=8", "--streams=a2t",
+                     f"--out={out}"])
+  r = data["streams"]["a2t"]
+  assert r["modality"] == "audio" and r["batch_examples"] > 0 and r["ratio"] > 0
+  assert data["modalities"]["audio"]["streams"] == ["a2t"]
   assert data["modalities"]["text"] == bench.NO_STREAM

@@ -266,7 +266,7 @@ def test_describe_and_format_hits():
   assert explore.describe("x" * 100, 10) == "x" * 9 + "\u2026"
   assert explore.describe(Image(pixels=np.zeros((4, 5, 3), np.uint8))) == "[image 4x5]"
   assert explore.describe(Audio(samples=np.zeros(8000), sample_rate=16000)) == "[audio 0.5 s]"
-  assert explore.describe([Text(text="hi"), Video(frames=np.zeros((3, 2, 2, 3)))]) == \
+  assert explore.describe([Text(text="hi"), Video(frames=np.zeros((3, 2, 2, 3)), fps=2.0)]) == \
       "hi + [video 3 frames]"
   entries = [explore.Entry(item="alpha", modality="text", label="a", caption=""),
              explore.Entry(item="beta", modality="code", label="b", caption="")]
