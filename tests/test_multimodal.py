@@ -321,3 +321,30 @@ def test_errors_name_the_callers_index_and_text_items_tokenize_as_in_training(to
   trained = tokenize.map(prepend.random_map({"q": [item, " now"]}, np.random.default_rng(0)))
   np.testing.assert_array_equal(trained["q_tokens"], emb.tokenize([[item, " now"]], task="t")[0])
   np.testing.assert_array_equal(trained["q_tokens"], emb.tokenize(["red circle now"], task="t")[0])
+
+
+def test_sharded_media_batch_equals_single_device(tok, cfg, model):
+  from embed2 import sharding
+  from embed2.train import step as step_lib
+
+  rng = np.random.default_rng(10)
+  examples = []
+  for i in range(64):
+    q = [_image(rng), f"shape {i}"] if i % 2 else _audio(rng, 0.2 + 0.01 * (i % 7))
+    examples.append({"query": q, "positive": _image(rng) if i % 3 else f"caption {i}", "query_id": i,
+                     "positive_id": 100 + i})
+  spec = pipeline.BatchSpec(batch_size=16, query_len=64, positive_len=32, segments=4)
+  task = pipeline.TaskSpec(name="mix", examples=examples, batch=spec)
+  it = pipeline.build_ft_iterator([task], tokenizer=tok, num_groups=8, seed=1,
+                                  encoder=interleave.InputEncoder(tok, cfg))
+  host = next(it)
+  arrays = {k: v for k, v in host.items() if np.ndim(v) > 0}
+  fn = nnx.jit(lambda m, b: m.embed_sides(b, 8, ("query", "positive")))
+  single = fn(model, {k: jnp.asarray(v) for k, v in arrays.items()})
+  mesh = sharding.make_mesh({"data": 8})
+  batch = step_lib.device_batch(host, mesh)
+  assert batch["query_images"].sharding.spec[0] == sharding.BATCH_AXES
+  with jax.set_mesh(mesh):
+    sharded = fn(model, {k: v for k, v in batch.items() if k in arrays})
+  for side in ("query", "positive"):
+    np.testing.assert_allclose(np.asarray(sharded[side]), np.asarray(single[side]), rtol=1e-5, atol=1e-5)
