@@ -6,15 +6,15 @@ batch, per-task batch sizes), then a soup of the FT run and a second-seed varian
   python -m embed2.main --config=configs/pft_gemma3_4b.py:ckpt=DIR,fsdp=-1,data=1 --workdir=/tmp/g4b
 
 `ckpt` is the directory `embed2.convert` wrote from Gemma3ForConditionalGeneration: the language model
-(CKPT/0, loaded by `init_from`), the SigLIP tower and projector (CKPT/vision, `config.vision`), and
+(CKPT/0, loaded by `init_from`), the SigLIP tower and projector (CKPT/vision, `vision_init_from`), and
 Gemma's tokenizer.model. Parameters are sharded over `fsdp` (all devices by default; the 4B model and
 its AdamW state do not fit one device's memory replicated).
 
-`config.vision` describes the vision frontend (embed2.model.vision.VisionEncoder: So400m/14 at 896 px,
-256 soft tokens per image) and where its converted weights are; the trainer consumes it once image
-tasks are wired in (issue 7). Until then the tasks are the offline text/code suite
-(data_pipelines/stdlib_tasks.py); image tasks join the same stage schedule with their own rates and
-batch sizes.
+The model's image frontend is Gemma 3's own (`image_frontend="vit"`: SigLIP So400m/14 at 896 px, 256
+soft tokens per image), initialised from the converted weights (`config.vision_init_from`); the language
+model comes from `init_from`. The tasks here are the offline text/code suite
+(data_pipelines/stdlib_tasks.py); image tasks (e.g. `coco_captions`, `flickr30k` from
+data_pipelines/media_datasets.py) join the same stage schedule with their own rates and batch sizes.
 """
 
 from ml_collections import config_dict
@@ -30,7 +30,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.seed = k.seed
   c.model = common.model("gemma3-4b", causal=False, mrl_dims=(256, 768, 1536, 2560), max_length=k.max_length,
                          max_segments=8, dtype=k.dtype, remat=k.remat)
-  c.vision = dict(init_from=f"{k.ckpt}/vision", **VisionConfig(text_dim=2560, dtype=k.dtype).to_dict())
+  v = VisionConfig()  # Gemma 3 4B/12B/27B's SigLIP
+  c.model.update(dict(image_frontend="vit", image_size=v.image_size, patch_size=v.patch_size,
+                      image_tokens=v.mm_tokens_per_image, vit_width=v.width, vit_depth=v.depth,
+                      vit_heads=v.num_heads, vit_mlp_dim=v.mlp_dim))
+  c.vision_init_from = f"{k.ckpt}/vision"
   c.mesh = common.mesh(k.data, k.fsdp, k.tensor)
   c.sharding_rules = common.sharding_rules()
   c.init_from = k.ckpt

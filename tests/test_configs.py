@@ -77,8 +77,10 @@ def test_knobs_reach_the_config():
   assert c.init_from == "/x/eg" and c.tokenizer == "/x/eg/tokenizer.model"
   assert c.stages[0].steps == 3 and c.tasks.code_search.batch_size == 32
   c = pft_gemma3_4b.get_config("ckpt=/x/g4")
-  assert c.init_from == "/x/g4" and c.vision.init_from == "/x/g4/vision"
-  vision = VisionConfig.from_dict({k: v for k, v in c.vision.items() if k != "init_from"})
-  assert vision.text_dim == ModelConfig.from_dict(c.model.to_dict()).model_dim
+  assert c.init_from == "/x/g4" and c.vision_init_from == "/x/g4/vision"
+  model = ModelConfig.from_dict(c.model.to_dict())
+  from embed2.model.frontends import ViTImageFrontend  # pylint: disable=g-import-not-at-top
+  # The ViT frontend is exactly Gemma 3's vision tower, so the converted weights load into it.
+  assert ViTImageFrontend.vision_config(model) == VisionConfig(text_dim=2560, dtype=model.dtype)
   with pytest.raises(ValueError, match="unknown config knob"):
     pft_gemma3_4b.get_config("steps=3")

@@ -348,3 +348,40 @@ def test_sharded_media_batch_equals_single_device(tok, cfg, model):
     sharded = fn(model, {k: v for k, v in batch.items() if k in arrays})
   for side in ("query", "positive"):
     np.testing.assert_allclose(np.asarray(sharded[side]), np.asarray(single[side]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_text_checkpoint_and_gemma_vision_weights_start_a_multimodal_model(tmp_path, tok):
+  from embed2.model import vision
+  from embed2.model.frontends import ViTImageFrontend
+  from embed2.train import checkpoint as ckpt_lib
+  from embed2.train import trainer
+
+  text_cfg = ModelConfig.from_name("tiny", vocab_size=tok.vocab_size)
+  text = EmbeddingModel(text_cfg, rngs=nnx.Rngs(1))
+  ck = ckpt_lib.Checkpointer(tmp_path / "text", async_save=False)
+  ck.save(0, params=nnx.to_pure_dict(nnx.state(text, nnx.Param)),
+          meta={"model_config": text_cfg.to_dict()}, force=True)
+  ck.close()
+  mm_cfg = text_cfg.replace(image_frontend="vit", image_size=16, patch_size=4, image_tokens=4,
+                            vit_width=32, vit_depth=1, vit_heads=4, vit_mlp_dim=48)
+  mm = EmbeddingModel(mm_cfg, rngs=nnx.Rngs(2))
+  before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(mm.image_frontend, nnx.Param)))
+  ckpt_lib.load_model_params(mm, tmp_path / "text")
+  for a, b in zip(jax.tree.leaves(nnx.state(text.transformer, nnx.Param)),
+                  jax.tree.leaves(nnx.state(mm.transformer, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  after = nnx.to_pure_dict(nnx.state(mm.image_frontend, nnx.Param))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), before, after)
+  # The converted SigLIP weights (embed2.convert's OUT/vision layout) load into the ViT frontend.
+  vcfg = ViTImageFrontend.vision_config(mm_cfg)
+  siglip = vision.VisionEncoder(vcfg, rngs=nnx.Rngs(3))
+  ck = ckpt_lib.Checkpointer(tmp_path / "conv" / "vision", async_save=False)
+  ck.save(0, params=nnx.to_pure_dict(nnx.state(siglip, nnx.Param)),
+          meta={"vision_config": vcfg.to_dict()}, force=True)
+  ck.close()
+  trainer.init_vision(mm, str(tmp_path / "conv"))
+  for a, b in zip(jax.tree.leaves(nnx.state(siglip, nnx.Param)),
+                  jax.tree.leaves(nnx.state(mm.image_frontend.encoder, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="needs config.model.image_frontend='vit'"):
+    trainer.init_vision(EmbeddingModel(text_cfg, rngs=nnx.Rngs(0)), str(tmp_path / "conv"))

@@ -18,6 +18,11 @@ AUDIO_FRONTENDS = ("none", "conv")
 IMAGE_RESIZE = ("pad", "crop", "squash")
 # The audio frontend's two stride-2 convolutions turn every 4 mel frames into one soft token.
 AUDIO_SUBSAMPLE = 4
+# The fields of the modality frontends and their preprocessing (everything but the text model).
+MEDIA_FIELDS = ("image_frontend", "image_size", "patch_size", "image_tokens", "image_resize",
+                "max_image_pixels", "vit_width", "vit_depth", "vit_heads", "vit_mlp_dim",
+                "audio_frontend", "sample_rate", "n_mels", "n_fft", "hop_length", "audio_chunk_frames",
+                "max_audio_chunks", "audio_conv_dim", "video_fps", "video_max_frames")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
 

@@ -27,6 +27,10 @@ from etils import epath
 from flax import nnx
 
 from embed2.model import ModelConfig
+from embed2.model.presets import MEDIA_FIELDS
+
+# EmbeddingModel attribute of each frontend -> the ModelConfig field that switches it on.
+FRONTENDS = {"image_frontend": "image_frontend", "audio_frontend": "audio_frontend"}
 
 ITEMS = ("params", "train", "meta")
 
@@ -171,10 +175,27 @@ def load_model_params(model, path: str | os.PathLike) -> dict[str, Any]:
   directory, step = resolve_checkpoint_path(path)
   ck = Checkpointer(directory, read_only=True)
   meta = ck.read_meta(step)
-  want = ModelConfig.from_dict(meta["model_config"])
-  want, have = architecture(want), architecture(model.cfg)
+  saved = ModelConfig.from_dict(meta["model_config"])
+  want, have = architecture(saved), architecture(model.cfg)
+  # A text model's checkpoint starts a multimodal model: its transformer and head load, the frontends
+  # the checkpoint lacks keep their initialisation (or come from `vision_init_from`).
+  missing = [name for name, field in FRONTENDS.items()
+             if getattr(saved, field) == "none" and getattr(model.cfg, field) != "none"]
+  if missing:
+    want = {k: v for k, v in want.items() if k not in MEDIA_FIELDS}
+    have = {k: v for k, v in have.items() if k not in MEDIA_FIELDS}
   if want != have:
     diff = {k: (v, have.get(k)) for k, v in want.items() if have.get(k) != v}
     raise ValueError(f"checkpoint {path} has a different architecture: {diff} (checkpoint, config)")
-  restore_params_into(model, ck, step)
+  if not missing:
+    restore_params_into(model, ck, step)
+    return meta
+  state = nnx.state(model, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  kept = {k: v for k, v in pure.items() if k not in missing}
+  restored = ck.restore(step, params=abstract_like(kept))["params"]
+  nnx.replace_by_pure_dict(state, {**pure, **restored})
+  nnx.update(model, state)
+  logging.info("loaded %s from %s; %s not in the checkpoint: kept at initialisation", sorted(kept), path,
+               missing)
   return meta

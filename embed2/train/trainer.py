@@ -181,6 +181,16 @@ def build_trainee(config, mesh, rules) -> step_lib.Trainee:
   return sharding.create_sharded(factory, mesh, rules)
 
 
+def init_vision(model: EmbeddingModel, path: str) -> None:
+  """Loads converted Gemma 3 vision weights (`embed2.convert`'s OUT/vision) into the `vit` frontend."""
+  if model.cfg.image_frontend != "vit":
+    raise ValueError(f"config.vision_init_from={path!r} needs config.model.image_frontend='vit' (got "
+                     f"{model.cfg.image_frontend!r}); the SigLIP weights load into the ViT frontend")
+  from embed2 import convert  # pylint: disable=g-import-not-at-top
+  convert.load_vision_params(model.image_frontend.encoder, path)
+  logging.info("vision frontend initialised from %s", path)
+
+
 def model_params(trainee) -> dict:
   return nnx.to_pure_dict(nnx.state(trainee.model, nnx.Param))
 
@@ -341,6 +351,8 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
   elif config.get("init_from"):
     set_loss_params(trainee, ckpt_lib.load_model_params(trainee.model, config.init_from))
     logging.info("initialised from %s", config.init_from)
+    if config.get("vision_init_from"):
+      init_vision(trainee.model, config.vision_init_from)
 
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
   max_skips = int(config.get("max_consecutive_skips", 5))
