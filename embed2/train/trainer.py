@@ -230,7 +230,8 @@ class _RecordSkips:
   they exceed `config.max_skipped_fraction` of the records read (judged once `config.
   skipped_grace_records` were read, so one bad record in the first batch is not 100%).
 
-  The counts are this process's (its pack groups); every process decides together.
+  The counts are this process's (its pack groups); with several processes they decide together every
+  `config.log_every` steps (a host allgather). The checkpoint's meta keeps process 0's counts.
   """
 
   def __init__(self, config, meta):
@@ -238,6 +239,7 @@ class _RecordSkips:
     self.grace = int(config.get("skipped_grace_records", 200))
     if not 0.0 <= self.max_fraction <= 1.0:
       raise ValueError(f"config.max_skipped_fraction={self.max_fraction} must be in [0, 1]")
+    self.check_every = max(int(config.get("log_every", 1)), 1)
     self.skipped = int(meta.get("records_skipped", 0)) if meta else 0
     self.read = int(meta.get("records_read", 0)) if meta else 0
 
@@ -250,6 +252,9 @@ class _RecordSkips:
                       global_step, new, self.skipped, self.read)
     bad = self.read >= self.grace and self.skipped > self.max_fraction * self.read
     if jax.process_count() > 1:
+      # Every process decides together, at the same steps: one host allgather per `check_every`.
+      if global_step % self.check_every:
+        return
       bad = distributed.any_process(bad)
     if bad:
       raise TrainingStopped(
