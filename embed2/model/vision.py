@@ -4,7 +4,8 @@
       -> avg-pool to T = mm_tokens_per_image -> RMSNorm (1 + w) -> @ projection (Wv, D) -> soft tokens (B, T, D)
 
 The soft tokens enter the language model's residual stream in place of image placeholder tokens
-(`Transformer(..., soft_tokens_bld=..., soft_mask_bl=...)`); wiring them into a batch is issue 7's.
+(`Transformer(..., soft_tokens_bld=..., soft_mask_bl=...)`); `embed2.model.frontends.ViTImageFrontend`
+is this encoder as the model's `vit` image frontend (uint8 pixels in, normalised on device).
 
 SigLIP (as `transformers`' SiglipVisionModel without its pooling head, which Gemma 3 does not use):
   patch embedding: a stride-p p x p convolution, written as a dense map over each patch's pixels;
