@@ -31,7 +31,7 @@ so asking for one is an error; `truncate(e_nd, dim)` cuts any prefix explicitly 
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 import warnings
 from typing import Any, Sequence
@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embed2 import sharding
 from embed2.data import interleave
+from embed2.data import packing
 from embed2.data import pipeline
 from embed2.data import segments
 from embed2.data.segments import Audio, Image, MediaError, MissingFrontendError, Text, Video
@@ -350,9 +351,8 @@ class Embedder:
       raise ValueError(f"token sequences must have 1..max_length={self.max_length} ids; got lengths "
                        f"{lengths.min()}..{lengths.max()}")
     # Similar lengths and media counts share a batch: little padding, few media slots per row.
-    bucket = lambda c: 0 if c == 0 else 1 << (c - 1).bit_length()
-    n_img = np.asarray([bucket(e.count(interleave.IMAGE)) for e in encoded])
-    n_aud = np.asarray([bucket(e.count(interleave.AUDIO)) for e in encoded])
+    n_img = np.asarray([packing.slot_bucket(e.count(interleave.IMAGE)) for e in encoded])
+    n_aud = np.asarray([packing.slot_bucket(e.count(interleave.AUDIO)) for e in encoded])
     order = np.lexsort((lengths, n_aud, n_img))
     state = nnx.state(self.model)
     b = self.batch_size
@@ -376,9 +376,10 @@ class Embedder:
     if not any(e.media for e in batch):
       return None
     cfg = self.config
-    bucket = lambda c: 0 if c == 0 else 1 << (c - 1).bit_length()  # few shapes to compile
-    budget = interleave.media_budget(batch)
-    n_img, n_aud = bucket(budget[interleave.IMAGE]), bucket(budget[interleave.AUDIO])
+    n_img = max(packing.slot_bucket(e.count(interleave.IMAGE)) for e in batch)
+    n_aud = max(packing.slot_bucket(e.count(interleave.AUDIO)) for e in batch)
+    base = functools.partial(packing.soft_index_base, images=n_img, image_tokens=cfg.image_tokens,
+                             audio_tokens=cfg.audio_chunk_tokens)
     b = self.batch_size
     soft = np.full((b, length), -1, np.int32)
     out = {"soft_index": soft}
@@ -393,13 +394,13 @@ class Embedder:
       for m in e.media:
         if m.kind == interleave.IMAGE:
           out["images"][row * n_img + j_img] = m.array
-          base = j_img * cfg.image_tokens
+          first = base(m.kind, j_img)
           j_img += 1
         else:
           out["audio"][row * n_aud + j_aud] = m.array
-          base = n_img * cfg.image_tokens + j_aud * cfg.audio_chunk_tokens
+          first = base(m.kind, j_aud)
           j_aud += 1
-        soft[row, m.offset:m.offset + m.tokens] = base + np.arange(m.tokens)
+        soft[row, m.offset:m.offset + m.tokens] = first + np.arange(m.tokens)
     return out
 
   def _run(self, state, tok_bl, seg_bl, pos_bl, media=None) -> np.ndarray:

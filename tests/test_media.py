@@ -113,14 +113,6 @@ def test_grey_float_and_rgba_pixels(rng):
   np.testing.assert_array_equal(media.load_image(Image(pixels=rgba), CFG, WHERE), ref)
 
 
-def test_normalize_pixels(rng):
-  x = rng.integers(0, 256, (3, S, S, 3), dtype=np.uint8)
-  y = media.normalize_pixels(x)
-  assert y.dtype == np.float32
-  np.testing.assert_allclose(y, x.astype(np.float64) / 127.5 - 1, atol=1e-6)
-  assert y.min() >= -1 and y.max() <= 1
-
-
 def test_pad_keeps_aspect_and_black_borders(rng):
   cfg = _cfg(image_resize="pad")
   wide = rng.integers(40, 256, (16, 32, 3), dtype=np.uint8)  # fits at scale 1: no resampling

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from embed2.data import media as media_lib
 from embed2.data import segments
 from embed2.data import tokenizer as tok_lib
 from embed2.data.packing import BOS_ID, EOS_ID
@@ -152,8 +153,6 @@ class InputEncoder:
       segments.MissingFrontendError: the model has no frontend for one of the items.
       TypeError / ValueError: not an input.
     """
-    from embed2.data import media as media_lib  # Pillow / soundfile load only when media is used
-
     items = segments.items_of(x, where)
     self.check_modalities(items, where)
     room = max_length - add_bos - add_eos
@@ -202,8 +201,6 @@ class InputEncoder:
     return True
 
   def _audio(self, b: _Builder, wave: np.ndarray) -> None:
-    from embed2.data import media as media_lib
-
     chunks, valid, cut = media_lib.audio_chunks(wave, self.cfg)
     first = self.cfg.audio_tokens(valid[0]) if valid else 1
     if b.free < first + 2:
@@ -242,12 +239,3 @@ class InputEncoder:
       self._audio(b, clip.audio)
     b.room += 1
     b.ids.append(self.ids[tok_lib.END_OF_VIDEO])
-
-
-def media_budget(encoded: Sequence[Encoded]) -> dict[str, int]:
-  """The most images / audio chunks any one of `encoded` holds."""
-  out = {IMAGE: 0, AUDIO: 0}
-  for e in encoded:
-    for kind in out:
-      out[kind] = max(out[kind], e.count(kind))
-  return out

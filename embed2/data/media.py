@@ -7,8 +7,8 @@ Every media item (`embed2.data.segments`) becomes fixed-shape numpy arrays here,
   audio_chunks(wave_t, cfg)      -> log-mel chunks float32 (cfg.audio_chunk_frames, cfg.n_mels) each
   load_video(Video, cfg, where)  -> VideoClip(frames uint8 (T, S, S, 3), timestamps (T,) s, audio)
 
-Pixels stay uint8 until the device (`normalize_pixels` is the reference of the frontend's x / 127.5 - 1),
-which keeps host batches four times smaller. Bad input raises `MediaError` (a ValueError) whose message
+Pixels stay uint8 until the device (the frontends compute x / 127.5 - 1 there,
+`embed2.model.frontends.normalize_pixels`), which keeps host batches four times smaller. Bad input raises `MediaError` (a ValueError) whose message
 starts with `where` (e.g. "inputs[3]" or "task 'shapes' example 17 query") and says the fix; training
 pipelines catch it to skip and count the record, `Embedder` lets it through.
 
@@ -80,12 +80,6 @@ def _check_bytes(data, where: str, what: str) -> bytes:
 
 
 # ============================================================================ images
-
-
-def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
-  """uint8 pixels (..., 3) -> float32 in [-1, 1]: x / 127.5 - 1 (SigLIP). The image frontends do this on
-  device; this is the host reference."""
-  return np.asarray(pixels, np.uint8).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def _check_pixel_count(h: int, w: int, cfg: ModelConfig, where: str) -> None:

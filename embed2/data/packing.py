@@ -76,6 +76,7 @@ would count twice in the NCE denominator).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Hashable, Sequence
 
@@ -232,18 +233,17 @@ def suggest_rows(lengths: Sequence[int] | np.ndarray, *, sequences: float,
 class _Rows:
   """Free space of one side's rows (and media slots) while a group batch fills."""
 
-  __slots__ = ("free", "used", "segments", "length", "images", "audio", "total_images",
-               "total_audio")
+  __slots__ = ("free", "used", "segments", "length", "side", "images_used",
+               "audio_used")
 
   def __init__(self, side: SideShape, segments: int):
     self.free = np.full(side.rows, side.length, np.int64)
     self.used = np.zeros(side.rows, np.int64)
     self.segments = segments
     self.length = side.length
-    self.images = side.images  # free image slots (slots fill in order)
-    self.audio = side.audio
-    self.total_images = side.images
-    self.total_audio = side.audio
+    self.side = side
+    self.images_used = 0  # media slots fill in order
+    self.audio_used = 0
 
   def place(self, n: int, images: int = 0, audio: int = 0
             ) -> tuple[int, int, int, int, int] | None:
@@ -253,7 +253,8 @@ class _Rows:
     The row with the least free space that still fits (ties: the first such row);
     it packs a little tighter than first-fit at the same cost.
     """
-    if images > self.images or audio > self.audio:
+    if (self.images_used + images > self.side.images or
+        self.audio_used + audio > self.side.audio):
       return None
     ok = (self.free >= n) & (self.used < self.segments)
     if not ok.any():
@@ -263,17 +264,16 @@ class _Rows:
     seg = int(self.used[r])
     self.free[r] -= n
     self.used[r] += 1
-    img0 = self.total_images - self.images
-    aud0 = self.total_audio - self.audio
-    self.images -= images
-    self.audio -= audio
+    img0, aud0 = self.images_used, self.audio_used
+    self.images_used += images
+    self.audio_used += audio
     return r, start, seg, img0, aud0
 
   def undo(self, r: int, n: int, images: int = 0, audio: int = 0):
     self.free[r] += n
     self.used[r] -= 1
-    self.images += images
-    self.audio += audio
+    self.images_used -= images
+    self.audio_used -= audio
 
   def full(self) -> bool:
     return not bool(((self.free >= 1) & (self.used < self.segments)).any())
@@ -297,6 +297,22 @@ def _example_sequences(ex: dict[str, Any], k: int) -> dict[str, list[tuple[np.nd
     media += [()] * (len(toks) - len(media))
     seqs["negative"] = [(np.asarray(t), tuple(m)) for t, m in zip(toks, media)]
   return seqs
+
+
+def soft_index_base(kind: str, slot: int, *, images: int, image_tokens: int,
+                    audio_tokens: int) -> int:
+  """Index of the first soft token of media slot `slot` in a group's flattened soft
+  tokens: the `images` image slots' tokens first, then the audio chunks' (see the
+  module docstring)."""
+  if kind == "image":
+    return slot * image_tokens
+  return images * image_tokens + slot * audio_tokens
+
+
+def slot_bucket(count: int) -> int:
+  """Media slots for `count` items, rounded up to a power of two (few shapes to
+  compile; `Embedder` rows)."""
+  return 0 if count == 0 else 1 << (count - 1).bit_length()
 
 
 def _media_counts(media: tuple) -> tuple[int, int]:
@@ -429,7 +445,9 @@ def _assemble(shape: GroupShape, accepted) -> dict[str, np.ndarray]:
       soft = np.full((ss.rows, ss.length), -1, np.int32)
       images = np.zeros((ss.images,) + tuple(shape.image_shape), np.uint8)
       audio = np.full((ss.audio,) + tuple(shape.audio_shape), shape.audio_pad, np.float32)
-      audio_base = ss.images * shape.image_tokens
+      base = functools.partial(soft_index_base, images=ss.images,
+                               image_tokens=shape.image_tokens,
+                               audio_tokens=shape.audio_tokens)
     n_tok = n_img = n_aud = 0
     for b, (_, placed) in enumerate(accepted):
       for j, (r, start, seg, img0, aud0, toks, media) in enumerate(placed[s]):
@@ -446,15 +464,15 @@ def _assemble(shape: GroupShape, accepted) -> dict[str, np.ndarray]:
           at = start + m.offset
           if m.kind == "image":
             images[img0] = m.array
-            base = img0 * shape.image_tokens
+            first = base("image", img0)
             img0 += 1
             n_img += 1
           else:
             audio[aud0] = m.array
-            base = audio_base + aud0 * shape.audio_tokens
+            first = base("audio", aud0)
             aud0 += 1
             n_aud += 1
-          soft[r, at:at + m.tokens] = base + np.arange(m.tokens, dtype=np.int32)
+          soft[r, at:at + m.tokens] = first + np.arange(m.tokens, dtype=np.int32)
     if media_side:
       out[f"{s}_soft_index"] = soft
       if ss.images:

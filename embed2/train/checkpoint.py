@@ -29,8 +29,8 @@ from flax import nnx
 from embed2.model import ModelConfig
 from embed2.model.presets import MEDIA_FIELDS
 
-# EmbeddingModel attribute of each frontend -> the ModelConfig field that switches it on.
-FRONTENDS = {"image_frontend": "image_frontend", "audio_frontend": "audio_frontend"}
+# The frontends: each is both the EmbeddingModel attribute and the ModelConfig field that switches it on.
+FRONTENDS = ("image_frontend", "audio_frontend")
 
 ITEMS = ("params", "train", "meta")
 
@@ -179,8 +179,7 @@ def load_model_params(model, path: str | os.PathLike) -> dict[str, Any]:
   want, have = architecture(saved), architecture(model.cfg)
   # A text model's checkpoint starts a multimodal model: its transformer and head load, the frontends
   # the checkpoint lacks keep their initialisation (or come from `vision_init_from`).
-  missing = [name for name, field in FRONTENDS.items()
-             if getattr(saved, field) == "none" and getattr(model.cfg, field) != "none"]
+  missing = [f for f in FRONTENDS if getattr(saved, f) == "none" and getattr(model.cfg, f) != "none"]
   if missing:
     want = {k: v for k, v in want.items() if k not in MEDIA_FIELDS}
     have = {k: v for k, v in have.items() if k not in MEDIA_FIELDS}
