@@ -115,13 +115,13 @@ def media_tasks(b: int) -> dict[str, dict]:
       "i2t": dict(source="shapes_caption_reversed", task_string="task: image captioning | query: ",
                   query_len=128, positive_len=64, **common_kw),
       "a2t": dict(source="tone_description", task_string="task: audio description | query: ",
-                  query_len=128, positive_len=128, **common_kw),
+                  query_len=256, positive_len=128, **common_kw),
       "v2t": dict(source="moving_shapes", task_string="task: video description | query: ",
-                  query_len=MEDIA_QUERY_LEN, positive_len=64, **common_kw),
+                  query_len=160, positive_len=64, **common_kw),
       "edit": dict(source="image_edit", task_string="task: image editing | query: ",
-                   query_len=128, positive_len=128, **common_kw),
+                   query_len=256, positive_len=128, **common_kw),
       "spell": dict(source="tone_spelling", task_string="task: spoken word | query: ",
-                    query_len=128, positive_len=64, **common_kw),
+                    query_len=256, positive_len=56, **common_kw),
   }
 
 

@@ -12,8 +12,8 @@ def test_bench_packing_toy(tmp_path):
   assert saved == json.loads(json.dumps(results))
   assert saved["config"]["examples_per_group"] == 16
   for part in ("packing", "pipeline"):
-    assert set(saved[part]) == {"packed", "padded"}
-    for variant in ("packed", "padded"):
+    assert set(saved[part]) == {"packed", "in_order", "padded"}
+    for variant in ("packed", "in_order", "padded"):
       r = saved[part][variant]
       for key in ("nonpad_fraction", "query_nonpad_fraction",
                   "positive_nonpad_fraction", "negative_nonpad_fraction",
@@ -26,3 +26,13 @@ def test_bench_packing_toy(tmp_path):
     assert (saved[part]["packed"]["row_tokens_per_step"]
             <= saved[part]["padded"]["row_tokens_per_step"])
     assert saved[part]["padded"]["example_fill"] == 1.0
+  # The config part: configs/tiny.py's streams (toy), in order and with the lookahead window.
+  mix = saved["config_mix"]
+  assert mix["config"] == "tiny" and mix["batches"] == 2
+  for variant in ("in_order", "lookahead"):
+    streams = mix[variant]["streams"]
+    assert set(streams) == set(mix["run_weights"]) == {"pft", "pairs", "labels"}
+    for name, r in streams.items():
+      assert 0.0 < r["nonpad_fraction"] <= 1.0 and 0.0 < r["example_fill"] <= 1.0, (name, r)
+      assert r["useful_tokens_per_batch"] <= r["row_tokens_per_batch"]
+    assert 0.0 < mix[variant]["run_mix"] <= 1.0

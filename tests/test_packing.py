@@ -36,9 +36,9 @@ def _make_examples(rng, n, *, lq, lp, ln, k_max, q_median=18, p_median=140,
   return out
 
 
-def _shape(b_g=16, s=4, k=2, rows=(6, 8, 12), lens=(48, 256, 256), mm=8):
+def _shape(b_g=16, s=4, k=2, rows=(6, 8, 12), lens=(48, 256, 256), mm=8, w=0):
   return GroupShape(
-      examples=b_g, segments=s, num_negatives=k, max_misses=mm,
+      examples=b_g, segments=s, num_negatives=k, max_misses=mm, lookahead=w,
       query=SideShape(length=lens[0], rows=rows[0]),
       positive=SideShape(length=lens[1], rows=rows[1]),
       negative=SideShape(length=lens[2], rows=rows[2]) if k else None)
@@ -114,8 +114,9 @@ def _check_batch(shape, batch, originals):
                                   batch[f"{side}_segment_ids"] > 0)
 
 
-def _accepted_keys(shape, examples, num_batches):
-  """Packs and checks; returns the keys of accepted examples per batch."""
+def _accepted_keys(shape, examples, num_batches, held_before=None):
+  """Packs and checks; returns the keys of accepted examples per batch (and, into
+  `held_before`, the held keys each batch started from)."""
   stream = iter(enumerate(examples))
   pulled, held, out = [], [], []
 
@@ -128,6 +129,8 @@ def _accepted_keys(shape, examples, num_batches):
   # order, so re-derive it from the query ids (unique per example here).
   by_qid = {ex["query_id"]: key for key, ex in enumerate(examples)}
   for _ in range(num_batches):
+    if held_before is not None:
+      held_before.append([key for key, _ in held])
     batch, held = packing.pack_group(shape, held, pull)
     n = int(batch["example_valid"].sum())
     keys = [by_qid[int(q)] for q in batch["query_ids"][:n]]
@@ -136,21 +139,108 @@ def _accepted_keys(shape, examples, num_batches):
   return out, pulled, [key for key, _ in held]
 
 
-@pytest.mark.parametrize("k", [0, 2])
-def test_pack_group_contract_and_no_loss(k):
-  rng = np.random.default_rng(1234 + k)
-  shape = _shape(k=k)
+@pytest.mark.parametrize("k,w", [(0, 0), (2, 0), (0, 12), (2, 12)])
+def test_pack_group_contract_and_no_loss(k, w):
+  rng = np.random.default_rng(1234 + k + w)
+  shape = _shape(k=k, w=w)
   examples = _make_examples(rng, 600, lq=48, lp=256, ln=256, k_max=3)
   # Unique query ids so tests can map slots back to examples.
   for i, ex in enumerate(examples):
     ex["query_id"] = i * 7 + 11
-  batches, pulled, held = _accepted_keys(shape, examples, 25)
+  starts = []
+  batches, pulled, held = _accepted_keys(shape, examples, 25, starts)
   flat = [key for keys in batches for key in keys]
   # Every pulled tuple is accepted exactly once or still held; never dropped.
   assert len(flat) == len(set(flat))
   assert sorted(flat + held) == sorted(pulled)
-  assert len(held) <= shape.max_misses
   assert pulled == list(range(len(pulled)))  # the stream is read in order
+  # At most W + max_misses tuples are held; the oldest starts every batch, so none
+  # waits longer than that many batches.
+  assert all(len(h) <= max(w, 0) + shape.max_misses for h in starts + [held])
+  for keys, before in zip(batches, starts):
+    if before:
+      assert keys[0] == min(before) == before[0]
+  read_in = {}  # key -> first batch whose held list or acceptance shows it
+  for i, (keys, before) in enumerate(zip(batches, starts)):
+    for key in before + keys:
+      read_in.setdefault(key, i)
+  for i, keys in enumerate(batches):
+    for key in keys:
+      assert i - read_in[key] <= max(w, 0) + shape.max_misses
+  if w:  # the window changes the order tuples are accepted in
+    assert flat != sorted(flat)
+
+
+def _window_examples(rng, n):
+  """Queries and positives of independent lengths: strict order fills one side first."""
+  out = []
+  for i in range(n):
+    out.append({"query_tokens": rng.integers(3, 99, int(rng.integers(4, 60))).astype(np.int32),
+                "positive_tokens": rng.integers(3, 99, int(rng.integers(4, 60))).astype(np.int32),
+                "query_id": i, "positive_id": i, "task_index": 0})
+  return out
+
+
+def test_choose_minimises_the_documented_score():
+  """`_choose` against the module docstring's formula, computed here in float64 from the
+  batch's state after a few random placements."""
+  rng = np.random.default_rng(21)
+  for trial in range(20):
+    shape = GroupShape(examples=16, segments=4, num_negatives=0, lookahead=10,
+                       query=SideShape(length=64, rows=6),
+                       positive=SideShape(length=96, rows=5))
+    rows = {s: packing._Rows(shape.side(s), shape.segments) for s in shape.sides}
+    examples = _window_examples(rng, 40)
+    n = int(rng.integers(1, 8))
+    for ex in examples[:n]:
+      for s in shape.sides:
+        rows[s].place(ex[f"{s}_tokens"].size)
+    cands = [packing._Candidate((i, ex), packing._example_sequences(ex, 0), shape)
+             for i, ex in enumerate(examples[n:n + 10])]
+    got = packing._choose(shape, rows, cands, n)
+    caps = {s: shape.side(s).rows * shape.side(s).length for s in shape.sides}
+    total = sum(caps.values())
+    best, best_score = None, np.inf
+    for c in cands:
+      ex = c.item[1]
+      fits = True
+      score = 0.0
+      for s in shape.sides:
+        m = ex[f"{s}_tokens"].size
+        open_rows = rows[s].used < shape.segments
+        if not (open_rows & (rows[s].free >= m)).any():
+          fits = False
+        used = caps[s] - float(rows[s].free.sum())
+        score += caps[s] / total * ((used + m) / caps[s] - (n + 1) / shape.examples) ** 2
+      if fits and score < best_score:
+        best, best_score = c, score
+    assert got is best, trial
+
+
+def test_lookahead_fills_both_sides_where_strict_order_fills_one():
+  rng = np.random.default_rng(8)
+  examples = _window_examples(rng, 4000)
+  fill = {}
+  for w in (0, 32):
+    shape = GroupShape(examples=32, segments=8, num_negatives=0, lookahead=w,
+                       query=SideShape(length=256, rows=4),
+                       positive=SideShape(length=256, rows=4))
+    stream = iter(enumerate(examples))
+    held, groups = [], []
+    for _ in range(40):
+      gb, held = packing.pack_group(shape, held, lambda: next(stream))
+      _check_batch(shape, gb, [examples[int(q)] for q in gb["query_ids"][gb["example_valid"]]]
+                   + [None] * int((~gb["example_valid"]).sum()))
+      groups.append(gb)
+    batch = packing.concat_groups(shape, groups)
+    fill[w] = {s: float(batch[f"{s}_nonpad_fraction"]) for s in shape.sides}
+    fill[w]["examples"] = float(batch["example_fill"])
+  # 32 tuples of mean 2 x 32 tokens fill 2 x 1024 row tokens on average; in order,
+  # each batch ends when its fuller side is full and the other lags (~94%).
+  assert min(fill[32]["query"], fill[32]["positive"]) >= 0.95, fill
+  assert (fill[32]["query"] + fill[32]["positive"]
+          >= fill[0]["query"] + fill[0]["positive"] + 0.025), fill
+  assert fill[32]["examples"] >= fill[0]["examples"] + 0.02, fill
 
 
 def test_held_over_tuple_starts_next_batch():
@@ -324,3 +414,17 @@ def test_shape_validation_errors():
               "query_id": 0, "positive_id": 0}
   with pytest.raises(ValueError, match="does not fit length=4"):
     packing.pack_group(shape, [], lambda: (0, too_long))
+
+
+@pytest.mark.parametrize("w", [0, 8])
+def test_finite_stream_packs_what_was_read(w):
+  rng = np.random.default_rng(17)
+  examples = _window_examples(rng, 5)
+  shape = GroupShape(examples=8, segments=4, num_negatives=0, lookahead=w,
+                     query=SideShape(length=128, rows=4), positive=SideShape(length=128, rows=4))
+  stream = iter(enumerate(examples))
+  batch, held = packing.pack_group(shape, [], lambda: next(stream))
+  assert not held and int(batch["num_examples"]) == 5
+  _check_batch(shape, batch, [examples[int(q)] for q in batch["query_ids"][:5]] + [None] * 3)
+  batch, held = packing.pack_group(shape, [], lambda: next(stream))
+  assert not held and int(batch["num_examples"]) == 0

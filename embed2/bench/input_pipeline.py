@@ -37,14 +37,21 @@ MODALITIES = ("text", "image", "audio", "video")
 NO_STREAM = "n/a: no stream"
 
 
-def _configs():
+CONFIGS = ("demo", "tiny")
+
+
+def load_config(name: str, arg: str = ""):
+  """configs/{name}.py's config with its knobs `arg` (e.g. "batch=128"), normalised as the trainer
+  reads it."""
   from configs import demo, tiny  # pylint: disable=g-import-not-at-top
-  return {"demo": demo.get_config, "tiny": tiny.get_config}
+  from embed2.train import trainer  # pylint: disable=g-import-not-at-top
+  get = {"demo": demo.get_config, "tiny": tiny.get_config}[name]
+  return trainer.normalize(get(arg or None))
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default="demo", choices=("demo", "tiny"),
+  ap.add_argument("--config", default="demo", choices=CONFIGS,
                   help="configs/demo.py (stdlib tasks) or configs/tiny.py (generated tasks)")
   ap.add_argument("--config_arg", default="", help="the config's knobs, e.g. 'batch=128,layers=2'")
   ap.add_argument("--streams", default="", help="comma-separated stream names (default: all)")
@@ -59,8 +66,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def _streams(config, data, tokenizer, num_groups: int, wanted: Sequence[str]):
-  """name -> (stage iterator factory, loss config): the PFT stage and one FT stream per task."""
+def streams(config, data, tokenizer, num_groups: int, wanted: Sequence[str] = ()):
+  """name -> (iterator factory, loss config): the config's first PFT stage as the trainer builds it,
+  and every task of `config.tasks` as a fine-tuning stream of its own; `wanted` names a subset."""
   from embed2.data import pipeline  # pylint: disable=g-import-not-at-top
   from embed2.train import trainer  # pylint: disable=g-import-not-at-top
   out = {}
@@ -101,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from embed2.train import step as step_lib  # pylint: disable=g-import-not-at-top
   from embed2.train import trainer  # pylint: disable=g-import-not-at-top
 
-  config = trainer.normalize(_configs()[args.config](args.config_arg or None))
+  config = load_config(args.config, args.config_arg)
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = tuple(tuple(r) for r in config.sharding_rules)
   num_groups = int(config.get("data_groups", 0)) or sharding.num_batch_shards(mesh)
@@ -111,11 +119,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   data = resolve_tasks(config)
   load_s = time.perf_counter() - t0
   wanted = [s for s in args.streams.split(",") if s]
-  streams = _streams(config, data, tokenizer, num_groups, wanted)
+  built = streams(config, data, tokenizer, num_groups, wanted)
 
   rows: dict[str, dict[str, Any]] = {}
   first_batches = {}
-  for name, (factory, _) in streams.items():
+  for name, (factory, _) in built.items():
     t0 = time.perf_counter()
     it = factory()
     build_s = time.perf_counter() - t0
@@ -139,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   del trainee
   steps = step_lib.StepFunctions(graphdef, state_shardings, mesh, num_groups)
   fns = {}
-  for name, (_, loss_cfg) in streams.items():
+  for name, (_, loss_cfg) in built.items():
     batch = step_lib.device_batch(first_batches[name], mesh)
     t0 = time.perf_counter()
     compiled = steps.get(name, loss_cfg, state, batch)

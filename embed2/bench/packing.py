@@ -4,8 +4,10 @@
     python -m embed2.bench.packing --examples_per_group=64 --steps=50
     python -m embed2.bench.packing --toy --out=/tmp/packing.json
 
-Two parts, each run packed (suggested rows, S segments per row) and padded (one
-example per row: S = 1, R_g = B_g rows per side, the baseline without packing):
+Three parts. The first two are run packed (suggested rows, S segments per row, a
+lookahead window of --lookahead tuples), packed in order (the same rows, tuples taken
+strictly as they come: lookahead 0) and padded (one example per row: S = 1, R_g = B_g
+rows per side, the baseline without packing):
 
   packing   pre-tokenized tuples with a realistic length mix (log-normal: queries
             median 18 tokens, passages and one hard negative median 140, clipped
@@ -14,6 +16,16 @@ example per row: S = 1, R_g = B_g rows per side, the baseline without packing):
   pipeline  synthetic text tuples through `pipeline.build_ft_iterator` with the
             package tokenizer (`Tokenizer.default()`; byte-level stand-in with
             --tokenizer=bytes): tokenization + packing, one process, G groups.
+
+The third is packed only, with tuples taken strictly in order (lookahead 0) and with the
+config's lookahead window (`BatchSpec.lookahead`; unset: B_g, at most 64):
+
+  config    the streams of a training config (--config=demo: configs/demo.py with its media
+            tasks) exactly as the trainer builds them (`input_pipeline.streams`): its PFT stage
+            and every task as an FT stream; --config_batches batches each. `run_mix` is the
+            non-pad fraction over a whole run of the main job: each stream weighted by the steps
+            the config spends on it (the PFT stage's steps; an FT stage's steps times the task's
+            share of its rates); the soup variants' stages are not counted.
 
 Columns: non-pad fraction per side and overall (useful tokens / row tokens: the
 model computes on every row token), example fill (valid example slots / B), rows
@@ -24,6 +36,7 @@ of this process), and steps/s. Writes JSON to --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import time
@@ -32,6 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from embed2.bench import common
+from embed2.bench import input_pipeline
 from embed2.data import packing
 from embed2.data import pipeline
 from embed2.data.packing import GroupShape, SideShape
@@ -59,9 +73,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--steps", type=int, default=40, help="group batches (packing "
                   "part) / steps (pipeline part) measured")
   ap.add_argument("--max_misses", type=int, default=64)
+  ap.add_argument("--lookahead", type=int, default=64, help="W of the packed variant")
   ap.add_argument("--slack", type=float, default=1.0, help="suggest_rows slack")
   ap.add_argument("--tokenizer", default="default", choices=("default", "bytes"))
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--config", default="demo", choices=input_pipeline.CONFIGS + ("none",),
+                  help="config of the config part (none: skip it)")
+  ap.add_argument("--config_arg", default="", help="the config's knobs, e.g. 'batch=128'")
+  ap.add_argument("--config_batches", type=int, default=12, help="batches per stream (config part)")
+  ap.add_argument("--streams", default="", help="comma-separated stream names of the config part "
+                  "(default: all)")
   ap.add_argument("--toy", action="store_true",
                   help="tiny sizes for a smoke run (tests)")
   ap.add_argument("--out", default="bench_out/packing.json",
@@ -69,6 +90,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   args = ap.parse_args(argv)
   if args.toy:
     args.examples_per_group, args.groups, args.steps = 16, 2, 4
+    args.config_batches = 2
+    if args.config == "demo":
+      args.config = "tiny"
     args.query_len, args.positive_len, args.negative_len = 32, 128, 128
   return args
 
@@ -90,11 +114,11 @@ def _text_tuples(rng, n, args) -> list[dict[str, Any]]:
            "query_id": i, "positive_id": i, "group": "bench"} for i in range(n)]
 
 
-def _shape(args, rows: dict[str, int], segments: int) -> GroupShape:
+def _shape(args, rows: dict[str, int], segments: int, lookahead: int) -> GroupShape:
   k = args.num_negatives
   return GroupShape(
       examples=args.examples_per_group, segments=segments, num_negatives=k,
-      max_misses=args.max_misses,
+      max_misses=args.max_misses, lookahead=lookahead,
       query=SideShape(length=args.query_len, rows=rows["query"]),
       positive=SideShape(length=args.positive_len, rows=rows["positive"]),
       negative=(SideShape(length=args.negative_len, rows=rows["negative"])
@@ -123,7 +147,7 @@ def _summary(shape: GroupShape, batch: dict[str, np.ndarray], steps: int,
 
 def _bench_packing(args, rng) -> dict[str, Any]:
   b_g, k = args.examples_per_group, args.num_negatives
-  n = b_g * args.steps * 2 + _SAMPLE
+  n = b_g * args.steps * 2 + args.lookahead + args.max_misses + _SAMPLE  # + what the packer reads ahead
   tuples = _token_tuples(rng, n, args)
   sample = tuples[:_SAMPLE]
   rows = {}
@@ -138,9 +162,10 @@ def _bench_packing(args, rng) -> dict[str, Any]:
     if s == "negative":
       rows[s] = max(rows[s], k)
   variants = {
-      "packed": _shape(args, rows, args.segments),
+      "packed": _shape(args, rows, args.segments, args.lookahead),
+      "in_order": _shape(args, rows, args.segments, 0),
       "padded": _shape(args, {"query": b_g, "positive": b_g,
-                              "negative": b_g * k}, 1),
+                              "negative": b_g * k}, 1, 0),
   }
   results = {}
   for name, shape in variants.items():
@@ -168,7 +193,8 @@ def _bench_pipeline(args, rng) -> dict[str, Any]:
   b = args.examples_per_group * args.groups
   examples = _text_tuples(rng, max(2000, b * (args.steps + 2)), args)
   results = {}
-  for name, segments in (("packed", args.segments), ("padded", 1)):
+  for name, segments, lookahead in (("packed", args.segments, args.lookahead),
+                                    ("in_order", args.segments, 0), ("padded", 1, 0)):
     k = args.num_negatives
     rows = {}
     if name == "padded":
@@ -176,8 +202,8 @@ def _bench_pipeline(args, rng) -> dict[str, Any]:
     spec = pipeline.BatchSpec(
         batch_size=b, query_len=args.query_len, positive_len=args.positive_len,
         negative_len=args.negative_len if k else 0, num_negatives=k,
-        segments=segments, max_misses=args.max_misses, rows_slack=args.slack,
-        **rows)
+        segments=segments, max_misses=args.max_misses, lookahead=lookahead,
+        rows_slack=args.slack, **rows)
     task = pipeline.TaskSpec(name="bench", examples=examples,
                              task_string="task: search result | query: ",
                              p_drop=0.1, batch=spec)
@@ -208,8 +234,86 @@ def _bench_pipeline(args, rng) -> dict[str, Any]:
   return results
 
 
+def run_weights(config) -> dict[str, float]:
+  """Steps the config's main job spends on each stream of `input_pipeline.streams`: its first PFT
+  stage's steps under the stage's name, and each FT stage's steps spread over its tasks by rate."""
+  weights: dict[str, float] = {}
+  pft_seen = False
+  for stage in config.stages:
+    if stage.mode == "pft":
+      if not pft_seen:
+        weights[stage.name] = float(stage.steps)
+        pft_seen = True
+      continue
+    rates = {n: float(r) for n, r in dict(stage.tasks).items() if float(r) > 0}
+    total = sum(rates.values())
+    for name, r in rates.items():
+      weights[name] = weights.get(name, 0.0) + float(stage.steps) * r / total
+  return weights
+
+
+def _with_lookahead(config, lookahead: int):
+  """A copy of `config` whose every batch shape (FT tasks, PFT stages) has this lookahead."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for name in config.tasks:
+      config.tasks[name].lookahead = lookahead
+    for stage in config.stages:
+      if stage.mode == "pft":
+        stage.batch.lookahead = lookahead
+  return config
+
+
+def _bench_config(args) -> dict[str, Any]:
+  from embed2 import sharding  # pylint: disable=g-import-not-at-top
+  from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from embed2.main import resolve_tasks  # pylint: disable=g-import-not-at-top
+  config = input_pipeline.load_config(args.config, args.config_arg)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  num_groups = int(config.get("data_groups", 0)) or sharding.num_batch_shards(mesh)
+  tokenizer = (Tokenizer.from_file(config.tokenizer) if config.get("tokenizer")
+               else Tokenizer.default())
+  data = resolve_tasks(config)
+  weights = run_weights(config)
+  wanted = [x for x in args.streams.split(",") if x]
+  out: dict[str, Any] = {"config": args.config, "config_arg": args.config_arg,
+                         "num_groups": num_groups, "batches": args.config_batches,
+                         "run_weights": weights}
+  for variant, cfg in (("in_order", _with_lookahead(config, 0)), ("lookahead", config)):
+    per: dict[str, Any] = {}
+    for name, (factory, _) in input_pipeline.streams(cfg, data, tokenizer, num_groups,
+                                                     wanted).items():
+      it = factory()
+      tok: dict[str, int] = {}
+      cap: dict[str, int] = {}
+      examples = slots = 0
+      t0 = time.perf_counter()
+      for _ in range(args.config_batches):
+        b = next(it)
+        examples += int(b["num_examples"])
+        slots += b["example_valid"].size
+        for s in packing.SIDES:
+          if f"{s}_tokens" in b:
+            tok[s] = tok.get(s, 0) + int(b[f"{s}_num_tokens"])
+            cap[s] = cap.get(s, 0) + b[f"{s}_tokens"].size
+      seconds = time.perf_counter() - t0
+      r = {f"{s}_nonpad_fraction": round(tok[s] / cap[s], 4) for s in tok}
+      r.update({"nonpad_fraction": round(sum(tok.values()) / sum(cap.values()), 4),
+                "example_fill": round(examples / slots, 4),
+                "useful_tokens_per_batch": sum(tok.values()) // args.config_batches,
+                "row_tokens_per_batch": sum(cap.values()) // args.config_batches,
+                "batch_s": round(seconds / args.config_batches, 4),
+                "run_weight": weights.get(name, 0.0)})
+      per[name] = r
+    used = [n for n in per if per[n]["run_weight"] > 0]
+    mix = (sum(per[n]["run_weight"] * per[n]["useful_tokens_per_batch"] for n in used) /
+           sum(per[n]["run_weight"] * per[n]["row_tokens_per_batch"] for n in used)) if used else None
+    out[variant] = {"streams": per, "run_mix": None if mix is None else round(mix, 4)}
+  return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-  """Runs both parts; returns the JSON-able results."""
+  """Runs the parts; returns the JSON-able results."""
   rng = np.random.default_rng(args.seed)
   out = {
       "config": {k: v for k, v in vars(args).items() if k != "out"},
@@ -218,6 +322,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "packing": _bench_packing(args, rng),
       "pipeline": _bench_pipeline(args, rng),
   }
+  if args.config != "none":
+    out["demo_mix" if args.config == "demo" else "config_mix"] = _bench_config(args)
   return out
 
 
@@ -228,10 +334,27 @@ _COLUMNS = (("part", "part"), ("variant", "variant"), ("nonpad_fraction", "nonpa
             ("steps_per_s", "steps/s"))
 
 
+_CONFIG_COLUMNS = (("stream", "stream"), ("run_weight", "run steps", ".0f"),
+                   ("in_order", "nonpad in order", ".4f"), ("lookahead", "nonpad lookahead", ".4f"),
+                   ("in_order_fill", "fill in order", ".3f"), ("lookahead_fill", "fill lookahead", ".3f"),
+                   ("batch_s", "batch s (lookahead)", ".3f"))
+
+
 def _table(results: dict[str, Any]) -> str:
   rows = [dict(r, part=part, variant=variant) for part in ("packing", "pipeline")
           for variant, r in results[part].items()]
-  return common.format_table(rows, _COLUMNS)
+  text = common.format_table(rows, _COLUMNS)
+  part = results.get("demo_mix") or results.get("config_mix")
+  if part:
+    a, b = part["in_order"], part["lookahead"]
+    rows = [{"stream": n, "run_weight": r["run_weight"], "in_order": a["streams"][n]["nonpad_fraction"],
+             "lookahead": r["nonpad_fraction"], "in_order_fill": a["streams"][n]["example_fill"],
+             "lookahead_fill": r["example_fill"], "batch_s": r["batch_s"]}
+            for n, r in b["streams"].items()]
+    rows.append({"stream": "run mix", "in_order": a["run_mix"], "lookahead": b["run_mix"]})
+    text += f"\n\nconfigs/{part['config']}.py streams, {part['batches']} batches each:\n"
+    text += common.format_table(rows, _CONFIG_COLUMNS)
+  return text
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

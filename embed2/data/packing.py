@@ -49,23 +49,38 @@ group's media slots:
 `{s}_num_tokens`, `{s}_nonpad_fraction`, `{s}_num_truncated`, and for media sides
 `{s}_num_images`, `{s}_num_audio`.
 
-Packing policy (per group, online, best-fit): candidates are tried in order, first
-the tuples held over from the previous batch, then fresh ones from the stream. A
-tuple is accepted only if every side fits: each sequence goes into the row with the
-least free space that still has room for it and fewer than S segments. A tuple that
-does not fit is held over to start the next batch of its group (never dropped). A
-batch closes when it holds B_g tuples, when `max_misses` tuples have been held over
-during it, or when some side cannot take even a one-token sequence. Because
-held-over tuples are retried first and the stream is only read once they are used
-up, at most `max_misses` tuples are ever held, and a held tuple waits at most
-`max_misses` batches (the oldest one always fits the next, empty, batch).
+Packing policy (per group, online, best-fit rows, a lookahead window of tuples): the
+candidates are the tuples held over from the previous batch (oldest first), then fresh
+ones from the stream. The first tuple of every batch is the oldest candidate (it always
+fits an empty batch). Each later pick chooses, among the first W candidates not yet
+tried in this batch (W = `lookahead`), the one that keeps the batch on course to be
+full when it holds B_g tuples: the one minimising
 
-Sizing: with R_g from `suggest_rows` (slack 1.0) on a query/passage length mix,
-B_g = 256 packs ~95-96% of all row tokens with ~96% of example slots filled
-(tests/test_packing.py, `python -m embed2.bench.packing`). The side that closes the
-batch is ~98% full; the others are lower because each side's token total per batch
-varies independently. Smaller B_g packs worse (~94.5% at 128, ~93% at 64, ~91% at
-32); an R_g suggested from a small sample can cost a point or two more.
+    sum_c  w_c * ((used_c + need_c) / cap_c - (n + 1) / B_g)^2
+
+over the batch's capacities c (each side's row tokens, weighted by its share of all
+row tokens, and each side's image and audio slots, weighted 1 / number of sides),
+where n tuples are accepted so far. A side's token totals vary from tuple to tuple
+independently of the other sides', so taking tuples strictly in order fills one side
+while the others fall short; steering the choice keeps every side near its share.
+A tuple is accepted only if every side fits: each sequence goes into the row with the
+least free space that still has room for it and fewer than S segments. Only
+candidates that can fit by their totals and longest sequences are scored. A chosen
+tuple that does not fit is set aside until the next batch (never dropped) and counts
+as a miss; so does the oldest candidate when none of the window can fit, to make room
+for a fresh one. A batch closes when it holds B_g tuples, when `max_misses` tuples
+were set aside during it, or when some side cannot take even a one-token sequence.
+The candidates not accepted are held over in arrival order, so the oldest starts the
+next batch: at most W + max_misses tuples are ever held, and a tuple waits at most
+that many batches. W = 0 (or 1) is the strict order: tuples are tried one by one as
+they come.
+
+Sizing: with R_g from `suggest_rows` (slack 1.0) on a query/passage length mix
+(`embed2.bench.common.token_tuples`), strict order packs ~95% of all row tokens at
+B_g = 256, ~93% at 64 and ~91% at 32: the side that closes the batch is ~98% full, the
+others lower. A window of 64 packs ~97% at 256, ~97% at 64 and ~94% at 32, with more
+example slots filled (`python -m embed2.bench.packing`; tests/test_packing.py pins the
+gain). Choosing costs host time: ~30 ms instead of ~15 ms per group of 256 on one core.
 
 Negatives: the first K of an example's negatives are carried (put the hardest
 first); an example with fewer than K has the missing ones marked False in
@@ -127,7 +142,9 @@ class GroupShape:
     query: the query side's shape.
     positive: the positive side's shape.
     negative: the negative side's shape; required iff num_negatives > 0.
-    max_misses: a batch closes once this many tuples were held over during it.
+    max_misses: a batch closes once this many tuples were set aside during it.
+    lookahead: W, candidates the packer chooses from at each pick (see the module
+      docstring); 0 or 1 takes tuples strictly in order.
     image_shape: (S, S, 3) of an image slot; needed when a side has image slots.
     image_tokens: T_img, soft tokens per image.
     audio_shape: (F, M) of an audio-chunk slot; needed when a side has audio slots.
@@ -142,6 +159,7 @@ class GroupShape:
   positive: SideShape
   negative: SideShape | None = None
   max_misses: int = 64
+  lookahead: int = 0
   image_shape: tuple[int, ...] = ()
   image_tokens: int = 0
   audio_shape: tuple[int, ...] = ()
@@ -157,6 +175,8 @@ class GroupShape:
       raise ValueError(f"num_negatives={self.num_negatives} (K) must be >= 0.")
     if self.max_misses < 1:
       raise ValueError(f"max_misses={self.max_misses} must be >= 1.")
+    if self.lookahead < 0:
+      raise ValueError(f"lookahead={self.lookahead} must be >= 0 (0: tuples in order).")
     if (self.num_negatives > 0) != (self.negative is not None):
       raise ValueError(
           f"num_negatives={self.num_negatives} but negative side is "
@@ -351,8 +371,10 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
 
   Args:
     shape: the group's static shape.
-    held: tuples held over from this group's previous batch; tried first, in order.
-    pull: returns the next fresh (key, example) of this group's stream. An example
+    held: tuples held over from this group's previous batch; read first, in order.
+    pull: returns the next fresh (key, example) of this group's stream, or raises
+      StopIteration at the end of a finite one (the batch then packs what was read;
+      the pipeline's streams never end). An example
       is a dict with `query_tokens`, `positive_tokens` (1-D int arrays, 1..L long),
       `negative_tokens` (list of such, only the first K are used), `query_id`,
       `positive_id` (ints), optional `task_index` (int), optional truncation
@@ -374,61 +396,150 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
   rows = {s: _Rows(shape.side(s), shape.segments) for s in sides}
   queue = list(held)
   queue.reverse()  # pop() from the end == take in original order
-  new_held: list[Item] = []
+  width = max(shape.lookahead, 1)
+  window: list[_Candidate] = []  # read, not accepted, in arrival order
   accepted: list[tuple[dict[str, Any], dict[str, list]]] = []
   misses = 0
   skipped = 0
   # Skipped records close a batch too (after B_g + max_misses of them), so a
   # stream of nothing but bad records still yields batches whose counts the
   # trainer can judge instead of reading forever.
+  max_skipped = shape.examples + shape.max_misses
+  exhausted = False
   while (len(accepted) < shape.examples and misses < shape.max_misses and
-         skipped < shape.examples + shape.max_misses):
+         skipped < max_skipped):
     if any(rows[s].full() for s in sides):
       break
-    item = queue.pop() if queue else pull()
-    ex = item[1]
-    if SKIPPED in ex:  # a record the pipeline could not decode: counted, never held
-      skipped += 1
-      continue
-    seqs = _example_sequences(ex, k)
-    reason = _oversize(shape, seqs)
-    if reason is not None:  # would never fit: counted like an undecodable record
-      logging.log_every_n(logging.WARNING, "skipping a tuple: %s", 100, reason)
-      skipped += 1
-      continue
-    placed: dict[str, list] = {}
-    ok = True
-    for s in sides:
-      placed[s] = []
-      for toks, media in seqs[s]:
-        _check_tokens(s, toks, shape.side(s).length)
-        n_img, n_aud = _media_counts(media)
-        spot = rows[s].place(toks.size, n_img, n_aud)
-        if spot is None:
-          ok = False
+    open_ = [c for c in window if not c.aside]
+    while len(open_) < width and skipped < max_skipped and (queue or not exhausted):
+      if queue:
+        item = queue.pop()
+      else:
+        try:
+          item = pull()
+        except StopIteration:  # a finite stream ran out: pack what was read
+          exhausted = True
           break
-        placed[s].append((*spot, toks, media))
-      if not ok:
-        break
-    if ok:
-      accepted.append((ex, placed))
+      ex = item[1]
+      if SKIPPED in ex:  # a record the pipeline could not decode: counted, never held
+        skipped += 1
+        continue
+      seqs = _example_sequences(ex, k)
+      reason = _oversize(shape, seqs)
+      if reason is not None:  # would never fit: counted like an undecodable record
+        logging.log_every_n(logging.WARNING, "skipping a tuple: %s", 100, reason)
+        skipped += 1
+        continue
+      cand = _Candidate(item, seqs, shape)
+      window.append(cand)
+      open_.append(cand)
+    if not open_:
+      break
+    if accepted and width > 1:
+      cand = _choose(shape, rows, open_, len(accepted))
+      if cand is None:  # nothing in the window can fit: make room for a fresh tuple
+        open_[0].aside = True
+        misses += 1
+        continue
+    else:  # the first pick of a batch, or strict order: the oldest
+      cand = open_[0]
+    placed = _place(rows, cand.seqs)
+    if placed is None:
+      if not accepted and all(int(r.used.sum()) == 0 for r in rows.values()):
+        raise AssertionError(
+            "a tuple did not fit an empty group batch; GroupShape validation "
+            "should have made this impossible.")
+      cand.aside = True
+      misses += 1
       continue
-    for s, plist in placed.items():
-      for r, _, _, _, _, toks, media in plist:
-        n_img = sum(m.kind == "image" for m in media)
-        rows[s].undo(r, toks.size, n_img, len(media) - n_img)
-    if not accepted and not new_held and all(
-        int(rows[s].used.sum()) == 0 for s in sides):
-      raise AssertionError(
-          "a tuple did not fit an empty group batch; GroupShape validation "
-          "should have made this impossible.")
-    new_held.append(item)
-    misses += 1
+    window.remove(cand)
+    accepted.append((cand.item[1], placed))
   queue.reverse()
-  new_held.extend(queue)  # untried held-over tuples keep their turn
+  # Untried held-over tuples keep their turn after everything read in this batch.
+  new_held = [c.item for c in window] + queue
   out = _assemble(shape, accepted)
   out["num_skipped"] = np.asarray(skipped, np.int64)
   return out, new_held
+
+
+class _Candidate:
+  """A tuple the packer has read: its sequences and what it needs of each capacity."""
+
+  __slots__ = ("item", "seqs", "req", "aside")
+
+  def __init__(self, item: Item, seqs: dict[str, list], shape: GroupShape):
+    self.item = item
+    self.aside = False  # tried in this batch and did not fit
+    self.seqs = {}  # side -> [(tokens, media, images, audio chunks)]
+    tokens, media, longest = [], [], []
+    for s in shape.sides:
+      ln = shape.side(s).length
+      self.seqs[s] = []
+      for toks, m in seqs[s]:
+        _check_tokens(s, toks, ln)
+        self.seqs[s].append((toks, m, *_media_counts(m)))
+      tokens.append(sum(t.size for t, *_ in self.seqs[s]))
+      longest.append(max((t.size for t, *_ in self.seqs[s]), default=0))
+      media.append(sum(x[2] for x in self.seqs[s]))
+      media.append(sum(x[3] for x in self.seqs[s]))
+    # What `_choose` compares with the batch's room: tokens per side, (images, audio) per
+    # side, then the longest sequence per side.
+    self.req = (*tokens, *media, *longest)
+
+
+def _place(rows: dict[str, "_Rows"], seqs: dict[str, list]) -> dict[str, list] | None:
+  """Places every sequence of a tuple (all sides), or places nothing and returns None."""
+  placed: dict[str, list] = {}
+  for s, items in seqs.items():
+    placed[s] = []
+    for toks, media, n_img, n_aud in items:
+      spot = rows[s].place(toks.size, n_img, n_aud)
+      if spot is None:
+        for s2, plist in placed.items():
+          for r, _, _, _, _, t2, _, i2, a2 in plist:
+            rows[s2].undo(r, t2.size, i2, a2)
+        return None
+      placed[s].append((*spot, toks, media, n_img, n_aud))
+  return placed
+
+
+def _choose(shape: GroupShape, rows: dict[str, "_Rows"], open_: Sequence[_Candidate],
+            n: int) -> _Candidate | None:
+  """The open candidate that keeps the batch closest to full at B_g tuples (the module
+  docstring's score), among those that can fit; None if none can."""
+  sides = shape.sides
+  cap, used, weight, room, gap = [], [], [], [], []
+  total = sum(shape.side(s).rows * shape.side(s).length for s in sides)
+  for s in sides:
+    r = rows[s]
+    c = r.free.size * r.length
+    free = int(r.free.sum())
+    cap.append(c)
+    used.append(c - free)
+    weight.append(c / total)
+    usable = r.used < r.segments
+    if usable.all():
+      room.append(free)
+      gap.append(int(r.free.max()))
+    else:
+      room.append(int(r.free[usable].sum()))
+      gap.append(int(r.free[usable].max()) if usable.any() else 0)
+  for s in sides:
+    r = rows[s]
+    for slots, taken in ((r.side.images, r.images_used), (r.side.audio, r.audio_used)):
+      cap.append(max(slots, 1))
+      used.append(taken)
+      weight.append(1.0 / len(sides) if slots else 0.0)
+      room.append(slots - taken)
+  req = np.array([c.req for c in open_], np.float64)  # (W, 3 * sides + sides)
+  m = len(cap)
+  fits = (req <= np.array(room + gap, np.float64)).all(1)
+  if not fits.any():
+    return None
+  after = (np.array(used, np.float64) + req[:, :m]) / np.array(cap, np.float64)
+  score = ((after - (n + 1) / shape.examples) ** 2) @ np.array(weight)
+  score[~fits] = np.inf
+  return open_[int(score.argmin())]
 
 
 def _assemble(shape: GroupShape, accepted) -> dict[str, np.ndarray]:
@@ -450,7 +561,7 @@ def _assemble(shape: GroupShape, accepted) -> dict[str, np.ndarray]:
                                audio_tokens=shape.audio_tokens)
     n_tok = n_img = n_aud = 0
     for b, (_, placed) in enumerate(accepted):
-      for j, (r, start, seg, img0, aud0, toks, media) in enumerate(placed[s]):
+      for j, (r, start, seg, img0, aud0, toks, media, _, _) in enumerate(placed[s]):
         n = toks.size
         tokens[r, start:start + n] = toks
         seg_ids[r, start:start + n] = seg + 1

@@ -258,6 +258,10 @@ class BatchSpec:
     negative_rows: R of the negative side; None: suggested.
     rows_slack: `packing.suggest_rows` slack used when rows are suggested.
     max_misses: `packing.GroupShape.max_misses`.
+    lookahead: `packing.GroupShape.lookahead`: tuples the packer chooses from at
+      each pick to keep every side's rows full (0: strictly in stream order); None:
+      B_g (the examples per group), at most 64. Each group holds up to lookahead +
+      max_misses tuples read ahead (their indices are in the iterator state).
     query_images, positive_images, negative_images: image slots of each side
       (video frames count as images); None: suggested from the sample (0 when
       the sample has no images on that side).
@@ -275,6 +279,7 @@ class BatchSpec:
   negative_rows: int | None = None
   rows_slack: float = 1.0
   max_misses: int = 64
+  lookahead: int | None = None
   query_images: int | None = None
   positive_images: int | None = None
   negative_images: int | None = None
@@ -581,7 +586,9 @@ def group_shape(spec: BatchSpec, num_groups: int, sample: Sequence[dict] = (),
                  audio_pad=float(media_lib.log_mel_pad_value(c)))
   try:
     return GroupShape(examples=b_g, segments=spec.segments, num_negatives=k,
-                      max_misses=spec.max_misses, **shapes, **media)
+                      max_misses=spec.max_misses,
+                      lookahead=min(b_g, 64) if spec.lookahead is None else spec.lookahead,
+                      **shapes, **media)
   except ValueError as e:
     raise ValueError(f"{where}: {e} (rows here are per group; the BatchSpec "
                      f"counts are {num_groups}x that)") from None
