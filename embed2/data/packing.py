@@ -80,7 +80,7 @@ Sizing: with R_g from `suggest_rows` (slack 1.0) on a query/passage length mix
 B_g = 256, ~93% at 64 and ~91% at 32: the side that closes the batch is ~98% full, the
 others lower. A window of 64 packs ~97% at 256, ~97% at 64 and ~94% at 32, with more
 example slots filled (`python -m embed2.bench.packing`; tests/test_packing.py pins the
-gain). Choosing costs host time: ~30 ms instead of ~15 ms per group of 256 on one core.
+gain). Choosing costs host time: ~22 ms instead of ~12 ms per group of 256 on one core.
 
 Negatives: the first K of an example's negatives are carried (put the hardest
 first); an example with fewer than K has the missing ones marked False in
@@ -254,10 +254,11 @@ class _Rows:
   """Free space of one side's rows (and media slots) while a group batch fills."""
 
   __slots__ = ("free", "used", "segments", "length", "side", "images_used",
-               "audio_used")
+               "audio_used", "free_total")
 
   def __init__(self, side: SideShape, segments: int):
     self.free = np.full(side.rows, side.length, np.int64)
+    self.free_total = side.rows * side.length
     self.used = np.zeros(side.rows, np.int64)
     self.segments = segments
     self.length = side.length
@@ -283,6 +284,7 @@ class _Rows:
     start = self.length - int(self.free[r])
     seg = int(self.used[r])
     self.free[r] -= n
+    self.free_total -= n
     self.used[r] += 1
     img0, aud0 = self.images_used, self.audio_used
     self.images_used += images
@@ -291,6 +293,7 @@ class _Rows:
 
   def undo(self, r: int, n: int, images: int = 0, audio: int = 0):
     self.free[r] += n
+    self.free_total += n
     self.used[r] -= 1
     self.images_used -= images
     self.audio_used -= audio
@@ -305,18 +308,6 @@ def _check_tokens(side: str, toks: np.ndarray, length: int):
         f"{side} sequence of shape {toks.shape} does not fit length={length}; "
         "tokenize with truncation to the side's length (pipeline.Tokenize) and "
         "never emit empty sequences.")
-
-
-def _example_sequences(ex: dict[str, Any], k: int) -> dict[str, list[tuple[np.ndarray, tuple]]]:
-  """Per side, (tokens, media) of each sequence; media as `interleave.Media` items."""
-  seqs = {s: [(np.asarray(ex[f"{s}_tokens"]), tuple(ex.get(f"{s}_media", ())))]
-          for s in ("query", "positive")}
-  if k > 0:
-    toks = ex.get("negative_tokens", ())[:k]
-    media = list(ex.get("negative_media", ()))[:k]
-    media += [()] * (len(toks) - len(media))
-    seqs["negative"] = [(np.asarray(t), tuple(m)) for t, m in zip(toks, media)]
-  return seqs
 
 
 def soft_index_base(kind: str, slot: int, *, images: int, image_tokens: int,
@@ -336,24 +327,10 @@ def slot_bucket(count: int) -> int:
 
 
 def _media_counts(media: tuple) -> tuple[int, int]:
+  if not media:
+    return 0, 0
   n_img = sum(m.kind == "image" for m in media)
   return n_img, len(media) - n_img
-
-
-def _oversize(shape: GroupShape, seqs) -> str | None:
-  """Why a tuple can never fit an empty group batch (more media than a side has
-  slots), or None."""
-  for s, items in seqs.items():
-    n_img = sum(_media_counts(m)[0] for _, m in items)
-    n_aud = sum(_media_counts(m)[1] for _, m in items)
-    ss = shape.side(s)
-    if n_img > ss.images or n_aud > ss.audio:
-      return (f"a tuple's {s} side holds {n_img} images and {n_aud} audio chunks "
-              f"but has {ss.images} image and {ss.audio} audio slots per group; "
-              f"raise the batch spec's {s}_images / {s}_audio (or leave them None "
-              "to be suggested from a sample), or lower the per-input budgets "
-              "(video_max_frames, max_audio_chunks)")
-  return None
 
 
 def _fold_id(x: int) -> int:
@@ -397,7 +374,7 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
   queue = list(held)
   queue.reverse()  # pop() from the end == take in original order
   width = max(shape.lookahead, 1)
-  window: list[_Candidate] = []  # read, not accepted, in arrival order
+  window = _Window(shape, width)  # read, not accepted, in arrival order
   accepted: list[tuple[dict[str, Any], dict[str, list]]] = []
   misses = 0
   skipped = 0
@@ -410,8 +387,7 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
          skipped < max_skipped):
     if any(rows[s].full() for s in sides):
       break
-    open_ = [c for c in window if not c.aside]
-    while len(open_) < width and skipped < max_skipped and (queue or not exhausted):
+    while window.num_open < width and skipped < max_skipped and (queue or not exhausted):
       if queue:
         item = queue.pop()
       else:
@@ -420,43 +396,40 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
         except StopIteration:  # a finite stream ran out: pack what was read
           exhausted = True
           break
-      ex = item[1]
-      if SKIPPED in ex:  # a record the pipeline could not decode: counted, never held
+      if SKIPPED in item[1]:  # a record the pipeline could not decode: counted, never held
         skipped += 1
         continue
-      seqs = _example_sequences(ex, k)
-      reason = _oversize(shape, seqs)
+      cand = _Candidate(item, shape)
+      reason = cand.oversize(shape)
       if reason is not None:  # would never fit: counted like an undecodable record
         logging.log_every_n(logging.WARNING, "skipping a tuple: %s", 100, reason)
         skipped += 1
         continue
-      cand = _Candidate(item, seqs, shape)
-      window.append(cand)
-      open_.append(cand)
-    if not open_:
+      window.add(cand)
+    if not window.num_open:
       break
     if accepted and width > 1:
-      cand = _choose(shape, rows, open_, len(accepted))
+      cand = window.choose(rows, len(accepted))
       if cand is None:  # nothing in the window can fit: make room for a fresh tuple
-        open_[0].aside = True
+        window.set_aside(window.oldest_open())
         misses += 1
         continue
     else:  # the first pick of a batch, or strict order: the oldest
-      cand = open_[0]
+      cand = window.oldest_open()
     placed = _place(rows, cand.seqs)
     if placed is None:
       if not accepted and all(int(r.used.sum()) == 0 for r in rows.values()):
         raise AssertionError(
             "a tuple did not fit an empty group batch; GroupShape validation "
             "should have made this impossible.")
-      cand.aside = True
+      window.set_aside(cand)
       misses += 1
       continue
     window.remove(cand)
     accepted.append((cand.item[1], placed))
   queue.reverse()
   # Untried held-over tuples keep their turn after everything read in this batch.
-  new_held = [c.item for c in window] + queue
+  new_held = [c.item for c in window.in_order()] + queue
   out = _assemble(shape, accepted)
   out["num_skipped"] = np.asarray(skipped, np.int64)
   return out, new_held
@@ -465,26 +438,148 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
 class _Candidate:
   """A tuple the packer has read: its sequences and what it needs of each capacity."""
 
-  __slots__ = ("item", "seqs", "req", "aside")
+  __slots__ = ("item", "seqs", "req", "slot", "order")
 
-  def __init__(self, item: Item, seqs: dict[str, list], shape: GroupShape):
+  def __init__(self, item: Item, shape: GroupShape):
+    ex = item[1]
     self.item = item
-    self.aside = False  # tried in this batch and did not fit
+    self.slot = -1  # its row in the window's matrix
+    self.order = 0  # arrival number in the window
+    raw = {s: [(ex[f"{s}_tokens"], ex.get(f"{s}_media", ()))] for s in ("query", "positive")}
+    if shape.num_negatives > 0:
+      toks = list(ex.get("negative_tokens", ()))[:shape.num_negatives]
+      media = list(ex.get("negative_media", ()))[:len(toks)]
+      raw["negative"] = list(zip(toks, media + [()] * (len(toks) - len(media))))
     self.seqs = {}  # side -> [(tokens, media, images, audio chunks)]
     tokens, media, longest = [], [], []
     for s in shape.sides:
       ln = shape.side(s).length
-      self.seqs[s] = []
-      for toks, m in seqs[s]:
+      seqs = []
+      tot = top = n_img = n_aud = 0
+      for toks, m in raw[s]:
+        toks = np.asarray(toks)
         _check_tokens(s, toks, ln)
-        self.seqs[s].append((toks, m, *_media_counts(m)))
-      tokens.append(sum(t.size for t, *_ in self.seqs[s]))
-      longest.append(max((t.size for t, *_ in self.seqs[s]), default=0))
-      media.append(sum(x[2] for x in self.seqs[s]))
-      media.append(sum(x[3] for x in self.seqs[s]))
-    # What `_choose` compares with the batch's room: tokens per side, (images, audio) per
-    # side, then the longest sequence per side.
+        m = tuple(m)
+        i, a = _media_counts(m)
+        seqs.append((toks, m, i, a))
+        tot += toks.size
+        top = max(top, toks.size)
+        n_img += i
+        n_aud += a
+      self.seqs[s] = seqs
+      tokens.append(tot)
+      longest.append(top)
+      media += [n_img, n_aud]
+    # What `_Window.choose` compares with the batch's room: tokens per side, (images,
+    # audio) per side, then the longest sequence per side.
     self.req = (*tokens, *media, *longest)
+
+  def oversize(self, shape: GroupShape) -> str | None:
+    """Why the tuple can never fit an empty group batch (more media than a side has
+    slots), or None."""
+    n = len(shape.sides)
+    for j, s in enumerate(shape.sides):
+      ss = shape.side(s)
+      n_img, n_aud = self.req[n + 2 * j], self.req[n + 2 * j + 1]
+      if n_img > ss.images or n_aud > ss.audio:
+        return (f"a tuple's {s} side holds {n_img} images and {n_aud} audio chunks "
+                f"but has {ss.images} image and {ss.audio} audio slots per group; "
+                f"raise the batch spec's {s}_images / {s}_audio (or leave them None "
+                "to be suggested from a sample), or lower the per-input budgets "
+                "(video_max_frames, max_audio_chunks)")
+    return None
+
+
+class _Window:
+  """The candidates of one batch in arrival order, the open ones (not yet tried in
+  this batch) with their needs in one matrix so that choosing is a few array ops."""
+
+  def __init__(self, shape: GroupShape, width: int):
+    self.shape = shape
+    self.cands: list[_Candidate] = []  # arrival order, open and set aside
+    self.num_open = 0
+    cap = width + shape.max_misses + 1
+    self.req = np.zeros((cap, 4 * len(shape.sides)), np.float64)
+    self.order = np.zeros(cap, np.int64)
+    self.is_open = np.zeros(cap, bool)
+    self.by_slot: list[_Candidate | None] = [None] * cap
+    self.free_slots = list(range(cap - 1, -1, -1))
+    self.arrivals = 0
+    # The score's capacities: row tokens per side, then (image, audio) slots per side.
+    sides = shape.sides
+    total = sum(shape.side(s).rows * shape.side(s).length for s in sides)
+    tok_cap = [shape.side(s).rows * shape.side(s).length for s in sides]
+    media_cap = [c for s in sides for c in (shape.side(s).images, shape.side(s).audio)]
+    self.cap = np.array(tok_cap + [max(c, 1) for c in media_cap], np.float64)
+    self.weight = np.array([c / total for c in tok_cap] +
+                           [1.0 / len(sides) if c else 0.0 for c in media_cap])
+    self.used = np.zeros(3 * len(sides), np.float64)  # scratch of `choose`
+    self.room = np.zeros(4 * len(sides), np.float64)
+
+  def add(self, cand: _Candidate):
+    if not self.free_slots:  # cannot happen with the batch's limits; grow anyway
+      n = self.req.shape[0]
+      self.req = np.concatenate([self.req, np.zeros_like(self.req)])
+      self.order = np.concatenate([self.order, np.zeros_like(self.order)])
+      self.is_open = np.concatenate([self.is_open, np.zeros_like(self.is_open)])
+      self.by_slot += [None] * n
+      self.free_slots = list(range(2 * n - 1, n - 1, -1))
+    cand.slot = self.free_slots.pop()
+    cand.order = self.arrivals
+    self.arrivals += 1
+    self.req[cand.slot] = cand.req
+    self.order[cand.slot] = cand.order
+    self.is_open[cand.slot] = True
+    self.by_slot[cand.slot] = cand
+    self.cands.append(cand)
+    self.num_open += 1
+
+  def set_aside(self, cand: _Candidate):
+    """Tried and did not fit: held over, not offered again in this batch."""
+    self.is_open[cand.slot] = False
+    self.num_open -= 1
+
+  def remove(self, cand: _Candidate):
+    """Accepted."""
+    self.set_aside(cand)
+    self.by_slot[cand.slot] = None
+    self.free_slots.append(cand.slot)
+    self.cands.remove(cand)
+
+  def oldest_open(self) -> _Candidate:
+    slots = np.flatnonzero(self.is_open)
+    return self.by_slot[int(slots[self.order[slots].argmin()])]
+
+  def in_order(self) -> list[_Candidate]:
+    return self.cands
+
+  def choose(self, rows: dict[str, "_Rows"], n: int) -> _Candidate | None:
+    """The open candidate that keeps the batch closest to full at B_g tuples (the
+    module docstring's score; ties: the oldest), among those that can fit; None if
+    none can."""
+    sides = self.shape.sides
+    ns = len(sides)
+    used, room = self.used, self.room
+    for j, s in enumerate(sides):
+      r = rows[s]
+      free = np.where(r.used < r.segments, r.free, 0)
+      used[j] = self.cap[j] - r.free_total
+      room[j] = free.sum()
+      room[3 * ns + j] = free.max()  # the longest sequence that fits
+      used[ns + 2 * j] = r.images_used
+      used[ns + 2 * j + 1] = r.audio_used
+      room[ns + 2 * j] = r.side.images - r.images_used
+      room[ns + 2 * j + 1] = r.side.audio - r.audio_used
+    slots = np.flatnonzero(self.is_open)
+    slots = slots[np.argsort(self.order[slots], kind="stable")]
+    req = self.req[slots]  # (open, 4 * sides)
+    fits = (req <= room).all(1)
+    if not fits.any():
+      return None
+    after = (used + req[:, :3 * ns]) / self.cap
+    score = ((after - (n + 1) / self.shape.examples) ** 2) @ self.weight
+    score[~fits] = np.inf
+    return self.by_slot[int(slots[int(score.argmin())])]
 
 
 def _place(rows: dict[str, "_Rows"], seqs: dict[str, list]) -> dict[str, list] | None:
@@ -501,45 +596,6 @@ def _place(rows: dict[str, "_Rows"], seqs: dict[str, list]) -> dict[str, list] |
         return None
       placed[s].append((*spot, toks, media, n_img, n_aud))
   return placed
-
-
-def _choose(shape: GroupShape, rows: dict[str, "_Rows"], open_: Sequence[_Candidate],
-            n: int) -> _Candidate | None:
-  """The open candidate that keeps the batch closest to full at B_g tuples (the module
-  docstring's score), among those that can fit; None if none can."""
-  sides = shape.sides
-  cap, used, weight, room, gap = [], [], [], [], []
-  total = sum(shape.side(s).rows * shape.side(s).length for s in sides)
-  for s in sides:
-    r = rows[s]
-    c = r.free.size * r.length
-    free = int(r.free.sum())
-    cap.append(c)
-    used.append(c - free)
-    weight.append(c / total)
-    usable = r.used < r.segments
-    if usable.all():
-      room.append(free)
-      gap.append(int(r.free.max()))
-    else:
-      room.append(int(r.free[usable].sum()))
-      gap.append(int(r.free[usable].max()) if usable.any() else 0)
-  for s in sides:
-    r = rows[s]
-    for slots, taken in ((r.side.images, r.images_used), (r.side.audio, r.audio_used)):
-      cap.append(max(slots, 1))
-      used.append(taken)
-      weight.append(1.0 / len(sides) if slots else 0.0)
-      room.append(slots - taken)
-  req = np.array([c.req for c in open_], np.float64)  # (W, 3 * sides + sides)
-  m = len(cap)
-  fits = (req <= np.array(room + gap, np.float64)).all(1)
-  if not fits.any():
-    return None
-  after = (np.array(used, np.float64) + req[:, :m]) / np.array(cap, np.float64)
-  score = ((after - (n + 1) / shape.examples) ** 2) @ np.array(weight)
-  score[~fits] = np.inf
-  return open_[int(score.argmin())]
 
 
 def _assemble(shape: GroupShape, accepted) -> dict[str, np.ndarray]:
