@@ -85,6 +85,13 @@ def _a(word: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+def _bytes_view(a: np.ndarray) -> memoryview:
+  """The bytes of a C-contiguous array, as tobytes() gives them, without copying. `_feed` hashes a
+  header, then these: the same stream as header + tobytes() (hashing is incremental), so the ids are
+  unchanged and the array is not copied twice."""
+  return memoryview(a.reshape(-1).view(np.uint8))
+
+
 def _feed(h, side: Any) -> None:
   """Feeds one side (or part of one) into hash `h`, type-tagged so no two kinds collide."""
   if isinstance(side, (str, segments.Text)):
@@ -92,13 +99,16 @@ def _feed(h, side: Any) -> None:
     h.update(b"s%d:" % len(data) + data)
   elif isinstance(side, segments.Image) and side.pixels is not None:
     p = np.ascontiguousarray(side.pixels)
-    h.update(f"i{p.shape}{p.dtype.str}:".encode() + p.tobytes())
+    h.update(f"i{p.shape}{p.dtype.str}:".encode())
+    h.update(_bytes_view(p))
   elif isinstance(side, segments.Audio) and side.samples is not None:
     s = np.ascontiguousarray(side.samples)
-    h.update(f"a{side.sample_rate}{s.shape}{s.dtype.str}:".encode() + s.tobytes())
+    h.update(f"a{side.sample_rate}{s.shape}{s.dtype.str}:".encode())
+    h.update(_bytes_view(s))
   elif isinstance(side, segments.Video) and side.frames is not None:
     f = np.ascontiguousarray(side.frames)
-    h.update(f"v{float(side.fps)!r}{f.shape}{f.dtype.str}:".encode() + f.tobytes())
+    h.update(f"v{float(side.fps)!r}{f.shape}{f.dtype.str}:".encode())
+    h.update(_bytes_view(f))
     if side.audio is None:
       h.update(b"-")
     else:
@@ -193,11 +203,18 @@ def _example(query, positive, negatives, group: str) -> dict[str, Any]:
           "query_id": content_id_of(query), "positive_id": content_id_of(positive), "group": group}
 
 
+@functools.lru_cache(maxsize=4096)
+def _neighbours(x: NamedTuple, allowed: frozenset, values: tuple[tuple[str, tuple], ...]) -> tuple:
+  """The tuples of `allowed` one field away from `x`, fields in order, values in order (cached: the
+  attribute spaces are small and the same few `allowed` sets come back every example)."""
+  options = (x._replace(**{f: v}) for f, vs in values for v in vs if v != getattr(x, f))
+  return tuple(o for o in options if o in allowed)
+
+
 def _neighbour(x: NamedTuple, allowed: frozenset, values: dict[str, tuple], rng) -> Any | None:
   """A random tuple of `allowed` that differs from `x` in exactly one field (a hard negative's
   content), or None if there is none."""
-  options = [x._replace(**{f: v}) for f in x._fields for v in values[f] if v != getattr(x, f)]
-  options = [o for o in options if o in allowed]
+  options = _neighbours(x, allowed, tuple((f, tuple(values[f])) for f in x._fields))
   return options[rng.integers(len(options))] if options else None
 
 
@@ -423,6 +440,83 @@ _RAMP_S = 0.008  # attack / release: no clicks, so the spectrum of a tone is its
 _MAX_HARMONIC_HZ = 3800.0  # below Nyquist (4 kHz), so buzzy tones do not alias
 
 
+# Samples per row of the phase table in `_phasors`; the index tables are built once.
+_PHASE_BLOCK = 64
+_FINE_R = np.arange(_PHASE_BLOCK, dtype=np.float64)
+_COARSE_Q = _PHASE_BLOCK * np.arange(4096, dtype=np.float64)  # tones up to 262144 samples share it
+
+
+def _phasors(freqs_hz: np.ndarray, n: int, sample_rate: int) -> np.ndarray:
+  """complex128 (N, n): exp(2 pi i f_j k / sample_rate) for each of the N frequencies and k < n.
+
+  exp(i w k) = exp(i w B q) exp(i w r) with k = B q + r (B = _PHASE_BLOCK): N (n / B + B) complex
+  exponentials and N n complex products instead of N n exponentials (an exponential costs ~30 ns a
+  sample here, a product ~1 ns; the generators are on the data pipeline's hot path). The error stays
+  at the ~1e-12 rad of rounding the phase w k itself, as with one exponential per sample.
+  """
+  w_n1 = (2.0 * np.pi / sample_rate) * freqs_hz[:, None]  # radians per sample
+  q = -(-n // _PHASE_BLOCK)
+  coarse = _COARSE_Q[:q] if q <= _COARSE_Q.size else _PHASE_BLOCK * np.arange(q, dtype=np.float64)
+  fine_nb = np.exp(1j * (w_n1 * _FINE_R))
+  coarse_nq = np.exp(1j * (w_n1 * coarse))
+  z_nqb = coarse_nq[:, :, None] * fine_nb[:, None, :]
+  return z_nqb.reshape(len(freqs_hz), q * _PHASE_BLOCK)[:, :n]
+
+
+@functools.lru_cache(maxsize=8)
+def _ramp_up(ramp: int) -> np.ndarray:
+  env = 0.5 - 0.5 * np.cos(np.pi * np.arange(ramp) / ramp)
+  env.setflags(write=False)
+  return env
+
+
+def _harmonic_sums(z_nt: np.ndarray, num_k: np.ndarray) -> np.ndarray:
+  """float64 (N, n): sum_{k=1..num_k[j]} sin(k x) / k for z_nt[j] = e^{ix}.
+
+  Clenshaw's recurrence on sin(k x) = 2 cos(x) sin((k-1) x) - sin((k-2) x): b_k = 1 / k + 2 cos(x)
+  b_{k+1} - b_{k+2} (b = 0 above a row's own K), the sum is b_1 sin(x); three real array ops a harmonic
+  instead of one sine a harmonic and sample (rounding ~1e-14). Rows are taken in descending K, so
+  step k works on the prefix of rows that have harmonic k and adds a scalar.
+  """
+  order = np.argsort(-num_k, kind="stable")
+  k_sorted = num_k[order]
+  z_sorted = z_nt[order]
+  c2_nt = 2.0 * z_sorted.real
+  top = int(k_sorted[0])
+  # rows[k] = rows with K >= k: a prefix, growing as k falls.
+  rows = np.searchsorted(-k_sorted, -np.arange(top + 1), side="right").tolist()
+  b1, b2, tmp = np.zeros_like(c2_nt), np.zeros_like(c2_nt), np.zeros_like(c2_nt)
+  b1[:rows[top]] = 1.0 / top
+  for k in range(top - 1, 0, -1):
+    m = rows[k]
+    np.multiply(c2_nt[:m], b1[:m], out=tmp[:m])
+    tmp[:m] -= b2[:m]
+    tmp[:m] += 1.0 / k
+    b1, b2, tmp = tmp, b1, b2
+  out_nt = np.empty_like(b1)
+  out_nt[order] = b1 * z_sorted.imag
+  return out_nt
+
+
+def tones(freqs_hz: Sequence[float] | np.ndarray, duration_s: float, *, buzzy: bool = False,
+          sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+  """Tones of one length, one per frequency: float64 (N, round(duration_s * sample_rate)), row j
+  `tone(freqs_hz[j], duration_s, buzzy=buzzy)`, all rows made at once."""
+  f_n = np.asarray(freqs_hz, np.float64).reshape(-1)
+  n = int(round(duration_s * sample_rate))
+  z_nt = _phasors(f_n, n, sample_rate)
+  num_k = np.maximum(1, (_MAX_HARMONIC_HZ // f_n).astype(np.int64)) if buzzy else np.ones(1, np.int64)
+  top = int(num_k.max())
+  wave_nt = np.ascontiguousarray(z_nt.imag) if top == 1 else _harmonic_sums(z_nt, num_k)
+  wave_nt /= np.maximum(np.abs(wave_nt).max(axis=1, keepdims=True), 1e-9)
+  ramp = min(int(_RAMP_S * sample_rate), n // 2)
+  if ramp:
+    env = _ramp_up(ramp)
+    wave_nt[:, :ramp] *= env
+    wave_nt[:, n - ramp:] *= env[::-1]
+  return wave_nt
+
+
 def tone(freq_hz: float, duration_s: float, *, buzzy: bool = False,
          sample_rate: int = SAMPLE_RATE) -> np.ndarray:
   """One tone: float64 (round(duration_s * sample_rate),), peak 1, raised-cosine ramps.
@@ -430,35 +524,22 @@ def tone(freq_hz: float, duration_s: float, *, buzzy: bool = False,
   Pure: a sine at `freq_hz`. Buzzy: harmonics k * freq_hz below 3.8 kHz with amplitude 1 / k (a
   band-limited sawtooth), so its strongest peak is still the pitch.
   """
-  n = int(round(duration_s * sample_rate))
-  t = np.arange(n) / sample_rate
-  num_k = max(1, int(_MAX_HARMONIC_HZ // freq_hz)) if buzzy else 1
-  # sum_k sin(k x) / k as the imaginary part of sum_k z^k / k with z = e^{ix}: one complex exp and
-  # K - 1 multiplications instead of K sines (the generator is on the data pipeline's hot path).
-  z = np.exp(2j * np.pi * freq_hz * t)
-  power, acc = z.copy(), z.copy()
-  for k in range(2, num_k + 1):
-    power *= z
-    acc += power / k
-  wave = acc.imag
-  wave = wave / max(np.abs(wave).max(), 1e-9)
-  ramp = min(int(_RAMP_S * sample_rate), n // 2)
-  if ramp:
-    env = 0.5 - 0.5 * np.cos(np.pi * np.arange(ramp) / ramp)
-    wave[:ramp] *= env
-    wave[n - ramp:] *= env[::-1]
-  return wave
+  return tones([freq_hz], duration_s, buzzy=buzzy, sample_rate=sample_rate)[0]
 
 
 def _mix(notes: Sequence[tuple[float, np.ndarray]], total_s: float, amplitude: float, noise: float,
          rng: np.random.Generator) -> np.ndarray:
   """Waveform float32 (round(total_s * SAMPLE_RATE),) in [-1, 1]: `notes` (start s, wave) scaled by
   `amplitude`, plus white noise of std `noise`."""
-  out = rng.normal(0.0, noise, int(round(total_s * SAMPLE_RATE)))
+  # Exactly rng.normal(0.0, noise, size) (numpy computes it as 0.0 + noise * z from the same draws),
+  # without its slower per-element broadcasting path.
+  out = rng.standard_normal(int(round(total_s * SAMPLE_RATE)))
+  out *= noise
   for start_s, wave in notes:
     a = int(round(start_s * SAMPLE_RATE))
     out[a:a + len(wave)] += amplitude * wave[:len(out) - a]
-  return np.clip(out, -1.0, 1.0).astype(np.float32)
+  np.clip(out, -1.0, 1.0, out=out)
+  return out.astype(np.float32)
 
 
 def _audio(samples: np.ndarray) -> segments.Audio:
@@ -516,14 +597,19 @@ def tone_split() -> dict[str, tuple[ToneSequence, ...]]:
   return {"train": train, "eval": held}
 
 
+@functools.cache
+def _tone_set(split: str) -> frozenset:
+  return frozenset(tone_split()[split])
+
+
 def render_tones(seq: ToneSequence, rng: np.random.Generator) -> np.ndarray:
   """A clip of `seq`: float32 (T,) at SAMPLE_RATE, 0.6-1.48 s; random lead-in, detune (+-0.3
   semitone), loudness and faint noise."""
   tone_s, gap_s = TEMPOS[seq.tempo]
   lead_s = rng.uniform(0.02, 0.05)
   detune = 2.0 ** (rng.uniform(-0.3, 0.3) / 12)
-  notes = [(lead_s + j * (tone_s + gap_s), tone(f * detune, tone_s, buzzy=seq.timbre == "buzzy"))
-           for j, f in enumerate(seq.frequencies())]
+  waves = tones(seq.frequencies() * detune, tone_s, buzzy=seq.timbre == "buzzy")
+  notes = [(lead_s + j * (tone_s + gap_s), wave) for j, wave in enumerate(waves)]
   end_s = notes[-1][0] + tone_s
   total_s = min(MAX_CLIP_SECONDS, max(0.6, end_s + rng.uniform(0.02, 0.05)))
   return _mix(notes, total_s, rng.uniform(0.35, 0.8), rng.uniform(0.0, 0.004), rng)
@@ -534,7 +620,7 @@ def _make_tone_description(task: GeneratedTask, i: int) -> dict[str, Any]:
   rng = task.rng(0, i)
   seq = seqs[i % len(seqs)] if task.split == "eval" else seqs[rng.integers(len(seqs))]
   wave = render_tones(seq, rng)
-  other = _neighbour(seq, frozenset(seqs), _TONE_VALUES, rng)
+  other = _neighbour(seq, _tone_set(task.split), _TONE_VALUES, rng)
   negatives = [] if other is None else [other.description()]
   return _example(_audio(wave), seq.description(), negatives, group=seq.description())
 
@@ -581,13 +667,22 @@ def word_split() -> dict[str, tuple[str, ...]]:
   return {"train": train, "eval": held}
 
 
+@functools.cache
+def _words_by_length(split: str) -> dict[int, tuple[str, ...]]:
+  """Word length -> the split's words of that length, in split order."""
+  out: dict[int, list[str]] = {}
+  for w in word_split()[split]:
+    out.setdefault(len(w), []).append(w)
+  return {n: tuple(ws) for n, ws in out.items()}
+
+
 def spell(word: str, rng: np.random.Generator) -> np.ndarray:
   """`word` in the tone alphabet: float32 (T,) at SAMPLE_RATE, one LETTER_S sine per letter at
   LETTER_HZ (detuned by +-0.2 semitone), LETTER_GAP_S apart after a random lead-in; >= 0.6 s."""
   lead_s = rng.uniform(0.03, 0.12)
   detune = 2.0 ** (rng.uniform(-0.2, 0.2) / 12)
-  notes = [(lead_s + j * (LETTER_S + LETTER_GAP_S), tone(LETTER_HZ[c] * detune, LETTER_S))
-           for j, c in enumerate(word)]
+  waves = tones(np.array([LETTER_HZ[c] for c in word]) * detune, LETTER_S)
+  notes = [(lead_s + j * (LETTER_S + LETTER_GAP_S), wave) for j, wave in enumerate(waves)]
   total_s = max(0.6, notes[-1][0] + LETTER_S + rng.uniform(0.02, 0.06))
   return _mix(notes, total_s, rng.uniform(0.35, 0.8), rng.uniform(0.0, 0.004), rng)
 
@@ -600,7 +695,7 @@ def _make_tone_spelling(task: GeneratedTask, i: int) -> dict[str, Any]:
   words = word_split()[task.split]
   rng = task.rng(0, i)
   word = words[i % len(words)] if task.split == "eval" else words[rng.integers(len(words))]
-  same_len = [w for w in words if len(w) == len(word) and w != word]
+  same_len = [w for w in _words_by_length(task.split)[len(word)] if w != word]
   negative = same_len[rng.integers(len(same_len))]
   return _example(_audio(spell(word, rng)), _word_text(word), [_word_text(negative)], group=word)
 

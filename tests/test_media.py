@@ -290,6 +290,21 @@ def test_audio_from_samples(rng):
   np.testing.assert_array_equal(a, media.load_audio(Audio(samples=st, sample_rate=22050), CFG, WHERE))
 
 
+def test_audio_at_model_rate_is_an_exact_copy(rng):
+  """Float mono samples at the model rate come back as their float32 values exactly (the mean of one
+  channel is the channel), in a new array."""
+  x32 = rng.uniform(-1, 1, 1001).astype(np.float32)
+  for samples in (x32, x32[:, None], x32.astype(np.float64), rng.uniform(-1, 1, (77, 1))):
+    out = media.load_audio(Audio(samples=samples, sample_rate=8000), CFG, WHERE)
+    assert out.dtype == np.float32 and out.shape == (len(samples),)
+    np.testing.assert_array_equal(out, np.asarray(samples, np.float64)[..., 0 if samples.ndim == 2
+                                                                        else slice(None)].astype(np.float32))
+    assert not np.shares_memory(out, samples)
+  half = rng.uniform(-1, 1, 300).astype(np.float16)
+  np.testing.assert_array_equal(media.load_audio(Audio(samples=half, sample_rate=8000), CFG, WHERE),
+                                half.astype(np.float32))
+
+
 def test_audio_resampling_keeps_pitch(rng):
   freq = float(rng.integers(300, 3000))
   t = np.arange(44100) / 44100
@@ -394,6 +409,41 @@ def test_log_mel_matches_reference(rng, n_fft, hop, rate, n_mels):
   assert out.shape == (1 + len(x) // hop, n_mels) and out.dtype == np.float32
   np.testing.assert_allclose(out, _ref_log_mel(x.astype(np.float32).astype(np.float64), cfg),
                              atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stft_block,gemm_macs", [(7, 3 * 129 * 32), (2048, 1), (5, 10**9)])
+def test_log_mel_blocks_match_reference(rng, monkeypatch, stft_block, gemm_macs):
+  """The STFT blocks and the filterbank product's row blocks (single-threaded BLAS calls) change no
+  frame: every split of the frames against the float64 reference, including ragged last blocks."""
+  monkeypatch.setattr(media, "_STFT_BLOCK", stft_block)
+  monkeypatch.setattr(media, "_GEMM_MAX_MACS", gemm_macs)
+  x = rng.uniform(-0.3, 0.3, int(rng.integers(2500, 4000))).astype(np.float32)
+  out = media.log_mel(x, CFG)
+  assert out.shape == (1 + len(x) // 80, 32) and out.dtype == np.float32 and out.flags.c_contiguous
+  np.testing.assert_allclose(out, _ref_log_mel(x.astype(np.float64), CFG), atol=2e-5, rtol=1e-5)
+  chunks, valid, cut = media.audio_chunks(x, _cfg(audio_chunk_frames=9, max_audio_chunks=8))
+  assert not cut and len(chunks) == -(-out.shape[0] // 9)
+  np.testing.assert_allclose(np.concatenate(chunks)[:sum(valid)], out, atol=1e-6)
+
+
+def test_mel_project_rows_stay_under_the_thread_pool_threshold(rng, monkeypatch):
+  """Each BLAS call of the filterbank product has at most _GEMM_MAX_MACS multiply-adds (OpenBLAS
+  hands larger ones to its thread pool, whose wake-up costs more than the product), and the blocks
+  add up to the plain product."""
+  fb = media.mel_filterbank(CFG)
+  power = rng.uniform(0, 5, (int(rng.integers(150, 400)), fb.shape[0])) ** 4
+  calls = []
+  real_matmul = np.matmul
+
+  def spy(a, b, **kw):
+    calls.append(a.shape[0] * a.shape[1] * b.shape[1])
+    return real_matmul(a, b, **kw)
+
+  monkeypatch.setattr(media.np, "matmul", spy)
+  out = media._mel_project(power, fb)
+  monkeypatch.undo()
+  assert len(calls) > 1 and max(calls) <= media._GEMM_MAX_MACS
+  np.testing.assert_allclose(out, power.astype(np.float64) @ fb, rtol=1e-12)
 
 
 def test_log_mel_shapes_silence_locality_range(rng):

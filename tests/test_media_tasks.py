@@ -343,6 +343,83 @@ def test_tone_peaks_at_its_frequency(freq, buzzy):
     assert second > 0.3 if buzzy else second < 0.01  # harmonics, or one line
 
 
+def _ref_tone(freq, duration_s, buzzy, sr=SR):
+  """float64 reference: sum_{k <= K} sin(2 pi k f t) / k (one np.sin per harmonic and sample), peak
+  1, raised-cosine ramps of 8 ms."""
+  n = int(round(duration_s * sr))
+  t = np.arange(n) / sr
+  num_k = max(1, int(3800.0 // freq)) if buzzy else 1
+  wave = sum(np.sin(2 * np.pi * k * freq * t) / k for k in range(1, num_k + 1))
+  wave = wave / np.abs(wave).max()
+  ramp = min(int(0.008 * sr), n // 2)
+  env = 0.5 - 0.5 * np.cos(np.pi * np.arange(ramp) / ramp)
+  wave[:ramp] *= env
+  wave[n - ramp:] *= env[::-1]
+  return wave
+
+
+@pytest.mark.parametrize("buzzy", [False, True])
+def test_tones_match_float64_reference(buzzy):
+  rng = np.random.default_rng()
+  for _ in range(6):
+    # Mixed registers in one call: rows with different harmonic counts K (buzzy: 1..21).
+    freqs = rng.uniform(170.0, 3000.0, int(rng.integers(1, 6)))
+    duration = float(rng.choice([0.15, 0.21, 0.6])) + float(rng.uniform(0, 0.01))
+    rows = mt.tones(freqs, duration, buzzy=buzzy)
+    assert rows.shape == (len(freqs), int(round(duration * SR))) and rows.dtype == np.float64
+    for f, row in zip(freqs, rows):
+      # The phase of a 0.6 s tone is ~1e4 rad: 1e-12 rad of it is rounding either way.
+      np.testing.assert_allclose(row, _ref_tone(f, duration, buzzy), rtol=0, atol=1e-10)
+      np.testing.assert_array_equal(row, mt.tone(f, duration, buzzy=buzzy))  # rows are independent
+
+
+def test_mix_noise_is_rng_normal():
+  """The noise is exactly rng.normal(0, noise, n) (the same draws), the notes are added at their
+  onsets, and the clip is clipped to [-1, 1] and float32."""
+  seed = int(np.random.SeedSequence().entropy % 2**32)
+  waves = mt.tones([300.0, 900.0], 0.15)
+  notes = [(0.01, waves[0]), (0.4, waves[1])]
+  noise = float(np.random.default_rng(seed).uniform(0.001, 0.004))
+  got = mt._mix(notes, 0.6, 1.3, noise, np.random.default_rng(seed))
+  want = np.random.default_rng(seed).normal(0.0, noise, 4800)
+  want[80:1280] += 1.3 * waves[0]
+  want[3200:4400] += 1.3 * waves[1]
+  assert got.dtype == np.float32 and (got.max(), got.min()) == (1.0, -1.0)  # 1.3 x peak 1: clipped
+  np.testing.assert_array_equal(got, np.clip(want, -1.0, 1.0).astype(np.float32))
+
+
+def test_content_ids_are_blake2b_of_header_and_bytes():
+  """Ids are stable across versions: blake2b (person "embed2media") of a type-tagged header and the
+  array's bytes, as first defined (so eval corpora and logs keep their ids)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+
+  def ref(header, arr):
+    h = hashlib.blake2b(digest_size=8, person=b"embed2media")
+    h.update(header.encode() + np.ascontiguousarray(arr).tobytes())
+    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFF
+
+  rng = np.random.default_rng()
+  pixels = rng.integers(0, 256, (5, 7, 3)).astype(np.uint8)
+  samples = rng.standard_normal(301).astype(np.float32)
+  assert mt.content_id_of(segments.Image(pixels=pixels)) == ref(f"i{pixels.shape}|u1:", pixels)
+  assert mt.content_id_of(segments.Image(pixels=pixels[:, ::2])) == ref(
+      f"i{pixels[:, ::2].shape}|u1:", pixels[:, ::2])  # a strided view hashes as its copy
+  assert mt.content_id_of(segments.Audio(samples=samples, sample_rate=8000)) == ref(
+      f"a8000{samples.shape}<f4:", samples)
+
+
+def test_neighbours_are_the_one_field_changes_in_order():
+  for split in mt.SPLITS:
+    seqs = mt.tone_split()[split]
+    allowed = frozenset(seqs)
+    for seq in seqs[:40]:
+      want = [seq._replace(**{f: v}) for f in seq._fields for v in mt._TONE_VALUES[f]
+              if v != getattr(seq, f)]
+      want = [o for o in want if o in allowed]
+      got = mt._neighbours(seq, allowed, tuple((f, mt._TONE_VALUES[f]) for f in seq._fields))
+      assert list(got) == want
+
+
 def test_tone_spelling_audio_spells_the_word():
   letters = np.array(list(mt.LETTER_HZ.values()))
   names = list(mt.LETTER_HZ)

@@ -47,6 +47,10 @@ _LOG_SHIFT = 4.0
 _LOG_SCALE = 4.0
 # Frames per block in the STFT: bounds the float64 scratch of long clips to ~ block * n_fft * 16 bytes.
 _STFT_BLOCK = 2048
+# Multiply-adds per BLAS call of the filterbank product. OpenBLAS hands a gemm to its thread pool above
+# 4 * 65536 of them (m * n * k); waking the pool for a 150-frame clip costs ~0.2-0.5 ms (10x the product
+# itself) on a 2-core host shared with other work, so `_mel_project` stays below that in row blocks.
+_GEMM_MAX_MACS = 4 * 65536
 
 
 # The one error class for unusable media (defined with the items, so the pipeline can catch it without
@@ -256,7 +260,8 @@ def _sample_rate(rate, where: str) -> int:
 
 
 def _samples_to_tc(samples, where: str) -> np.ndarray:
-  """A sample array (T,) or (T, C) -> float64 (T, C); int16 / int32 PCM scaled to [-1, 1)."""
+  """A sample array (T,) or (T, C) -> float32 or float64 (T, C) (float32 stays float32: widening it
+  changes no value); int16 / int32 PCM scaled to [-1, 1) in float64."""
   a = np.asarray(samples)
   if a.ndim == 1:
     a = a[:, None]
@@ -266,6 +271,8 @@ def _samples_to_tc(samples, where: str) -> np.ndarray:
   if a.shape[1] > _MAX_AUDIO_CHANNELS:
     raise _error(where, f"audio samples have shape {a.shape}: {a.shape[1]} channels", "samples are (T, C) "
                  "time-major; pass samples.T if yours are (C, T)")
+  if a.dtype in (np.float32, np.float64):
+    return a
   if np.issubdtype(a.dtype, np.floating):
     return a.astype(np.float64)
   if a.dtype == np.int16:
@@ -298,7 +305,8 @@ def _decode_audio(item: segments.Audio, where: str) -> tuple[np.ndarray, int]:
 
 
 def _to_model_rate(x_tc: np.ndarray, rate: int, cfg: ModelConfig, where: str) -> np.ndarray:
-  """float64 (T, C) at `rate` -> float32 (T',) mono at cfg.sample_rate (channels averaged)."""
+  """float32 / float64 (T, C) at `rate` -> float32 (T',) mono at cfg.sample_rate (channels averaged in
+  float64), a new array."""
   if x_tc.shape[0] == 0:
     raise _error(where, "audio has 0 samples", "give at least one sample (audio shorter than an STFT window "
                  "is fine)")
@@ -307,12 +315,14 @@ def _to_model_rate(x_tc: np.ndarray, rate: int, cfg: ModelConfig, where: str) ->
     t = int(np.argmax(bad.any(axis=1)))
     raise _error(where, f"audio has {int(bad.sum())} NaN or inf values (first at sample {t})", "fix or drop "
                  "the clip; samples must be finite")
-  mono_t = x_tc.mean(axis=1)
+  # One channel is its own mean (exactly): no float64 copy, and float32 mono at the model rate (the
+  # generated tasks' audio) goes straight to the float32 result.
+  mono_t = x_tc[:, 0] if x_tc.shape[1] == 1 else x_tc.astype(np.float64).mean(axis=1)
   if rate != cfg.sample_rate:
     from scipy import signal  # pylint: disable=g-import-not-at-top  (slow import; audio only)
     g = math.gcd(cfg.sample_rate, rate)
-    mono_t = signal.resample_poly(mono_t, cfg.sample_rate // g, rate // g)
-  out_t = mono_t.astype(np.float32)
+    mono_t = signal.resample_poly(mono_t.astype(np.float64), cfg.sample_rate // g, rate // g)
+  out_t = mono_t.astype(np.float32)  # a copy: the caller's samples are never aliased
   if not np.all(np.isfinite(out_t)):
     raise _error(where, "audio samples overflow float32", "give samples nominally in [-1, 1]")
   return out_t
@@ -340,6 +350,13 @@ def load_audio(item: segments.Audio, cfg: ModelConfig, where: str) -> np.ndarray
 def hann_window(n: int) -> np.ndarray:
   """Periodic Hann window, float64 (n,): 0.5 - 0.5 cos(2 pi k / n) (the STFT convention)."""
   return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)
+
+
+@functools.lru_cache(maxsize=16)
+def _window(n: int) -> np.ndarray:
+  w = hann_window(n)
+  w.setflags(write=False)
+  return w
 
 
 def hz_to_mel(f_hz):
@@ -379,6 +396,52 @@ def _compress(mel: np.ndarray) -> np.ndarray:
   return ((np.log10(mel + _MEL_EPS) + _LOG_SHIFT) / _LOG_SCALE).astype(np.float32)
 
 
+def _compress_into(mel: np.ndarray, out: np.ndarray) -> None:
+  """`_compress(mel)` written to `out` (float32, mel's shape); mel (float64) is overwritten."""
+  np.add(mel, _MEL_EPS, out=mel)
+  np.log10(mel, out=mel)
+  mel += _LOG_SHIFT
+  mel /= _LOG_SCALE
+  out[...] = mel
+
+
+def _mel_project(power_fk: np.ndarray, fb_km: np.ndarray) -> np.ndarray:
+  """power float64 (F, K) @ filterbank (K, M) -> float64 (F, M), in row blocks that each stay on the
+  calling thread (see `_GEMM_MAX_MACS`)."""
+  f, (k, m) = power_fk.shape[0], fb_km.shape
+  rows = max(1, _GEMM_MAX_MACS // (k * m))
+  if f <= rows:
+    return power_fk @ fb_km
+  out_fm = np.empty((f, m))
+  for start in range(0, f, rows):
+    np.matmul(power_fk[start:start + rows], fb_km, out=out_fm[start:start + rows])
+  return out_fm
+
+
+def _log_mel_into(x_t: np.ndarray, cfg: ModelConfig, out_fm: np.ndarray) -> None:
+  """`log_mel(x_t)[:len(out_fm)]` of a non-empty float64 (T,) waveform, written to float32
+  out_fm[:min(F, len(out_fm))] (F = 1 + T // hop); rows beyond F are left alone."""
+  n_fft, hop = cfg.n_fft, cfg.hop_length
+  num_frames = min(1 + x_t.size // hop, out_fm.shape[0])
+  left = n_fft // 2
+  # Zero-padded clip, only as long as the frames reach: [left zeros | the clip | zeros].
+  padded = np.zeros((num_frames - 1) * hop + n_fft)
+  take = min(x_t.size, padded.size - left)
+  padded[left:left + take] = x_t[:take]
+  # Frame f = padded[f * hop : f * hop + n_fft], a strided view (the ndarray constructor: as_strided's
+  # Python wrapper costs more than the rest of the framing).
+  step = padded.itemsize
+  frames_fn = np.ndarray((num_frames, n_fft), np.float64, padded, 0, (hop * step, step))
+  window = _window(n_fft)
+  fb = mel_filterbank(cfg)
+  for start in range(0, num_frames, _STFT_BLOCK):
+    stop = min(start + _STFT_BLOCK, num_frames)
+    spec = np.fft.rfft(frames_fn[start:stop] * window, axis=-1)
+    power = np.square(spec.real)
+    power += np.square(spec.imag)
+    _compress_into(_mel_project(power, fb), out_fm[start:stop])
+
+
 def log_mel(wave_t: np.ndarray, cfg: ModelConfig) -> np.ndarray:
   """Log-mel features of a waveform: float (T,) at cfg.sample_rate -> float32 (F, cfg.n_mels).
 
@@ -389,31 +452,23 @@ def log_mel(wave_t: np.ndarray, cfg: ModelConfig) -> np.ndarray:
   (log10(mel + 1e-8) + 4) / 4: silence is exactly -1 (`log_mel_pad_value`), -20 dBFS noise ~0.3..0.7 and a
   full-scale tone ~1.5 at the demo sizes. Whisper uses the same affine, but clamps per clip; there is no
   per-clip statistic here, so a frame's features depend only on its own samples and chunking a clip
-  never changes a frame.
+  never changes a frame. Computed in float64 on the calling thread (no BLAS thread pool).
   """
   x_t = np.asarray(wave_t, np.float64)
   if x_t.ndim != 1 or x_t.size == 0:
     raise ValueError(f"log_mel needs a non-empty (T,) waveform, got shape {x_t.shape}")
-  n_fft, hop = cfg.n_fft, cfg.hop_length
-  num_frames = 1 + x_t.size // hop
-  left = n_fft // 2
-  right = max(0, (num_frames - 1) * hop + n_fft - left - x_t.size)
-  padded = np.pad(x_t, (left, right))
-  frames_fn = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop][:num_frames]
-  window = hann_window(n_fft)
-  fb = mel_filterbank(cfg)
-  out = np.empty((num_frames, cfg.n_mels), np.float32)
-  for start in range(0, num_frames, _STFT_BLOCK):
-    spec = np.fft.rfft(frames_fn[start:start + _STFT_BLOCK] * window, axis=-1)
-    power = spec.real ** 2 + spec.imag ** 2
-    out[start:start + _STFT_BLOCK] = _compress(power @ fb)
+  out = np.empty((1 + x_t.size // cfg.hop_length, cfg.n_mels), np.float32)
+  _log_mel_into(x_t, cfg, out)
   return out
+
+
+_SILENCE = float(_compress(np.zeros(1))[0])
 
 
 def log_mel_pad_value(cfg: ModelConfig) -> float:
   """The feature value of a silent frame (every band); audio chunks are padded with it."""
   del cfg  # the compression is fixed; the argument keeps call sites stable if it ever depends on cfg
-  return float(_compress(np.zeros(1))[0])
+  return _SILENCE
 
 
 def audio_chunks(wave_t: np.ndarray, cfg: ModelConfig) -> tuple[list[np.ndarray], list[int], bool]:
@@ -437,15 +492,17 @@ def audio_chunks(wave_t: np.ndarray, cfg: ModelConfig) -> tuple[list[np.ndarray]
   if truncated:
     # Samples the first `budget` frames cover; later samples would only be thrown away.
     wave_t = wave_t[:(budget - 1) * cfg.hop_length + cfg.n_fft - cfg.n_fft // 2]
-  feats_fm = log_mel(wave_t, cfg)[:budget]
-  pad = log_mel_pad_value(cfg)
-  chunks, valid = [], []
-  for start in range(0, feats_fm.shape[0], c):
-    part = feats_fm[start:start + c]
-    if part.shape[0] < c:
-      part = np.concatenate([part, np.full((c - part.shape[0], cfg.n_mels), pad, np.float32)])
-    chunks.append(np.ascontiguousarray(part))
-    valid.append(min(c, feats_fm.shape[0] - start))
+  x_t = np.asarray(wave_t, np.float64)
+  if x_t.ndim != 1 or x_t.size == 0:
+    raise ValueError(f"log_mel needs a non-empty (T,) waveform, got shape {x_t.shape}")
+  num_frames = min(1 + x_t.size // cfg.hop_length, budget)
+  num_chunks = -(-num_frames // c)
+  # All chunks in one buffer, pre-filled with the pad value: the features land in place and each chunk
+  # is a contiguous (c, n_mels) view of it (no per-chunk concatenate / copy).
+  feats_fm = np.full((num_chunks * c, cfg.n_mels), log_mel_pad_value(cfg), np.float32)
+  _log_mel_into(x_t, cfg, feats_fm)
+  chunks = [feats_fm[i * c:(i + 1) * c] for i in range(num_chunks)]
+  valid = [min(c, num_frames - i * c) for i in range(num_chunks)]
   return chunks, valid, truncated
 
 
