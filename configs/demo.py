@@ -104,22 +104,25 @@ MEDIA_QUERY_LEN = 192
 def media_tasks(b: int) -> dict[str, dict]:
   """The generated multimodal tasks (data_pipelines/media_tasks.py), each with its FT batch shape.
 
-  Rows are several times longer than one input (an image is 20 tokens, a second of audio 27), so
-  each row packs several examples: 91-94% of example slots filled, against 60-80% with rows sized to
-  one input (measured on 4 batches of 64).
+  Media inputs have nearly fixed lengths (an image input is 20 tokens, an image query with its task
+  string 30, a second of audio 27, a video query 106-158), so each side's row length is a multiple of
+  its typical input: a row of 128 holds six 20-token images and wastes 8 tokens, a row of 160 holds
+  eight (`python -m embed2.bench.packing`: the media FT streams pack 95-97%, against 89-93% with rows
+  of 128). A video query fills most of a 160-token row (88%); two would need rows longer than the
+  model's max_length.
   """
   common_kw = dict(p_drop=0.1, batch_size=b, segments=8)
   return {
       "t2i": dict(source="shapes_caption", task_string="task: image retrieval | query: ",
-                  query_len=128, positive_len=128, **common_kw),
+                  query_len=128, positive_len=160, **common_kw),
       "i2t": dict(source="shapes_caption_reversed", task_string="task: image captioning | query: ",
-                  query_len=128, positive_len=64, **common_kw),
+                  query_len=120, positive_len=64, **common_kw),
       "a2t": dict(source="tone_description", task_string="task: audio description | query: ",
-                  query_len=256, positive_len=128, **common_kw),
+                  query_len=256, positive_len=160, **common_kw),
       "v2t": dict(source="moving_shapes", task_string="task: video description | query: ",
                   query_len=160, positive_len=64, **common_kw),
       "edit": dict(source="image_edit", task_string="task: image editing | query: ",
-                   query_len=256, positive_len=128, **common_kw),
+                   query_len=256, positive_len=160, **common_kw),
       "spell": dict(source="tone_spelling", task_string="task: spoken word | query: ",
                     query_len=256, positive_len=56, **common_kw),
   }

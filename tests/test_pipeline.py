@@ -4,6 +4,8 @@ import json
 import zlib
 
 import grain
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
@@ -433,6 +435,13 @@ def test_errors_name_the_problem():
   with pytest.raises(ValueError, match="p_drop=1.5"):
     P.build_ft_iterator([P.TaskSpec(name="p", examples=tasks[0].examples,
                                     p_drop=1.5, batch=tasks[0].batch)], **kw)
+  for field in ("rows_slack", "media_slack"):
+    spec = dataclasses.replace(tasks[0].batch, **{field: 0.0})
+    with pytest.raises(ValueError, match=f"task 's': {field}=0.0 must be > 0"):
+      P.build_ft_iterator([P.TaskSpec(name="s", examples=tasks[0].examples, batch=spec)], **kw)
+  with pytest.raises(ValueError, match="lookahead=-1 must be >= 0"):
+    P.build_ft_iterator([P.TaskSpec(name="s", examples=tasks[0].examples,
+                                    batch=dataclasses.replace(tasks[0].batch, lookahead=-1))], **kw)
 
 
 def test_zero_rate_task_never_sampled():

@@ -22,7 +22,8 @@ config's lookahead window (`BatchSpec.lookahead`; unset: B_g, at most 64):
 
   config    the streams of a training config (--config=demo: configs/demo.py with its media
             tasks) exactly as the trainer builds them (`input_pipeline.streams`): its PFT stage
-            and every task as an FT stream; --config_batches batches each. `run_mix` is the
+            and every task as an FT stream; --config_batches batches each (the first
+            batches of a fresh window pack better than its steady state: measure dozens). `run_mix` is the
             non-pad fraction over a whole run of the main job: each stream weighted by the steps
             the config spends on it (the PFT stage's steps; an FT stage's steps times the task's
             share of its rates); the soup variants' stages are not counted.
@@ -80,7 +81,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--config", default="demo", choices=input_pipeline.CONFIGS + ("none",),
                   help="config of the config part (none: skip it)")
   ap.add_argument("--config_arg", default="", help="the config's knobs, e.g. 'batch=128'")
-  ap.add_argument("--config_batches", type=int, default=12, help="batches per stream (config part)")
+  ap.add_argument("--config_batches", type=int, default=60,
+                  help="batches per stream (config part); the lookahead window reaches its steady "
+                  "state (the tuples it keeps passing over pile up in it) after a few dozen")
   ap.add_argument("--streams", default="", help="comma-separated stream names of the config part "
                   "(default: all)")
   ap.add_argument("--toy", action="store_true",
