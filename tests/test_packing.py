@@ -156,7 +156,7 @@ def test_pack_group_contract_and_no_loss(k, w):
   assert pulled == list(range(len(pulled)))  # the stream is read in order
   # At most W + max_misses tuples are held; the oldest starts every batch, so none
   # waits longer than that many batches.
-  assert all(len(h) <= max(w, 0) + shape.max_misses for h in starts + [held])
+  assert all(len(h) <= w + shape.max_misses for h in starts + [held])
   for keys, before in zip(batches, starts):
     if before:
       assert keys[0] == min(before) == before[0]
@@ -166,7 +166,7 @@ def test_pack_group_contract_and_no_loss(k, w):
       read_in.setdefault(key, i)
   for i, keys in enumerate(batches):
     for key in keys:
-      assert i - read_in[key] <= max(w, 0) + shape.max_misses
+      assert i - read_in[key] <= w + shape.max_misses
   if w:  # the window changes the order tuples are accepted in
     assert flat != sorted(flat)
 

@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "pipeline": _bench_pipeline(args, rng),
   }
   if args.config != "none":
-    out["demo_mix" if args.config == "demo" else "config_mix"] = _bench_config(args)
+    out["config_mix"] = _bench_config(args)
   return out
 
 
@@ -347,7 +347,7 @@ def _table(results: dict[str, Any]) -> str:
   rows = [dict(r, part=part, variant=variant) for part in ("packing", "pipeline")
           for variant, r in results[part].items()]
   text = common.format_table(rows, _COLUMNS)
-  part = results.get("demo_mix") or results.get("config_mix")
+  part = results.get("config_mix")
   if part:
     a, b = part["in_order"], part["lookahead"]
     rows = [{"stream": n, "run_weight": r["run_weight"], "in_order": a["streams"][n]["nonpad_fraction"],

@@ -429,7 +429,7 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
     accepted.append((cand.item[1], placed))
   queue.reverse()
   # Untried held-over tuples keep their turn after everything read in this batch.
-  new_held = [c.item for c in window.in_order()] + queue
+  new_held = [c.item for c in window.cands] + queue
   out = _assemble(shape, accepted)
   out["num_skipped"] = np.asarray(skipped, np.int64)
   return out, new_held
@@ -438,13 +438,12 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
 class _Candidate:
   """A tuple the packer has read: its sequences and what it needs of each capacity."""
 
-  __slots__ = ("item", "seqs", "req", "slot", "order")
+  __slots__ = ("item", "seqs", "req", "slot")
 
   def __init__(self, item: Item, shape: GroupShape):
     ex = item[1]
     self.item = item
     self.slot = -1  # its row in the window's matrix
-    self.order = 0  # arrival number in the window
     raw = {s: [(ex[f"{s}_tokens"], ex.get(f"{s}_media", ()))] for s in ("query", "positive")}
     if shape.num_negatives > 0:
       toks = list(ex.get("negative_tokens", ()))[:shape.num_negatives]
@@ -500,7 +499,7 @@ class _Window:
     self.num_open = 0
     cap = width + shape.max_misses + 1
     self.req = np.zeros((cap, 4 * len(shape.sides)), np.float64)
-    self.order = np.zeros(cap, np.int64)
+    self.order = np.zeros(cap, np.int64)  # arrival number of the slot's candidate
     self.is_open = np.zeros(cap, bool)
     self.by_slot: list[_Candidate | None] = [None] * cap
     self.free_slots = list(range(cap - 1, -1, -1))
@@ -517,18 +516,11 @@ class _Window:
     self.room = np.zeros(4 * len(sides), np.float64)
 
   def add(self, cand: _Candidate):
-    if not self.free_slots:  # cannot happen with the batch's limits; grow anyway
-      n = self.req.shape[0]
-      self.req = np.concatenate([self.req, np.zeros_like(self.req)])
-      self.order = np.concatenate([self.order, np.zeros_like(self.order)])
-      self.is_open = np.concatenate([self.is_open, np.zeros_like(self.is_open)])
-      self.by_slot += [None] * n
-      self.free_slots = list(range(2 * n - 1, n - 1, -1))
+    # At most W open and max_misses set aside at once, so a slot is always free.
     cand.slot = self.free_slots.pop()
-    cand.order = self.arrivals
-    self.arrivals += 1
     self.req[cand.slot] = cand.req
-    self.order[cand.slot] = cand.order
+    self.order[cand.slot] = self.arrivals
+    self.arrivals += 1
     self.is_open[cand.slot] = True
     self.by_slot[cand.slot] = cand
     self.cands.append(cand)
@@ -549,9 +541,6 @@ class _Window:
   def oldest_open(self) -> _Candidate:
     slots = np.flatnonzero(self.is_open)
     return self.by_slot[int(slots[self.order[slots].argmin()])]
-
-  def in_order(self) -> list[_Candidate]:
-    return self.cands
 
   def choose(self, rows: dict[str, "_Rows"], n: int) -> _Candidate | None:
     """The open candidate that keeps the batch closest to full at B_g tuples (the
