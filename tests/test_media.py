@@ -473,7 +473,7 @@ def test_audio_chunks(rng):
   pad = np.float32(media.log_mel_pad_value(CFG))
   for frames, want_valid, want_trunc in [(250, [100, 100, 50], False), (300, [100, 100, 100], False),
                                          (420, [100, 100, 100], True), (1, [1], False)]:
-    t = (frames - 1) * 80 + int(rng.integers(0, 80))
+    t = (frames - 1) * 80 + int(rng.integers(1, 80))  # 1 + t // hop frames; never an empty clip
     x = (rng.standard_normal(t) * 0.1).astype(np.float32)
     chunks, valid, truncated = media.audio_chunks(x, CFG)
     assert valid == want_valid and truncated == want_trunc
