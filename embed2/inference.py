@@ -92,7 +92,7 @@ def search(q_qd: np.ndarray, corpus_nd: np.ndarray, k: int, *, mesh=None, chunk:
 
   With a mesh, the corpus is split across its devices, each device ranks its shard and the local
   top-k are merged (`metrics.sharded_topk`); without one, a chunked scan on the default device.
-  Ties go to the lower corpus index.
+  Ties go to the higher corpus index (trec_eval's order; `metrics.rank_topk`).
 
   Args:
     q_qd: (Q, d) queries.

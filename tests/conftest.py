@@ -3,10 +3,21 @@
 - 8 simulated CPU devices;
 - a persistent compilation cache, fresh for each test session: many tests compile the same small
   programs (the tiny config's train steps, in-process and in subprocesses), and compiling dominates
-  their run time on a 2-core machine. The first compile of each program in a session is real.
+  their run time on a 2-core machine. The first compile of each program in a session is real;
+- seeded random inputs: the `rng` fixture (one numpy Generator per test) and `fixture_rng` (for
+  module- or session-scoped fixtures), seeded from a stable hash of the test's node id (or the
+  fixture's name) and $EMBED2_TEST_SEED. A test draws the same numbers on every run, alone or in
+  the suite, in any order; a failing test's report lists its seeds. To explore other draws, set
+  EMBED2_TEST_SEED to any string (e.g. `EMBED2_TEST_SEED=7 pytest tests/test_x.py`); to replay a
+  failure, run the same test with the same EMBED2_TEST_SEED. tests/test_tests_seeded.py keeps
+  unseeded generators out of the tests.
 """
+import hashlib
 import os
 import tempfile
+
+import numpy as np
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -15,3 +26,57 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="embed2_test_jax_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+SEED_ENV = "EMBED2_TEST_SEED"
+_SEEDS = pytest.StashKey[dict]()
+
+
+def stable_seed(name: str) -> int:
+  """A 64-bit seed from `name` and $EMBED2_TEST_SEED (unset: ""), the same on every run and machine
+  (blake2b; Python's hash() of a str changes with each process)."""
+  salt = os.environ.get(SEED_ENV, "")
+  return int.from_bytes(hashlib.blake2b(f"{name}|{salt}".encode(), digest_size=8).digest(), "little")
+
+
+def _generator(node: pytest.Item | pytest.Collector, label: str, name: str) -> np.random.Generator:
+  seed = stable_seed(name)
+  node.stash.setdefault(_SEEDS, {})[label] = seed
+  return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+  """This test's numpy Generator, seeded from its node id (parametrized cases differ)."""
+  return _generator(request.node, "rng", request.node.nodeid)
+
+
+@pytest.fixture(scope="session")
+def fixture_rng():
+  """fixture_rng(request) -> a Generator for a fixture wider than one test, seeded from the
+  fixture's name and its scope's node id: each fixture its own stream, whichever test builds it."""
+
+  def make(request) -> np.random.Generator:
+    name = f"{request.node.nodeid}::{request.fixturename}"
+    return _generator(request.node, f"fixture {request.fixturename}", name)
+
+  return make
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Adds the seeds a failed test drew from (its own and its fixtures') to its report."""
+  report = yield
+  if report.failed:
+    seeds = {}
+    for node in item.listchain():
+      seeds.update(node.stash.get(_SEEDS, {}))
+    if seeds:
+      salt = os.environ.get(SEED_ENV)
+      shown = "unset" if salt is None else repr(salt)
+      lines = [f"{label}: seed {seed}" for label, seed in seeds.items()]
+      lines.append(f"(from the node id / fixture name and {SEED_ENV}={shown}; rerun the same test "
+                   f"with the same {SEED_ENV} to replay these draws, set it to another value to "
+                   "explore others)")
+      report.sections.append(("random seeds", "\n".join(lines)))
+  return report

@@ -66,9 +66,9 @@ def test_topk_ties_clip_and_exact_match():
   corpus = ["alpha beta", "gamma", "alpha beta", "delta epsilon alpha"]
   scores, idx = bm25.BM25(corpus).topk(["alpha beta", "nothing here"], 10)
   assert idx.shape == (2, 4)
-  assert list(idx[0][:2]) == [0, 2]  # equal scores: lower index first
+  assert list(idx[0][:2]) == [2, 0]  # equal scores: higher index first (trec_eval's order)
   assert scores[0, 0] == scores[0, 1] > scores[0, 2] > 0
-  np.testing.assert_array_equal(idx[1], [0, 1, 2, 3])  # all zero: index order
+  np.testing.assert_array_equal(idx[1], [3, 2, 1, 0])  # all zero: index order, descending
 
 
 def test_rejects_bad_parameters():

@@ -107,7 +107,7 @@ class BM25:
   def topk(self, query_texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k documents per query: (scores (Q, k') float64, indices (Q, k') int64), k' = min(k, N).
 
-    Ties (e.g. all-zero rows) go to the lower document index, as in `metrics.rank_topk`.
+    Ties (e.g. all-zero rows) go to the higher document index, as in `metrics.rank_topk`.
     """
     scores_qn = self.scores(query_texts)
     idx_qk = metrics.rank_topk(scores_qn, k)

@@ -3,6 +3,10 @@
 Conventions (those of trec_eval / pytrec_eval unless stated):
   * A document is relevant when its grade is > 0. Grades <= 0 and unjudged documents count as
     non-relevant with gain 0.
+  * Ranks past the end of the ranking count as non-relevant (trec_eval: a run that retrieved
+    fewer than k documents is scored as if the rest of its top k were non-relevant). So a ranking
+    of K < k documents gives precision@k = hits / k (not hits / K) and nDCG@k's ideal DCG takes
+    the judged grades up to rank k (not K); recall, MRR and MAP are unchanged by it.
   * recall@k    = (# relevant in the top k) / (# relevant judged for the query).
   * precision@k = (# relevant in the top k) / k.
   * nDCG@k      = DCG@k / IDCG@k with gain = grade (trec_eval's linear gain, not 2^grade - 1) and
@@ -13,15 +17,21 @@ Conventions (those of trec_eval / pytrec_eval unless stated):
                   number of relevant documents judged (trec_eval's map_cut; not by min(k, #rel)).
   * map         = the same over the whole ranking supplied (MAP@K for K = ranked columns); equal
                   to full MAP when the ranking covers the corpus.
-  * k larger than the ranking: clipped to the ranking's length K (keys keep the requested k).
-    Requesting k > K is an error when the corpus is known to be larger than K (`num_docs` given,
-    or a dense relevance matrix), since the metric would then silently be computed on too short a
-    list; retrieve at least min(max(ks), N) documents.
+  * A ranking shorter than k is refused when the corpus is known to hold more documents
+    (`num_docs` given, or a dense relevance matrix): the metric would then score a retrieval cut
+    short by the caller, not the model; retrieve at least min(max(ks), N) documents. A ranking of
+    the whole corpus (N < k) is scored as above.
   * Queries with no relevant document (no grade > 0) are EXCLUDED from every mean (as BEIR does by
     only evaluating queries with positive qrels; pytrec_eval would score them 0). They are counted
     in "num_queries_no_relevant"; a mean over zero queries is NaN.
-  * A ranking may hold -1 for "no document" (padding); it is never relevant. A document appearing
-    twice in one ranking is an error (it would be counted twice).
+  * A ranking may hold -1 for "no document" (padding); it occupies its rank and is never
+    relevant. A document appearing twice in one ranking is an error (it would be counted twice).
+
+Tie order: every ranking function here (`rank_topk`, `chunked_topk`, `sharded_topk`, and so BM25,
+`inference.search` and the evaluators) orders equal scores by document index DESCENDING, as
+trec_eval does (it sorts a run by score, then by docno descending). trec_eval compares docnos as
+strings (strcmp), so the two orders agree when the docnos written for a run sort like the indices
+(e.g. zero-padded to one width); with plain decimal strings "9" sorts above "10".
 """
 from __future__ import annotations
 
@@ -37,7 +47,7 @@ Relevance = Sequence[Mapping[int, float]] | np.ndarray
 
 
 def rank_topk(scores_qn: np.ndarray, k: int) -> np.ndarray:
-  """Indices of the k highest scores per row, best first; ties go to the lower index.
+  """Indices of the k highest scores per row, best first; ties go to the higher index (trec_eval).
 
   Args:
     scores_qn: (Q, N) scores (any real dtype). NaN is ranked below every number.
@@ -52,9 +62,12 @@ def rank_topk(scores_qn: np.ndarray, k: int) -> np.ndarray:
   if k < 1:
     raise ValueError(f"k={k} must be >= 1.")
   k = min(k, scores_qn.shape[1])
+  num_docs = scores_qn.shape[1]
   neg_qn = -np.where(np.isnan(scores_qn), -np.inf, scores_qn)
-  # A stable sort of the negated scores keeps equal scores in index order: the tie-break.
-  return np.argsort(neg_qn, axis=1, kind="stable")[:, :k].astype(np.int64)
+  # A stable sort of the negated scores with the columns reversed keeps equal scores in reversed
+  # index order: the tie-break.
+  order_qn = np.argsort(neg_qn[:, ::-1], axis=1, kind="stable")[:, :k]
+  return (num_docs - 1 - order_qn).astype(np.int64)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk", "precision"))
@@ -64,8 +77,8 @@ def chunked_topk(q_qd: jax.Array, corpus_nd: jax.Array, k: int, chunk: int,
   """Top-k dot-product scores of queries against a corpus read in chunks of `chunk` rows.
 
   A running top-k is merged with each chunk's scores, so only (Q, k + chunk) scores exist at a
-  time and a large corpus never makes one (Q, N) matrix. Ties go to the lower corpus index, as in
-  `rank_topk`: the running top-k (all of lower indices) is placed before the chunk, and
+  time and a large corpus never makes one (Q, N) matrix. Ties go to the higher corpus index, as in
+  `rank_topk`: the chunk, reversed, is placed before the running top-k (all of lower indices), and
   `lax.top_k` keeps equal values in positional order (documented). Scores are assumed finite (no
   NaN handling, unlike `rank_topk`).
 
@@ -116,9 +129,12 @@ def _scan_topk(q_qd: jax.Array, corpus_nd: jax.Array, k: int, chunk: int,
     if num_valid is not None:
       keep_c &= idx_c < num_valid
     s_qc = jnp.where(keep_c[None, :], s_qc, -jnp.inf)
-    both_s = jnp.concatenate([best_qk, s_qc], axis=1)
     glob_c = (offset + idx_c).astype(jnp.int32)
-    both_idx = jnp.concatenate([best_idx_qk, jnp.broadcast_to(glob_c, (num_q, chunk))], axis=1)
+    # Positional order = descending index, for lax.top_k's tie rule: the chunk reversed, then the
+    # running top-k (lower indices, already in descending order among equal scores).
+    both_s = jnp.concatenate([s_qc[:, ::-1], best_qk], axis=1)
+    both_idx = jnp.concatenate([jnp.broadcast_to(glob_c[::-1], (num_q, chunk)), best_idx_qk],
+                               axis=1)
     top_s, pos = jax.lax.top_k(both_s, k)
     return top_s, jnp.take_along_axis(both_idx, pos, axis=1)
 
@@ -137,9 +153,9 @@ def sharded_topk(q_qd: jax.Array | np.ndarray, corpus_nd: jax.Array | np.ndarray
   scan of `chunked_topk` over its own rows, the D local top-k lists are all-gathered (Q * D * k
   scores, never a (Q, N) matrix) and merged with one more top-k. Queries are replicated.
 
-  Ties go to the lower corpus index, as in `rank_topk` / `chunked_topk`: the gathered lists are
-  concatenated in device order, which is corpus order, each list holds its ties in index order,
-  and `lax.top_k` keeps equal values in positional order.
+  Ties go to the higher corpus index, as in `rank_topk` / `chunked_topk`: the gathered lists are
+  concatenated in reversed device order (device order is corpus order), each list holds its ties
+  in descending index order, and `lax.top_k` keeps equal values in positional order.
 
   Args:
     q_qd: (Q, d) queries.
@@ -190,8 +206,9 @@ def _sharded_topk_fn(mesh, axes, corpus_spec, num_docs, local_n, k, k_local, chu
     num_valid = jnp.clip(num_docs - offset, 0, local_n)
     s_qk, i_qk = _scan_topk(q_qd, c_nd, k_local, chunk, precision, offset=offset,
                             num_valid=num_valid)
-    all_s = jax.lax.all_gather(s_qk, axes, axis=1, tiled=True)  # (Q, D * k_local), device order
-    all_i = jax.lax.all_gather(i_qk, axes, axis=1, tiled=True)
+    # (Q, D, k_local) in device order, flipped to put higher corpus indices first (tie order).
+    all_s = jax.lax.all_gather(s_qk, axes, axis=1)[:, ::-1].reshape(s_qk.shape[0], -1)
+    all_i = jax.lax.all_gather(i_qk, axes, axis=1)[:, ::-1].reshape(i_qk.shape[0], -1)
     top_s, pos = jax.lax.top_k(all_s, k)
     return top_s, jnp.take_along_axis(all_i, pos, axis=1)
 
@@ -249,7 +266,7 @@ def retrieval_metrics(ranked_ids: np.ndarray, relevance: Relevance,
       column j is document id j.
     ks: cut-offs.
     num_docs: corpus size N, if known (implied by a dense relevance matrix); used only to reject a
-      ranking too short for a requested k.
+      ranking shorter than min(max(ks), N).
     per_query: also return each metric per query as a (Q,) float64 array under "<name>/per_query"
       (NaN for queries without a relevant document).
 
@@ -273,16 +290,21 @@ def retrieval_metrics(ranked_ids: np.ndarray, relevance: Relevance,
     raise ValueError(f"ranked_ids has K={num_k} columns but ks={tuple(ks)} needs "
                      f"min(max(ks), N={num_docs}) = {min(max(ks), num_docs)}; retrieve more.")
 
+  # Ranks past the ranking's end are non-relevant (trec_eval): pad the gains with zeros to the
+  # widest cut-off, so every metric @k is read at rank k itself (precision divides by k, the ideal
+  # DCG runs to rank k) whatever the ranking's width.
+  width = max(num_k, max(ks))
+  gains_qk = np.pad(gains_qk, ((0, 0), (0, width - num_k)))
   num_rel_q = np.asarray([len(g) for g in ideal], np.float64)
   valid_q = num_rel_q > 0
   rel_qk = gains_qk > 0
   hits_qk = np.cumsum(rel_qk, axis=1)  # relevant documents in the top r
-  ranks_k = np.arange(1, num_k + 1, dtype=np.float64)
+  ranks_k = np.arange(1, width + 1, dtype=np.float64)
   discount_k = 1.0 / np.log2(ranks_k + 1.0)
   dcg_qk = np.cumsum(gains_qk * discount_k, axis=1)
-  ideal_qk = np.zeros((num_q, num_k))
+  ideal_qk = np.zeros((num_q, width))
   for q, grades in enumerate(ideal):
-    top = grades[:num_k]
+    top = grades[:width]
     ideal_qk[q, :len(top)] = top
   idcg_qk = np.cumsum(ideal_qk * discount_k, axis=1)
   first_rank_q = np.where(rel_qk.any(axis=1), rel_qk.argmax(axis=1) + 1, np.inf)
@@ -292,15 +314,14 @@ def retrieval_metrics(ranked_ids: np.ndarray, relevance: Relevance,
 
   per_q: dict[str, np.ndarray] = {}
   for k in ks:
-    kk = min(k, num_k)
-    hits_q = hits_qk[:, kk - 1]
+    hits_q = hits_qk[:, k - 1]
     per_q[f"recall@{k}"] = hits_q / safe_rel_q
-    per_q[f"precision@{k}"] = hits_q / kk
-    idcg_q = idcg_qk[:, kk - 1]
-    per_q[f"ndcg@{k}"] = np.where(idcg_q > 0, dcg_qk[:, kk - 1] / np.where(idcg_q > 0, idcg_q, 1),
+    per_q[f"precision@{k}"] = hits_q / k
+    idcg_q = idcg_qk[:, k - 1]
+    per_q[f"ndcg@{k}"] = np.where(idcg_q > 0, dcg_qk[:, k - 1] / np.where(idcg_q > 0, idcg_q, 1),
                                   0.0)
-    per_q[f"mrr@{k}"] = np.where(first_rank_q <= kk, 1.0 / first_rank_q, 0.0)
-    per_q[f"map@{k}"] = ap_terms_qk[:, kk - 1] / safe_rel_q
+    per_q[f"mrr@{k}"] = np.where(first_rank_q <= k, 1.0 / first_rank_q, 0.0)
+    per_q[f"map@{k}"] = ap_terms_qk[:, k - 1] / safe_rel_q
   per_q["map"] = ap_terms_qk[:, -1] / safe_rel_q
 
   out: dict[str, float | int | np.ndarray] = {}

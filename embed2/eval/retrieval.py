@@ -50,7 +50,7 @@ def _dims(dims: Sequence[int] | None, e_nd: np.ndarray) -> tuple[int, ...]:
 
 def exact_topk(q_qd: np.ndarray, corpus_nd: np.ndarray, k: int, *, mesh=None,
                chunk: int = 4096) -> np.ndarray:
-  """Indices (Q, min(k, N)) int64 of the highest dot products, ties to the lower index."""
+  """Indices (Q, min(k, N)) int64 of the highest dot products, ties to the higher index."""
   q = jnp.asarray(q_qd, jnp.float32)
   c = np.asarray(corpus_nd, np.float32)
   if mesh is not None:
