@@ -10,7 +10,8 @@
 # Overrides are passed to the job as they are: --config.seed=1 "--config.stages[1].steps=500".
 # --dry-run (anywhere) prints the commands (tpu) or the sbatch script (slurm) instead of running them.
 # Environment: PYTHON (default python3), PORT (multiprocess coordinator port, default 12355),
-#   DEVICES_PER_PROCESS (multiprocess on CPU: simulated devices per process),
+#   DEVICES_PER_PROCESS (multiprocess on CPU: simulated devices per process; replaces any device
+#   count in an inherited XLA_FLAGS, whose other flags are kept),
 #   TPU_SETUP (tpu: the install command run on every worker), SLURM_GPUS_PER_NODE, SLURM_EXTRA (slurm).
 set -euo pipefail
 
@@ -23,7 +24,7 @@ done
 set -- "${ARGS[@]+"${ARGS[@]}"}"
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -49,6 +50,15 @@ show() {  # print a command, shell-quoted
   printf '\n'
 }
 
+without_device_count() {  # XLA flags ($1) less every --xla_force_host_platform_device_count, trimmed
+  local flags=$1 re='(^|[[:space:]])--xla_force_host_platform_device_count(=[^[:space:]]*)?([[:space:]]|$)'
+  while [[ "$flags" =~ $re ]]; do
+    flags=${flags/"${BASH_REMATCH[0]}"/ }
+  done
+  flags=${flags#"${flags%%[![:space:]]*}"}
+  printf '%s' "${flags%"${flags##*[![:space:]]}"}"
+}
+
 (($# >= 1)) || usage
 MODE=$1
 shift
@@ -70,20 +80,25 @@ case "$MODE" in
     [[ "$N" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive integer, got '$N'"
     check_config "$CONFIG"
     PORT=${PORT:-12355}
+    xla_env=()
+    if [[ -n "${DEVICES_PER_PROCESS:-}" ]]; then
+      [[ "$DEVICES_PER_PROCESS" =~ ^[1-9][0-9]*$ ]] ||
+        die "DEVICES_PER_PROCESS must be a positive integer, got '$DEVICES_PER_PROCESS'"
+      # XLA keeps a flag's last occurrence, so an inherited device count would win over ours if it
+      # stayed: drop it, keep the other inherited flags, and put ours last.
+      flags=$(without_device_count "${XLA_FLAGS:-}")
+      xla_env=(env "XLA_FLAGS=${flags:+$flags }--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS")
+    fi
     pids=()
     for ((i = 0; i < N; i++)); do
-      cmd=("$PYTHON" -m embed2.main "--config=$CONFIG" "--workdir=$WORKDIR"
-        "--coordinator=127.0.0.1:$PORT" "--num_processes=$N" "--process_id=$i" "$@")
+      cmd=("${xla_env[@]+"${xla_env[@]}"}" "$PYTHON" -m embed2.main "--config=$CONFIG"
+        "--workdir=$WORKDIR" "--coordinator=127.0.0.1:$PORT" "--num_processes=$N" "--process_id=$i"
+        "$@")
       if ((DRY_RUN)); then
         show "${cmd[@]}"
         continue
       fi
-      if [[ -n "${DEVICES_PER_PROCESS:-}" ]]; then
-        XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS ${XLA_FLAGS:-}" \
-          "${cmd[@]}" &
-      else
-        "${cmd[@]}" &
-      fi
+      "${cmd[@]}" &
       pids+=("$!")
     done
     ((DRY_RUN)) && exit 0

@@ -1,8 +1,10 @@
 """launch/run.sh: dry-run outputs, usage on bad arguments, shellcheck-clean."""
 
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -53,6 +55,45 @@ def test_local_multiprocess_and_sweep_dry_runs():
   lines = p.stdout.strip().splitlines()
   assert len(lines) == 4 and all("--config.seed=" in l and "learning_rate=" in l for l in lines)
   assert len({l.split()[4] for l in lines}) == 4  # one workdir per member
+
+
+DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def test_devices_per_process_replaces_an_inherited_device_count():
+  """XLA keeps a flag's last occurrence: an inherited device count must not override
+  DEVICES_PER_PROCESS, and the other inherited flags stay."""
+  inherited = (f"{DEVICE_COUNT}=8 --xla_cpu_multi_thread_eigen=false {DEVICE_COUNT}=5 "
+               f"{DEVICE_COUNT}_not_this_one=1")
+  p = run("multiprocess", "2", "configs/tiny.py", "/tmp/w", "--dry-run",
+          env={"DEVICES_PER_PROCESS": "3", "XLA_FLAGS": inherited})
+  assert p.returncode == 0, p.stderr
+  lines = p.stdout.strip().splitlines()
+  assert len(lines) == 2
+  for line in lines:
+    words = shlex.split(line)
+    assert words[0] == "env" and words[1].startswith("XLA_FLAGS="), line
+    flags = words[1][len("XLA_FLAGS="):].split()
+    assert flags == ["--xla_cpu_multi_thread_eigen=false", f"{DEVICE_COUNT}_not_this_one=1",
+                     f"{DEVICE_COUNT}=3"], line
+  p = run("multiprocess", "2", "configs/tiny.py", "/tmp/w", "--dry-run",
+          env={"DEVICES_PER_PROCESS": "0"})
+  assert p.returncode == 2 and "DEVICES_PER_PROCESS must be a positive integer" in p.stderr
+
+
+def test_devices_per_process_is_what_jax_sees(tmp_path):
+  """Two real processes (a stand-in for `python -m embed2.main` that starts jax) under an inherited
+  XLA_FLAGS that sets 8 devices: each sees DEVICES_PER_PROCESS devices."""
+  fake = tmp_path / "python"
+  code = "import jax, os; print(jax.local_device_count(), os.environ['XLA_FLAGS'], flush=True)"
+  fake.write_text(f"#!/usr/bin/env bash\nexec {shlex.quote(sys.executable)} -c {shlex.quote(code)}\n")
+  fake.chmod(0o755)
+  p = run("multiprocess", "2", "configs/tiny.py", str(tmp_path / "w"),
+          env={"PYTHON": str(fake), "DEVICES_PER_PROCESS": "3", "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"{DEVICE_COUNT}=8 --xla_cpu_multi_thread_eigen=false"})
+  assert p.returncode == 0, p.stderr
+  lines = sorted(p.stdout.strip().splitlines())
+  assert lines == [f"3 --xla_cpu_multi_thread_eigen=false {DEVICE_COUNT}=3"] * 2, p.stdout
 
 
 @pytest.mark.parametrize("args,match", [
