@@ -15,14 +15,13 @@ from embed2.inference import Audio, Embedder, Image, MissingFrontendError, Text,
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.train.checkpoint import Checkpointer
 
-RNG = np.random.default_rng()
 TASK = "search"
 TASK_STRING = "task: search result | query: "
 WORDS = ("tar archive gzip file read write socket server client thread lock queue parse json "
          "decode encode path directory copy remove stream buffer bytes string format date time").split()
 
 
-def sentence(n_words, rng=RNG):
+def sentence(rng, n_words):
   return " ".join(rng.choice(WORDS, n_words))
 
 
@@ -39,8 +38,9 @@ def random_model(seed):
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory):
-  model = random_model(int(RNG.integers(1 << 30)))
+def ckpt_dir(tmp_path_factory, request, fixture_rng):
+  rng = fixture_rng(request)
+  model = random_model(int(rng.integers(1 << 30)))
   d = tmp_path_factory.mktemp("ckpt")
   ck = Checkpointer(d)
   ck.save(3, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True,
@@ -56,18 +56,19 @@ def embedder(ckpt_dir):
 
 
 @pytest.fixture(scope="module")
-def local_embedder():
+def local_embedder(request, fixture_rng):
   """Single device, small buckets: for counting compilations."""
-  return Embedder(random_model(int(RNG.integers(1 << 30))), Tokenizer.default(),
+  rng = fixture_rng(request)
+  return Embedder(random_model(int(rng.integers(1 << 30))), Tokenizer.default(),
                   task_strings={TASK: TASK_STRING}, batch_size=4, buckets=(16, 32, 64),
                   max_length=64)
 
 
-def test_from_checkpoint_equals_training_encoder(embedder):
+def test_from_checkpoint_equals_training_encoder(embedder, rng):
   """Both sides of a packed training batch (task string on queries) == Embedder.embed."""
   # Queries of <= 15 tokens (task string included): two fit in every 32-token row.
-  examples = [{"query": sentence(int(RNG.integers(1, 6))),
-               "positive": sentence(int(RNG.integers(3, 30))),  # <= 60 tokens: untruncated
+  examples = [{"query": sentence(rng, int(rng.integers(1, 6))),
+               "positive": sentence(rng, int(rng.integers(3, 30))),  # <= 60 tokens: untruncated
                "negatives": [], "query_id": i, "positive_id": 1000 + i} for i in range(16)]
   spec = pipeline.BatchSpec(batch_size=8, query_len=32, positive_len=64, segments=4,
                             query_rows=4, positive_rows=6)
@@ -92,8 +93,8 @@ def test_from_checkpoint_equals_training_encoder(embedder):
   assert np.abs(plain - want_q).max() > 1e-3
 
 
-def test_tokens_match_training_tokenizer(embedder):
-  text = sentence(5)
+def test_tokens_match_training_tokenizer(embedder, rng):
+  text = sentence(rng, 5)
   toks = embedder.tokenize([text], task=TASK)[0]
   want = [2] + embedder.tokenizer.encode(TASK_STRING + text) + [1]
   np.testing.assert_array_equal(toks, want)
@@ -101,8 +102,8 @@ def test_tokens_match_training_tokenizer(embedder):
                                 [2] + embedder.tokenizer.encode(text) + [1])
 
 
-def test_mrl_truncation_renormalises(embedder):
-  texts = [sentence(int(n)) for n in RNG.integers(1, 20, 11)]
+def test_mrl_truncation_renormalises(embedder, rng):
+  texts = [sentence(rng, int(n)) for n in rng.integers(1, 20, 11)]
   full = embedder.embed(texts)
   assert full.dtype == np.float32 and full.shape == (11, embedder.embed_dim)
   np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-5)
@@ -115,17 +116,17 @@ def test_mrl_truncation_renormalises(embedder):
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
 
 
-def test_buckets_compile_once_and_order_is_kept(local_embedder):
+def test_buckets_compile_once_and_order_is_kept(local_embedder, rng):
   e = local_embedder
-  short = [sentence(int(n)) for n in RNG.integers(1, 4, 6)]  # <= 16 tokens
+  short = [sentence(rng, int(n)) for n in rng.integers(1, 4, 6)]  # <= 16 tokens
   before = e.num_compilations
   a = e.embed(short)
   assert e.num_compilations == before + 1
-  e.embed([sentence(2) for _ in range(9)])  # same bucket, several batches
+  e.embed([sentence(rng, 2) for _ in range(9)])  # same bucket, several batches
   assert e.num_compilations == before + 1
-  long = sentence(20)
+  long = sentence(rng, 20)
   while len(e.tokenize([long])[0]) <= 40:  # > 32 tokens: the 64 bucket
-    long += " " + sentence(1)
+    long += " " + sentence(rng, 1)
   assert 32 < len(e.tokenize([long])[0]) <= 64
   mixed = e.embed([short[0], long, short[1]])
   assert e.num_compilations == before + 2
@@ -138,7 +139,7 @@ def test_buckets_compile_once_and_order_is_kept(local_embedder):
   np.testing.assert_allclose(mixed[1], e.embed([long])[0], atol=1e-5)
 
 
-def test_bad_inputs(local_embedder):
+def test_bad_inputs(local_embedder, rng):
   e = local_embedder
   assert e.embed([]).shape == (0, e.embed_dim)
   assert e.embed([], dim=16).shape == (0, 16)
@@ -161,7 +162,7 @@ def test_bad_inputs(local_embedder):
   with pytest.raises(ValueError, match="empty interleaved"):
     e.embed([[]])
   # Too long: truncated (bos and eos kept) with a warning, or refused.
-  long = sentence(80)
+  long = sentence(rng, 80)
   with pytest.warns(UserWarning, match="longer than max_length=64"):
     got = e.embed(["ok", long])
   ids = e.tokenizer.encode(long)
@@ -188,9 +189,9 @@ def test_interleaved_text_items_and_prefix(local_embedder):
                              atol=1e-6)
 
 
-def test_search_sharded_and_local(embedder):
-  q = embedder.embed([sentence(3) for _ in range(5)], dim=32)
-  c = embedder.embed([sentence(6) for _ in range(37)], dim=32, is_query=False)
+def test_search_sharded_and_local(embedder, rng):
+  q = embedder.embed([sentence(rng, 3) for _ in range(5)], dim=32)
+  c = embedder.embed([sentence(rng, 6) for _ in range(37)], dim=32, is_query=False)
   ref = np.argsort(-(q.astype(np.float64) @ c.T.astype(np.float64)), axis=1, kind="stable")[:, :7]
   for mesh in (None, embedder.mesh):
     s, i = inference.search(q, c, 7, mesh=mesh, chunk=8)
