@@ -23,7 +23,6 @@ from embed2.model import EmbeddingModel, ModelConfig
 from embed2.model.vision import VisionConfig, VisionEncoder
 from embed2.train import checkpoint as ckpt_lib
 
-RNG = np.random.default_rng()
 # Conversions in the parity tests place tensors on one device: on the 8 simulated devices Orbax
 # writes replicated arrays slice by slice, compiling a small program per shape (seconds per save).
 # The round-trip test converts on all 8 devices.
@@ -77,9 +76,9 @@ def params_of(path):
   return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))), meta
 
 
-def padded_batch(vocab, lengths, length, left=()):
+def padded_batch(vocab, lengths, length, left=(), *, rng):
   """Random ids with an attention mask (right padding; rows in `left` left-padded)."""
-  ids = RNG.integers(3, vocab, (len(lengths), length))
+  ids = rng.integers(3, vocab, (len(lengths), length))
   mask = np.zeros((len(lengths), length), np.int64)
   for b, n in enumerate(lengths):
     if b in left:
@@ -173,7 +172,7 @@ def _tiny_text_config(transformers, *, bidirectional, vocab=96):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
-def test_text_hidden_states_match_transformers(tmp_path, bidirectional):
+def test_text_hidden_states_match_transformers(tmp_path, bidirectional, rng):
   torch, transformers, _ = _parity_libs()
   hf_cfg = _tiny_text_config(transformers, bidirectional=bidirectional)
   hf = transformers.Gemma3ForCausalLM(hf_cfg).eval()  # saved as model.* + lm_head: prefixes are found
@@ -185,7 +184,7 @@ def test_text_hidden_states_match_transformers(tmp_path, bidirectional):
   assert cfg.sliding_window == 4 and cfg.global_every == 3
   model, _ = loaded_model(tmp_path / "out")
 
-  ids, mask = padded_batch(hf_cfg.vocab_size, [13, 8, 5], 13, left={2})
+  ids, mask = padded_batch(hf_cfg.vocab_size, [13, 8, 5], 13, left={2}, rng=rng)
   pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
   with torch.no_grad():
     ref = hf.model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
@@ -206,7 +205,7 @@ def test_text_hidden_states_match_transformers(tmp_path, bidirectional):
 # ------------------------------------------------------------------------------- vision parity
 
 
-def test_vision_tower_and_projector_match_transformers(tmp_path):
+def test_vision_tower_and_projector_match_transformers(tmp_path, rng):
   torch, transformers, _ = _parity_libs()
   text = _tiny_text_config(transformers, bidirectional=False).to_dict()
   vision = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
@@ -224,7 +223,7 @@ def test_vision_tower_and_projector_match_transformers(tmp_path):
   ours = blank(lambda: VisionEncoder(vcfg, rngs=nnx.Rngs(0)))
   convert.load_vision_params(ours, tmp_path / "out")
 
-  pixels = RNG.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)  # NCHW, as the HF processor gives
+  pixels = rng.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)  # NCHW, as the HF processor gives
   with torch.no_grad():
     tower = hf.model.vision_tower(pixel_values=torch.tensor(pixels)).last_hidden_state
     soft = hf.model.multi_modal_projector(tower).double().numpy()
@@ -286,8 +285,8 @@ def embeddinggemma(tmp_path_factory):
   return base, model
 
 
-def _texts(vocab, lengths):
-  return [" ".join(f"w{i}" for i in RNG.integers(4, vocab, n)) for n in lengths]
+def _texts(vocab, lengths, *, rng):
+  return [" ".join(f"w{i}" for i in rng.integers(4, vocab, n)) for n in lengths]
 
 
 def _st_ids(st_model, texts):
@@ -297,14 +296,14 @@ def _st_ids(st_model, texts):
   return feats["input_ids"].numpy(), feats["attention_mask"].numpy()
 
 
-def test_embeddinggemma_pipeline_matches_sentence_transformers(embeddinggemma):
+def test_embeddinggemma_pipeline_matches_sentence_transformers(embeddinggemma, rng):
   base, st_model = embeddinggemma
   model, meta = loaded_model(base / "out")
   assert model.cfg.head_dims == (48, 40) and not model.cfg.causal
   assert meta["task_strings"] == PROMPTS
   # Rows of 13, 9, 4 and 1 words; the last two with the query prompt, whose tokens are part of the
   # mean (include_prompt), as EmbeddingGemma is used.
-  texts = _texts(96, [13, 9, 4, 1])
+  texts = _texts(96, [13, 9, 4, 1], rng=rng)
   want = np.concatenate([st_model.encode(texts[:2], convert_to_numpy=True),
                          st_model.encode(texts[2:], prompt_name="query", convert_to_numpy=True)])
   ids, mask = _st_ids(st_model, texts[:2] + [PROMPTS["query"] + t for t in texts[2:]])
@@ -315,14 +314,14 @@ def test_embeddinggemma_pipeline_matches_sentence_transformers(embeddinggemma):
     assert rel_err(got[b], want[b]) < 1e-5, b
 
 
-def test_export_loads_in_sentence_transformers_and_round_trips_exactly(embeddinggemma, tmp_path):
+def test_export_loads_in_sentence_transformers_and_round_trips_exactly(embeddinggemma, tmp_path, rng):
   _, _, st = _parity_libs()
   base, st_model = embeddinggemma
   convert.main(["--to_safetensors", f"--ckpt={base / 'out'}", f"--out={tmp_path / 'st'}",
                 f"--hf_tokenizer={base / 'backbone'}"])
   exported = st.SentenceTransformer(str(tmp_path / "st"), device="cpu", local_files_only=True)
   assert exported.prompts["query"] == PROMPTS["query"]
-  texts = _texts(96, [11, 6, 2])
+  texts = _texts(96, [11, 6, 2], rng=rng)
   np.testing.assert_allclose(exported.encode(texts, convert_to_numpy=True),
                              st_model.encode(texts, convert_to_numpy=True), atol=2e-6, rtol=0)
   # embed2 -> safetensors -> embed2 is bit-exact.
@@ -338,9 +337,9 @@ def test_export_loads_in_sentence_transformers_and_round_trips_exactly(embedding
 # ------------------------------------------------------------------------------- round trip (no torch)
 
 
-def random_checkpoint(directory, cfg, task_strings=None):
+def random_checkpoint(directory, cfg, task_strings=None, *, rng):
   shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: EmbeddingModel(cfg, rngs=nnx.Rngs(0))), nnx.Param))
-  params = jax.tree.map(lambda x: RNG.normal(0, 0.5, x.shape).astype(np.float32), shapes)
+  params = jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32), shapes)
   ck = ckpt_lib.Checkpointer(directory, keep=None, async_save=False)
   ck.save(7, params=jax.tree.map(jnp.asarray, params), force=True,
           meta={"model_config": cfg.to_dict(), "tokenizer": "", "task_strings": task_strings or {}})
@@ -349,11 +348,11 @@ def random_checkpoint(directory, cfg, task_strings=None):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_round_trip_is_bit_exact(tmp_path, causal):
+def test_round_trip_is_bit_exact(tmp_path, causal, rng):
   cfg = ModelConfig.from_name("tiny", vocab_size=200, num_layers=3, global_every=3, sliding_window=5,
                               head_dims=(48, 24), mrl_dims=(), rope_global_scale=2.0, causal=causal,
                               query_pre_attn_scalar=12.0, rope_local_base=500.0)
-  params = random_checkpoint(tmp_path / "ckpt", cfg, {"search": "task: search | query: "})
+  params = random_checkpoint(tmp_path / "ckpt", cfg, {"search": "task: search | query: "}, rng=rng)
   tok_dir = tmp_path / "tok"
   tok_dir.mkdir()
   shutil.copyfile(DEFAULT_MODEL_PATH, tok_dir / "tokenizer.model")
@@ -377,9 +376,9 @@ def test_round_trip_is_bit_exact(tmp_path, causal):
     jax.tree.map(np.testing.assert_array_equal, got16, want16)
 
 
-def test_safetensors_reader_reads_bfloat16_and_what_it_writes(tmp_path):
-  a = RNG.normal(size=(3, 5)).astype(ml_dtypes.bfloat16)
-  b = RNG.normal(size=(7,)).astype(np.float32)
+def test_safetensors_reader_reads_bfloat16_and_what_it_writes(tmp_path, rng):
+  a = rng.normal(size=(3, 5)).astype(ml_dtypes.bfloat16)
+  b = rng.normal(size=(7,)).astype(np.float32)
   convert.write_safetensors(tmp_path / "x.safetensors", [("a", a.shape, a.dtype), ("b", b.shape, b.dtype)],
                             iter([a, b]))
   infos = convert.read_safetensors_header(tmp_path / "x.safetensors")
@@ -391,7 +390,7 @@ def test_safetensors_reader_reads_bfloat16_and_what_it_writes(tmp_path):
 # ------------------------------------------------------------------------------- bad input
 
 
-def _numpy_hf_dir(directory, cfg=None, mutate=None, config_edit=None):
+def _numpy_hf_dir(directory, cfg=None, mutate=None, config_edit=None, *, rng):
   """A Gemma3TextModel folder written without torch: config.json + random model.safetensors."""
   cfg = cfg or ModelConfig.from_name("tiny", vocab_size=64, num_layers=2, head_dims=(), mrl_dims=())
   directory.mkdir(parents=True)
@@ -399,7 +398,7 @@ def _numpy_hf_dir(directory, cfg=None, mutate=None, config_edit=None):
   if config_edit:
     config_edit(hf_cfg)
   (directory / "config.json").write_text(json.dumps(hf_cfg))
-  tensors = {e.hf_name: RNG.normal(size=e.hf_shape).astype(np.float32) for e in convert.text_entries(cfg)}
+  tensors = {e.hf_name: rng.normal(size=e.hf_shape).astype(np.float32) for e in convert.text_entries(cfg)}
   if mutate:
     mutate(tensors)
   convert.write_safetensors(directory / "model.safetensors",
@@ -430,8 +429,8 @@ def _reshape(name, shape):
     (_reshape("layers.0.self_attn.k_proj.weight", (16, 64)),
      r"shape mismatches.*layers\.0\.self_attn\.k_proj\.weight has \(16, 64\), config implies \(32, 64\)"),
 ], ids=["missing", "extra", "shape"])
-def test_bad_tensors_are_named_and_nothing_is_written(tmp_path, mutate, match):
-  hf = _numpy_hf_dir(tmp_path / "hf", mutate=mutate)
+def test_bad_tensors_are_named_and_nothing_is_written(tmp_path, mutate, match, rng):
+  hf = _numpy_hf_dir(tmp_path / "hf", mutate=mutate, rng=rng)
   with pytest.raises(ValueError, match=match):
     convert.convert_hf(hf, tmp_path / "out")
   _no_output_left(tmp_path)
@@ -451,16 +450,16 @@ def _set_key(key, value):
     (_set_key("layer_types", ["full_attention", "sliding_attention"]), r"every k-th layer global"),
     (_set_key("hidden_activation", "silu"), r"hidden_activation='silu'"),
 ], ids=["model_type", "rope", "softcap", "layer_pattern", "activation"])
-def test_unsupported_architectures_are_refused(tmp_path, edit, match):
-  hf = _numpy_hf_dir(tmp_path / "hf", config_edit=edit)
+def test_unsupported_architectures_are_refused(tmp_path, edit, match, rng):
+  hf = _numpy_hf_dir(tmp_path / "hf", config_edit=edit, rng=rng)
   with pytest.raises(convert.UnsupportedArchitecture, match="unsupported architecture: .*" + match):
     convert.convert_hf(hf, tmp_path / "out")
   _no_output_left(tmp_path)
 
 
-def test_unsupported_sentence_transformers_heads_are_refused(tmp_path):
+def test_unsupported_sentence_transformers_heads_are_refused(tmp_path, rng):
   cfg = ModelConfig.from_name("tiny", vocab_size=64, num_layers=2, head_dims=(16,), mrl_dims=())
-  random_checkpoint(tmp_path / "ckpt", cfg)
+  random_checkpoint(tmp_path / "ckpt", cfg, rng=rng)
   convert.export_sentence_transformers(tmp_path / "ckpt", tmp_path / "hf")
   pooling = tmp_path / "hf" / "1_Pooling" / "config.json"
   good = pooling.read_text()
@@ -475,8 +474,8 @@ def test_unsupported_sentence_transformers_heads_are_refused(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
-def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
-  hf = _numpy_hf_dir(tmp_path / "hf")
+def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch, rng):
+  hf = _numpy_hf_dir(tmp_path / "hf", rng=rng)
   real = convert._save_params
 
   def save_then_fail(directory, params, meta):
