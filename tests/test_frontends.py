@@ -12,7 +12,6 @@ from embed2.model.frontends import (ConvAudioFrontend, PatchImageFrontend, ViTIm
                                     build_frontends)
 from embed2.model.presets import ModelConfig
 
-RNG = np.random.default_rng()
 
 
 def config(**kw):
@@ -22,23 +21,23 @@ def config(**kw):
   return ModelConfig.from_name("tiny", **fields)  # model_dim 64
 
 
-def randomize(model, std=0.3):
+def randomize(rng, model, std=0.3):
   """Fresh random values for every parameter (norm scales and biases start at zero, which hides bugs)."""
   state = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(lambda x: jnp.asarray(RNG.normal(0, std, x.shape), x.dtype), state))
+  nnx.update(model, jax.tree.map(lambda x: jnp.asarray(rng.normal(0, std, x.shape), x.dtype), state))
   return model
 
 
-def make(cls, cfg, std=0.3):
-  return randomize(cls(cfg, rngs=nnx.Rngs(int(RNG.integers(1 << 30)))), std)
+def make(rng, cls, cfg, std=0.3):
+  return randomize(rng, cls(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30)))), std)
 
 
-def images(cfg, n):
-  return RNG.integers(0, 256, (n, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+def images(rng, cfg, n):
+  return rng.integers(0, 256, (n, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
 
 
-def mels(cfg, n, f):
-  return RNG.normal(-2.0, 2.0, (n, f, cfg.n_mels)).astype(np.float32)
+def mels(rng, cfg, n, f):
+  return rng.normal(-2.0, 2.0, (n, f, cfg.n_mels)).astype(np.float32)
 
 
 def is_var(x):
@@ -119,20 +118,20 @@ def np_audio_frontend(cfg, prm, mel):
 
 
 @pytest.mark.parametrize("tokens", [4, 16])  # 2x2 pooling of the 4x4 grid; no pooling
-def test_patch_frontend_matches_numpy_reference(tokens):
+def test_patch_frontend_matches_numpy_reference(tokens, rng):
   cfg = config(image_tokens=tokens)
-  model = make(PatchImageFrontend, cfg)
-  img = images(cfg, 3)
+  model = make(rng, PatchImageFrontend, cfg)
+  img = images(rng, cfg, 3)
   out = call(model, img)
   assert out.shape == (3, tokens, cfg.model_dim) and out.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out), np_patch_frontend(cfg, params64(model), img),
                              rtol=1e-5, atol=2e-5)
 
 
-def test_patch_frontend_bfloat16_computes_in_bfloat16_with_float32_params():
+def test_patch_frontend_bfloat16_computes_in_bfloat16_with_float32_params(rng):
   cfg = config(dtype="bfloat16")
-  model = make(PatchImageFrontend, cfg)
-  img = images(cfg, 2)
+  model = make(rng, PatchImageFrontend, cfg)
+  img = images(rng, cfg, 2)
   out = call(model, img)
   assert out.dtype == jnp.bfloat16 and out.shape == (2, cfg.image_tokens, cfg.model_dim)
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -141,16 +140,16 @@ def test_patch_frontend_bfloat16_computes_in_bfloat16_with_float32_params():
   assert err.max() < 0.06 and err.mean() < 0.01, (err.max(), err.mean())
 
 
-def test_patch_and_audio_tokens_have_unit_rms_at_init():
+def test_patch_and_audio_tokens_have_unit_rms_at_init(rng):
   """Soft tokens must have the scale of text embeddings (Gemma: sqrt(D) * table, ~unit RMS entries)."""
   cfg = config()
-  seed = int(RNG.integers(1 << 30))
-  img_tok = call(PatchImageFrontend(cfg, rngs=nnx.Rngs(seed)), images(cfg, 2))
-  aud_tok = call(ConvAudioFrontend(cfg, rngs=nnx.Rngs(seed)), mels(cfg, 2, 20))
+  seed = int(rng.integers(1 << 30))
+  img_tok = call(PatchImageFrontend(cfg, rngs=nnx.Rngs(seed)), images(rng, cfg, 2))
+  aud_tok = call(ConvAudioFrontend(cfg, rngs=nnx.Rngs(seed)), mels(rng, cfg, 2, 20))
   for tok in (img_tok, aud_tok):
     np.testing.assert_allclose(np.sqrt(np.mean(np.square(np.asarray(tok)), -1)), 1.0, rtol=1e-3)
   vit_tok = np.asarray(call(ViTImageFrontend(config(image_frontend="vit"), rngs=nnx.Rngs(seed)),
-                            images(cfg, 2)))
+                            images(rng, cfg, 2)))
   assert 0.5 < np.sqrt(np.mean(np.square(vit_tok))) < 2.0  # projector ~ N(0, 1/Wv): about unit RMS
 
 
@@ -158,13 +157,13 @@ def test_patch_and_audio_tokens_have_unit_rms_at_init():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_vit_frontend_is_vision_encoder_on_normalised_pixels(dtype):
+def test_vit_frontend_is_vision_encoder_on_normalised_pixels(dtype, rng):
   cfg = config(image_frontend="vit", dtype=dtype)
-  model = make(ViTImageFrontend, cfg, std=0.1)
+  model = make(rng, ViTImageFrontend, cfg, std=0.1)
   assert model.encoder.cfg == vision.VisionConfig(
       image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=48, mm_tokens_per_image=4,
       text_dim=cfg.model_dim, dtype=dtype)
-  img = images(cfg, 3)
+  img = images(rng, cfg, 3)
   out = call(model, img)
   assert out.shape == (3, cfg.image_tokens, cfg.model_dim) and out.dtype == jnp.dtype(dtype)
   pixels = jnp.asarray(img.astype(np.float64) / 127.5 - 1, jnp.float32).astype(dtype)
@@ -194,26 +193,26 @@ def test_audio_frontend_token_count_is_config_audio_tokens():
     assert shape == (2, cfg.audio_tokens(f), cfg.model_dim) == (2, -(-f // 4), cfg.model_dim), f
 
 
-def test_audio_frontend_matches_numpy_reference():
+def test_audio_frontend_matches_numpy_reference(rng):
   cfg = config()
-  model = make(ConvAudioFrontend, cfg)
+  model = make(rng, ConvAudioFrontend, cfg)
   prm = params64(model)
   for f in (1, 2, 3, 4, 5, 6, 7, 8, 13):  # every F mod 4, so each edge of the zero padding is hit
-    mel = mels(cfg, 2, f)
+    mel = mels(rng, cfg, 2, f)
     out = call(model, mel)
     assert out.shape == (2, cfg.audio_tokens(f), cfg.model_dim), f
     np.testing.assert_allclose(np.asarray(out), np_audio_frontend(cfg, prm, mel), rtol=1e-5, atol=2e-5,
                                err_msg=f"F={f}")
 
 
-def test_audio_token_t_sees_exactly_frames_4t_minus_3_to_4t_plus_3():
+def test_audio_token_t_sees_exactly_frames_4t_minus_3_to_4t_plus_3(rng):
   cfg = config()
-  model = make(ConvAudioFrontend, cfg)
+  model = make(rng, ConvAudioFrontend, cfg)
   f = 24
-  base = mels(cfg, 1, f)
+  base = mels(rng, cfg, 1, f)
   batch = np.repeat(base, f + 1, axis=0)  # row n perturbs frame n; the last row is unperturbed
   for n in range(f):
-    batch[n, n] += RNG.normal(0, 1, cfg.n_mels).astype(np.float32)
+    batch[n, n] += rng.normal(0, 1, cfg.n_mels).astype(np.float32)
   out = np.asarray(call(model, batch))
   changed = np.abs(out[:f] - out[f:]).max(-1) > 1e-5  # (frame, token)
   t = np.arange(cfg.audio_tokens(f))
@@ -221,10 +220,10 @@ def test_audio_token_t_sees_exactly_frames_4t_minus_3_to_4t_plus_3():
   np.testing.assert_array_equal(changed, (frame >= 4 * t - 3) & (frame <= 4 * t + 3))
 
 
-def test_audio_first_k_tokens_depend_on_frames_before_4k_only():
+def test_audio_first_k_tokens_depend_on_frames_before_4k_only(rng):
   cfg = config()
-  model = make(ConvAudioFrontend, cfg)
-  mel = mels(cfg, 2, 30)
+  model = make(rng, ConvAudioFrontend, cfg)
+  mel = mels(rng, cfg, 2, 30)
   full = np.asarray(call(model, mel))
   for k in (1, 2, 5, 7):
     prefix = np.asarray(call(model, mel[:, :4 * k]))
@@ -235,10 +234,10 @@ def test_audio_first_k_tokens_depend_on_frames_before_4k_only():
   assert np.abs(short[:, 4] - full[:, 4]).max() > 1e-3
 
 
-def test_audio_frontend_bfloat16():
+def test_audio_frontend_bfloat16(rng):
   cfg = config(dtype="bfloat16")
-  model = make(ConvAudioFrontend, cfg)
-  mel = mels(cfg, 2, 20)
+  model = make(rng, ConvAudioFrontend, cfg)
+  mel = mels(rng, cfg, 2, 20)
   out = call(model, mel)
   assert out.dtype == jnp.bfloat16 and out.shape == (2, 5, cfg.model_dim)
   err = np.abs(np.asarray(out, np.float64) - np_audio_frontend(cfg, params64(model), mel))
@@ -248,20 +247,20 @@ def test_audio_frontend_bfloat16():
 # ------------------------------------------------------------------------- all frontends alike
 
 
-def _cases():
-  return [(PatchImageFrontend, config(), lambda cfg, n: images(cfg, n)),
-          (ViTImageFrontend, config(image_frontend="vit"), lambda cfg, n: images(cfg, n)),
-          (ConvAudioFrontend, config(), lambda cfg, n: mels(cfg, n, 17))]
+def _cases(rng):
+  return [(PatchImageFrontend, config(), lambda cfg, n: images(rng, cfg, n)),
+          (ViTImageFrontend, config(image_frontend="vit"), lambda cfg, n: images(rng, cfg, n)),
+          (ConvAudioFrontend, config(), lambda cfg, n: mels(rng, cfg, n, 17))]
 
 
 @pytest.mark.parametrize("case", range(3), ids=["patch", "vit", "audio"])
-def test_deterministic_row_independent_and_jit_equals_eager(case):
-  cls, cfg, inputs = _cases()[case]
-  seed = int(RNG.integers(1 << 30))
+def test_deterministic_row_independent_and_jit_equals_eager(case, rng):
+  cls, cfg, inputs = _cases(rng)[case]
+  seed = int(rng.integers(1 << 30))
   a, b = cls(cfg, rngs=nnx.Rngs(seed)), cls(cfg, rngs=nnx.Rngs(seed))
   for (pa, va), (pb, vb) in zip(params64(a).items(), params64(b).items()):
     assert pa == pb and np.array_equal(va, vb), pa
-  model = randomize(a, 0.1)
+  model = randomize(rng, a, 0.1)
   x = inputs(cfg, 5)
   out = np.asarray(call(model, x))
   np.testing.assert_array_equal(out, np.asarray(call(model, x)))  # same input, same bits
@@ -272,11 +271,11 @@ def test_deterministic_row_independent_and_jit_equals_eager(case):
 
 
 @pytest.mark.parametrize("case", range(3), ids=["patch", "vit", "audio"])
-def test_gradients_reach_every_parameter(case):
-  cls, cfg, inputs = _cases()[case]
-  model = make(cls, cfg, std=0.1)
+def test_gradients_reach_every_parameter(case, rng):
+  cls, cfg, inputs = _cases(rng)[case]
+  model = make(rng, cls, cfg, std=0.1)
   x = inputs(cfg, 3)
-  r = jnp.asarray(RNG.normal(size=call(model, x).shape), jnp.float32)
+  r = jnp.asarray(rng.normal(size=call(model, x).shape), jnp.float32)
   grads = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x) * r)))(model, x)
   assert len(flat(grads)) == len(params64(model))
   for name, g in flat(grads).items():
@@ -290,8 +289,8 @@ def test_gradients_reach_every_parameter(case):
 
 
 @pytest.mark.parametrize("case", range(3), ids=["patch", "vit", "audio"])
-def test_parameters_are_float32_with_logical_axes(case):
-  cls, cfg, _ = _cases()[case]
+def test_parameters_are_float32_with_logical_axes(case, rng):
+  cls, cfg, _ = _cases(rng)[case]
   model = cls(cfg, rngs=nnx.Rngs(0))
   known = {name for name, _ in sharding.DEFAULT_RULES}
   found_embed = False
@@ -310,18 +309,18 @@ def test_parameters_are_float32_with_logical_axes(case):
 # ------------------------------------------------------------------------------ errors, builder
 
 
-def test_bad_inputs_name_the_config_field():
+def test_bad_inputs_name_the_config_field(rng):
   cfg = config()
   patch, vit = PatchImageFrontend(cfg, rngs=nnx.Rngs(0)), ViTImageFrontend(
       config(image_frontend="vit"), rngs=nnx.Rngs(0))
   for model in (patch, vit):
     with pytest.raises(ValueError, match=r"config\.model\.image_size=32"):
-      model(RNG.integers(0, 256, (1, 48, 48, 3), dtype=np.uint8))
+      model(rng.integers(0, 256, (1, 48, 48, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="uint8"):
-      model(images(cfg, 1).astype(np.float32) / 127.5 - 1)  # already normalised: refused, not re-scaled
+      model(images(rng, cfg, 1).astype(np.float32) / 127.5 - 1)  # already normalised: refused, not re-scaled
   audio = ConvAudioFrontend(cfg, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"config\.model\.n_mels=12"):
-    audio(RNG.normal(size=(1, 20, 80)).astype(np.float32))
+    audio(rng.normal(size=(1, 20, 80)).astype(np.float32))
   with pytest.raises(ValueError, match="F >= 1"):
     audio(np.zeros((1, 0, 12), np.float32))
 
@@ -338,11 +337,11 @@ def test_build_frontends_follows_the_config():
 # ------------------------------------------------------------------------------------- sharded
 
 
-def test_patch_frontend_sharded_batch_equals_single_device():
+def test_patch_frontend_sharded_batch_equals_single_device(rng):
   assert jax.device_count() == 8
   cfg = config()
-  model = make(PatchImageFrontend, cfg)
-  img = images(cfg, 8)
+  model = make(rng, PatchImageFrontend, cfg)
+  img = images(rng, cfg, 8)
   want = np.asarray(call(model, img))
 
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})

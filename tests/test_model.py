@@ -12,21 +12,20 @@ from embed2 import sharding
 from embed2.model import EmbeddingModel, ModelConfig, gather_slots, mean_pool, mrl_truncate
 from embed2.model import attention
 
-RNG = np.random.default_rng()
 
 
 def tiny(**kw):
   return ModelConfig.from_name("tiny", **kw)
 
 
-def rows(cfg, b, l, rng=RNG):
+def rows(rng, cfg, b, l):
   tok = rng.integers(4, cfg.vocab_size, (b, l)).astype(np.int32)
   seg = np.ones((b, l), np.int32)
   pos = np.tile(np.arange(l, dtype=np.int32), (b, 1))
   return tok, seg, pos
 
 
-def randomize(model, rng=RNG):
+def randomize(rng, model):
   """Fresh random values for every parameter (norm scales start at zero, which would hide bugs)."""
   state = nnx.state(model, nnx.Param)
   new = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), state)
@@ -34,9 +33,9 @@ def randomize(model, rng=RNG):
   return model
 
 
-def make(cfg, seed=None):
-  seed = int(RNG.integers(1 << 30)) if seed is None else seed
-  return randomize(EmbeddingModel(cfg, rngs=nnx.Rngs(seed)))
+def make(rng, cfg, seed=None):
+  seed = int(rng.integers(1 << 30)) if seed is None else seed
+  return randomize(rng, EmbeddingModel(cfg, rngs=nnx.Rngs(seed)))
 
 
 # ------------------------------------------------------------------ float64 numpy reference
@@ -118,11 +117,11 @@ def param_tree(model):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_matches_float64_reference(causal):
+def test_matches_float64_reference(causal, rng):
   cfg = tiny(num_layers=3, causal=causal, sliding_window=3, global_every=3, rope_global_scale=2.0,
              query_pre_attn_scalar=24.0)
-  model = make(cfg)
-  tok, seg, pos = rows(cfg, 2, 10)
+  model = make(rng, cfg)
+  tok, seg, pos = rows(rng, cfg, 2, 10)
   # Row 0: two packed examples and padding; row 1: one example.
   seg[0] = [1, 1, 1, 1, 2, 2, 2, 0, 0, 0]
   pos[0] = [0, 1, 2, 3, 0, 1, 2, 0, 0, 0]
@@ -134,11 +133,11 @@ def test_matches_float64_reference(causal):
   np.testing.assert_allclose(np.asarray(e), e_ref, rtol=2e-5, atol=2e-5)
 
 
-def test_forward_shapes_and_dtypes():
+def test_forward_shapes_and_dtypes(rng):
   for dtype in ("float32", "bfloat16"):
     cfg = tiny(dtype=dtype)
-    model = make(cfg)
-    tok, seg, pos = rows(cfg, 3, 12)
+    model = make(rng, cfg)
+    tok, seg, pos = rows(rng, cfg, 3, 12)
     h = model.transformer(tok, seg, pos)
     assert h.shape == (3, 12, cfg.model_dim) and h.dtype == jnp.dtype(dtype)
     e = model.encode_rows(tok, seg, pos)
@@ -150,11 +149,11 @@ def _states(model, tok, seg, pos):
   return np.asarray(model.transformer(tok, seg, pos))
 
 
-def test_bidirectional_vs_causal():
+def test_bidirectional_vs_causal(rng):
   for causal in (False, True):
     cfg = tiny(causal=causal, sliding_window=64)
-    model = make(cfg)
-    tok, seg, pos = rows(cfg, 1, 12)
+    model = make(rng, cfg)
+    tok, seg, pos = rows(rng, cfg, 1, 12)
     tok2 = tok.copy()
     tok2[0, 9] = (tok[0, 9] + 1) % cfg.vocab_size  # change a late token
     delta = np.abs(_states(model, tok, seg, pos) - _states(model, tok2, seg, pos)).max(-1)[0]
@@ -164,12 +163,12 @@ def test_bidirectional_vs_causal():
       assert np.all(delta[:9] > 1e-6), delta  # an earlier token sees the later change
 
 
-def test_sliding_window_respected():
+def test_sliding_window_respected(rng):
   w = 3
   # One local layer only, so the receptive field is exactly the window.
   cfg = tiny(num_layers=1, sliding_window=w, global_every=100)
-  model = make(cfg)
-  tok, seg, pos = rows(cfg, 1, 12)
+  model = make(rng, cfg)
+  tok, seg, pos = rows(rng, cfg, 1, 12)
   j = 6
   tok2 = tok.copy()
   tok2[0, j] = (tok[0, j] + 7) % cfg.vocab_size
@@ -181,11 +180,11 @@ def test_sliding_window_respected():
       assert delta[i] == 0, (i, delta)
 
 
-def test_packed_examples_equal_alone():
+def test_packed_examples_equal_alone(rng):
   cfg = tiny(max_segments=3)
-  model = make(cfg)
+  model = make(rng, cfg)
   lens = [5, 3, 6]
-  exs = [RNG.integers(4, cfg.vocab_size, n).astype(np.int32) for n in lens]
+  exs = [rng.integers(4, cfg.vocab_size, n).astype(np.int32) for n in lens]
   L = 16
   # Packed: all three in one row, then padding.
   tok = np.zeros((1, L), np.int32)
@@ -208,13 +207,13 @@ def test_packed_examples_equal_alone():
     np.testing.assert_allclose(packed[s], alone, rtol=1e-5, atol=1e-6)
     # Garbage in the padding positions changes nothing.
     t2 = t1.copy()
-    t2[0, len(ex):] = RNG.integers(4, cfg.vocab_size, L - len(ex))
+    t2[0, len(ex):] = rng.integers(4, cfg.vocab_size, L - len(ex))
     np.testing.assert_allclose(np.asarray(model.encode_rows(t2, s1, p1))[0, 0], alone, rtol=1e-6,
                                atol=1e-7)
 
 
-def test_mean_pool_ignores_padding():
-  h = RNG.normal(size=(3, 7, 5)).astype(np.float32)
+def test_mean_pool_ignores_padding(rng):
+  h = rng.normal(size=(3, 7, 5)).astype(np.float32)
   seg = np.array([[1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]], np.int32)
   out = np.asarray(mean_pool(jnp.asarray(h), jnp.asarray(seg), 3))
   h64 = h.astype(np.float64)
@@ -225,19 +224,19 @@ def test_mean_pool_ignores_padding():
   np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
 
 
-def test_gather_slots_stays_in_group():
+def test_gather_slots_stays_in_group(rng):
   g, rg, s, d = 2, 3, 2, 4
-  pooled = RNG.normal(size=(g * rg, s, d)).astype(np.float32)
+  pooled = rng.normal(size=(g * rg, s, d)).astype(np.float32)
   slot = np.array([5, 0, 2, 1], np.int32)  # B = 4, B_g = 2
   out = np.asarray(gather_slots(jnp.asarray(pooled), jnp.asarray(slot), g))
   flat = pooled.reshape(g, rg * s, d)
   np.testing.assert_array_equal(out, np.stack([flat[0, 5], flat[0, 0], flat[1, 2], flat[1, 1]]))
 
 
-def test_mrl_prefixes_unit_norm_and_renormalised():
+def test_mrl_prefixes_unit_norm_and_renormalised(rng):
   cfg = tiny()
-  model = make(cfg)
-  e = model.encode_rows(*rows(cfg, 4, 9))[:, 0]
+  model = make(rng, cfg)
+  e = model.encode_rows(*rows(rng, cfg, 4, 9))[:, 0]
   for dim in cfg.mrl_dims:
     t = np.asarray(mrl_truncate(e, dim))
     np.testing.assert_allclose(np.linalg.norm(t, axis=-1), 1.0, rtol=1e-6)
@@ -248,10 +247,10 @@ def test_mrl_prefixes_unit_norm_and_renormalised():
     mrl_truncate(e, cfg.embed_dim + 1)
 
 
-def test_attention_impls_agree_on_cpu():
+def test_attention_impls_agree_on_cpu(rng):
   cfg = tiny(sliding_window=4)
-  model = make(cfg)
-  tok, seg, pos = rows(cfg, 2, 12)
+  model = make(rng, cfg)
+  tok, seg, pos = rows(rng, cfg, 2, 12)
   seg[1, 8:] = 0
   ref = np.asarray(model.encode_rows(tok, seg, pos))
   model2 = EmbeddingModel(dataclasses.replace(cfg, attention_impl="dot_product_attention"),
@@ -260,9 +259,9 @@ def test_attention_impls_agree_on_cpu():
   np.testing.assert_allclose(np.asarray(model2.encode_rows(tok, seg, pos)), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_padding_query_rows_are_zero_not_nan():
-  q = jnp.asarray(RNG.normal(size=(1, 4, 2, 8)), jnp.float32)
-  k = jnp.asarray(RNG.normal(size=(1, 4, 1, 8)), jnp.float32)
+def test_padding_query_rows_are_zero_not_nan(rng):
+  q = jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 4, 1, 8)), jnp.float32)
   seg = jnp.asarray([[1, 1, 0, 0]])
   mask = attention.make_mask(seg, jnp.asarray([[0, 1, 0, 0]]), causal=False, window=None)
   for impl in ("xla", "dot_product_attention"):
@@ -272,12 +271,12 @@ def test_padding_query_rows_are_zero_not_nan():
 
 @pytest.mark.parametrize("mesh_shape", [dict(data=8), dict(data=2, fsdp=2, tensor=2),
                                         dict(data=1, fsdp=4, tensor=2)])
-def test_sharded_forward_equals_single_device(mesh_shape):
+def test_sharded_forward_equals_single_device(mesh_shape, rng):
   cfg = tiny(num_heads=4, num_kv_heads=2, mlp_dim=128, vocab_size=512)
   rules = sharding.DEFAULT_RULES
-  model = make(cfg)
+  model = make(rng, cfg)
   params = nnx.state(model, nnx.Param)
-  tok, seg, pos = rows(cfg, 8, 16)
+  tok, seg, pos = rows(rng, cfg, 8, 16)
   seg[3, 10:] = 0
   ref = np.asarray(model.encode_rows(tok, seg, pos))
 
@@ -355,15 +354,15 @@ def test_mesh_errors():
   assert dict(sharding.make_mesh(dict(data=-1, tensor=2)).shape) == dict(data=4, fsdp=1, tensor=2)
 
 
-def test_input_errors():
+def test_input_errors(rng):
   cfg = tiny(max_length=16)
-  model = make(cfg)
-  tok, seg, pos = rows(cfg, 2, 8)
+  model = make(rng, cfg)
+  tok, seg, pos = rows(rng, cfg, 2, 8)
   bad = tok.copy()
   bad[1, 3] = cfg.vocab_size + 5
   with pytest.raises(ValueError, match=f"token id {cfg.vocab_size + 5} is out of vocabulary"):
     model.encode_rows(bad, seg, pos)
   with pytest.raises(ValueError, match="longer than config.model.max_length=16"):
-    model.encode_rows(*rows(cfg, 1, 20))
+    model.encode_rows(*rows(rng, cfg, 1, 20))
   with pytest.raises(ValueError, match="segment_ids has shape"):
     model.encode_rows(tok, seg[:, :4], pos)

@@ -15,7 +15,6 @@ from embed2.eval.mteb_adapter import DEFAULT_PROMPTS, EMBEDDINGGEMMA_PROMPTS, Mt
 from embed2.inference import Embedder, MissingFrontendError
 from embed2.model import EmbeddingModel, ModelConfig
 
-RNG = np.random.default_rng()
 TRAINED = {"stdlib_doc_retrieval": "task: docs | query: "}
 
 
@@ -28,8 +27,9 @@ def random_model(seed):
 
 
 @pytest.fixture(scope="module")
-def embedder():
-  return Embedder(random_model(int(RNG.integers(1 << 30))), Tokenizer.default(),
+def embedder(request, fixture_rng):
+  rng = fixture_rng(request)
+  return Embedder(random_model(int(rng.integers(1 << 30))), Tokenizer.default(),
                   task_strings=TRAINED, batch_size=8, max_length=64, buckets=(32, 64))
 
 

@@ -13,14 +13,13 @@ from embed2 import sharding, soup
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.train.checkpoint import Checkpointer, load_model_params
 
-RNG = np.random.default_rng()
 
 
 def tiny(**kw):
   return ModelConfig.from_name("tiny", **kw)
 
 
-def random_params(cfg, rng=RNG, scale=0.3):
+def random_params(rng, cfg, scale=0.3):
   """A pure dict of fresh random float32 parameters with the model's tree."""
   shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: EmbeddingModel(cfg, rngs=nnx.Rngs(0))),
                                       nnx.Param))
@@ -61,11 +60,12 @@ def one_device_mesh():
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(tmp_path_factory, request, fixture_rng):
   """Three random tiny checkpoints, their float32 params, and the config."""
+  rng = fixture_rng(request)
   cfg = tiny()
   base = tmp_path_factory.mktemp("ingredients")
-  params = [random_params(cfg) for _ in range(3)]
+  params = [random_params(rng, cfg) for _ in range(3)]
   paths = [save(base / f"run{i}", p, cfg, step=10 * (i + 1), task_strings={f"t{i}": f"task {i}"})
            for i, p in enumerate(params)]
   return cfg, paths, params
@@ -88,9 +88,9 @@ def test_uniform_soup_of_copies_is_the_checkpoint(ckpts, tmp_path):
   assert on_disk["ingredients"][0]["step"] == 10 and on_disk["checkpoint"].endswith("/0")
 
 
-def test_weights_are_applied_exactly(ckpts, tmp_path):
+def test_weights_are_applied_exactly(ckpts, tmp_path, rng):
   cfg, paths, params = ckpts
-  w = RNG.uniform(0.1, 3.0, 3)
+  w = rng.uniform(0.1, 3.0, 3)
   record = soup.make_soup(paths, out=tmp_path / "soup", method="weighted", weights=list(w))
   got, meta = restored(tmp_path / "soup", cfg)
   wn = w / w.sum()
@@ -127,7 +127,7 @@ def test_bad_weights_and_methods_are_refused(ckpts, tmp_path, weights, method, m
 # ------------------------------------------------------------------------------------ greedy
 
 
-def test_greedy_soup_leaves_out_the_harmful_ingredient(tmp_path):
+def test_greedy_soup_leaves_out_the_harmful_ingredient(tmp_path, rng):
   """Params T + c_u u + c_v v with unit-norm random trees u, v orthogonal; score = -|theta - T|^2.
 
   A = T + u and a copy A' score -1, C = T + 1.5u scores -2.25, B = T - u + 1.6v scores -3.56, so the
@@ -135,8 +135,8 @@ def test_greedy_soup_leaves_out_the_harmful_ingredient(tmp_path):
   T + 1.17u (worse: refused); with B it sits at T + (u + 1.6v)/3, |.|^2 = 0.40 (better: added).
   """
   cfg = tiny()
-  target = random_params(cfg)
-  u, v = random_params(cfg, scale=1.0), random_params(cfg, scale=1.0)
+  target = random_params(rng, cfg)
+  u, v = random_params(rng, cfg, scale=1.0), random_params(rng, cfg, scale=1.0)
   dot = lambda a, b: sum(float(np.sum(x.astype(np.float64) * y)) for x, y in
                          zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   u = jax.tree.map(lambda x: x / np.sqrt(dot(u, u)), u)
@@ -193,15 +193,15 @@ def test_scorer_returning_metrics(ckpts):
 # ---------------------------------------------------------------------------------- refusals
 
 
-def test_different_architecture_is_refused(ckpts, tmp_path):
+def test_different_architecture_is_refused(ckpts, tmp_path, rng):
   cfg, paths, _ = ckpts
   other = tiny(mlp_dim=96)
-  p = save(tmp_path / "wide", random_params(other), other)
+  p = save(tmp_path / "wide", random_params(rng, other), other)
   with pytest.raises(ValueError, match=r"model_config\.mlp_dim is 96 there and 128"):
     soup.soup_params([paths[0], p], mesh=one_device_mesh())
   # Fields that do not change the parameters may differ.
   same = tiny(dtype="bfloat16", remat="full", max_length=64, mrl_dims=(32, 64))
-  q = save(tmp_path / "bf16", random_params(cfg), same)
+  q = save(tmp_path / "bf16", random_params(rng, cfg), same)
   soup.soup_params([paths[0], q], mesh=one_device_mesh())
 
 
@@ -270,8 +270,9 @@ def test_out_is_never_clobbered(ckpts, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sharded_ckpts(tmp_path_factory):
+def sharded_ckpts(tmp_path_factory, request, fixture_rng):
   """Three random tiny checkpoints written from parameters sharded on a tensor=2 x fsdp=4 mesh."""
+  rng = fixture_rng(request)
   cfg = tiny()
   base = tmp_path_factory.mktemp("sharded")
   rules = sharding.DEFAULT_RULES
@@ -281,17 +282,17 @@ def sharded_ckpts(tmp_path_factory):
   shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, write_mesh, rules))
   paths = []
   for i in range(3):
-    params = jax.tree.map(jax.device_put, random_params(cfg), shardings)
+    params = jax.tree.map(jax.device_put, random_params(rng, cfg), shardings)
     assert params["transformer"]["embedder"]["embedding"].sharding.spec != jax.sharding.PartitionSpec()
     paths.append(save(base / f"w{i}", params, cfg))
   return paths
 
 
 @pytest.mark.parametrize("mesh_shape", [dict(data=2, fsdp=2, tensor=2), dict(fsdp=8)])
-def test_sharded_soup_equals_one_device(sharded_ckpts, mesh_shape):
+def test_sharded_soup_equals_one_device(sharded_ckpts, mesh_shape, rng):
   """Ingredients written on one mesh, souped on 8 devices (another mesh) and on one device."""
   paths = sharded_ckpts
-  w = list(RNG.uniform(0.5, 2.0, 3))
+  w = list(rng.uniform(0.5, 2.0, 3))
   mesh = sharding.make_mesh(mesh_shape)
   sharded, _, _ = soup.soup_params(paths, method="weighted", weights=w, mesh=mesh)
   single, _, _ = soup.soup_params(paths, method="weighted", weights=w, mesh=one_device_mesh())
