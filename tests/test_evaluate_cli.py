@@ -17,7 +17,6 @@ from embed2.inference import Embedder, MissingFrontendError
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.train.checkpoint import Checkpointer
 
-RNG = np.random.default_rng()
 TASK_STRINGS = {"code_search": "task: code retrieval | query: ",  # configs/demo.py's names
                 "stdlib_doc_retrieval": "task: search result | query: "}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,8 +31,9 @@ def random_model(seed):
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory):
-  model = random_model(int(RNG.integers(1 << 30)))
+def ckpt_dir(tmp_path_factory, request, fixture_rng):
+  rng = fixture_rng(request)
+  model = random_model(int(rng.integers(1 << 30)))
   d = tmp_path_factory.mktemp("workdir") / "checkpoints"
   ck = Checkpointer(d)
   ck.save(7, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True,
@@ -65,9 +65,9 @@ def write_beir(folder, docs, queries, qrels):
 WORDS = "alpha beta gamma delta sigma omega kappa lambda theta zeta".split()
 
 
-def perfect_beir(folder, n=12):
+def perfect_beir(rng, folder, n=12):
   """Each query is its document's exact text, so a deterministic embedder ranks it first."""
-  docs = {f"d{i}": (f"title {i}", " ".join(RNG.choice(WORDS, 6))) for i in range(n)}
+  docs = {f"d{i}": (f"title {i}", " ".join(rng.choice(WORDS, 6))) for i in range(n)}
   queries = {f"q{i}": f"title {i} {docs[f'd{i}'][1]}" for i in range(n)}
   queries["q_unjudged"] = "no judgment: left out"
   write_beir(folder, docs, queries, [(f"q{i}", f"d{i}", 1) for i in range(n)])
@@ -93,8 +93,8 @@ def test_demo_queries_get_the_trained_task_strings(embedder):
                  "module_classification": None}
 
 
-def test_suite_evaluator_keeps_its_compiled_embedder(embedder, tmp_path):
-  perfect_beir(tmp_path / "mteb_retrieval" / "SciFact")
+def test_suite_evaluator_keeps_its_compiled_embedder(embedder, tmp_path, rng):
+  perfect_beir(rng, tmp_path / "mteb_retrieval" / "SciFact")
   eval_fn = suites.make_eval_fn("mteb_retrieval", tokenizer=embedder.tokenizer,
                                 task_strings=embedder.task_strings, dims=(16,), data_dir=tmp_path)
   first = eval_fn(embedder.model, 10, "ft")
@@ -106,9 +106,9 @@ def test_suite_evaluator_keeps_its_compiled_embedder(embedder, tmp_path):
   assert "eval/mteb_retrieval/SciFact/ndcg@10/bm25" in first
 
 
-def test_evaluate_main_writes_json_and_table(ckpt_dir, tmp_path, capsys):
-  perfect_beir(tmp_path / "mteb_retrieval" / "NFCorpus")
-  perfect_beir(tmp_path / "mteb_retrieval" / "ArguAna")
+def test_evaluate_main_writes_json_and_table(ckpt_dir, tmp_path, capsys, rng):
+  perfect_beir(rng, tmp_path / "mteb_retrieval" / "NFCorpus")
+  perfect_beir(rng, tmp_path / "mteb_retrieval" / "ArguAna")
   out = tmp_path / "res" / "retrieval.json"
   doc = evaluate.main([f"--checkpoint={ckpt_dir.parent}", "--suite=mteb_retrieval",
                        "--dims=16,64", f"--data_dir={tmp_path}", f"--out={out}", "--no_bm25"])
@@ -128,8 +128,8 @@ def test_evaluate_main_writes_json_and_table(ckpt_dir, tmp_path, capsys):
   assert "mscoco" in capsys.readouterr().out
 
 
-def test_cli_subprocess_on_beir_stand_in(ckpt_dir, tmp_path):
-  perfect_beir(tmp_path / "mteb_code" / "CosQA")
+def test_cli_subprocess_on_beir_stand_in(ckpt_dir, tmp_path, rng):
+  perfect_beir(rng, tmp_path / "mteb_code" / "CosQA")
   out = tmp_path / "code.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
@@ -179,8 +179,8 @@ def test_media_suites_defined_but_need_frontends(tmp_path, embedder):
       suites.evaluate_suite(embedder, suite, data_dir=tmp_path / "nowhere")
 
 
-def test_export_npy_parquet_and_cli(ckpt_dir, tmp_path, embedder):
-  texts = [" ".join(RNG.choice(WORDS, int(RNG.integers(1, 9)))) for _ in range(23)]
+def test_export_npy_parquet_and_cli(ckpt_dir, tmp_path, embedder, rng):
+  texts = [" ".join(rng.choice(WORDS, int(rng.integers(1, 9)))) for _ in range(23)]
   src = tmp_path / "docs.jsonl"
   src.write_text("".join(json.dumps({"id": f"doc{i}", "body": t}) + "\n" + ("\n" if i == 3 else "")
                          for i, t in enumerate(texts)))
