@@ -29,14 +29,6 @@ def _cfg(**kw):
 CFG = _cfg()
 
 
-@pytest.fixture
-def rng():
-  # Fresh inputs every run; the seed is printed (pytest shows it on failure) to replay one.
-  seed = np.random.SeedSequence().entropy % (2**32)
-  print(f"seed={seed}")
-  return np.random.default_rng(seed)
-
-
 def _raises(fn, *needles):
   with pytest.raises(MediaError) as e:
     fn()

@@ -359,8 +359,7 @@ def _ref_tone(freq, duration_s, buzzy, sr=SR):
 
 
 @pytest.mark.parametrize("buzzy", [False, True])
-def test_tones_match_float64_reference(buzzy):
-  rng = np.random.default_rng()
+def test_tones_match_float64_reference(buzzy, rng):
   for _ in range(6):
     # Mixed registers in one call: rows with different harmonic counts K (buzzy: 1..21).
     freqs = rng.uniform(170.0, 3000.0, int(rng.integers(1, 6)))
@@ -373,10 +372,10 @@ def test_tones_match_float64_reference(buzzy):
       np.testing.assert_array_equal(row, mt.tone(f, duration, buzzy=buzzy))  # rows are independent
 
 
-def test_mix_noise_is_rng_normal():
+def test_mix_noise_is_rng_normal(rng):
   """The noise is exactly rng.normal(0, noise, n) (the same draws), the notes are added at their
   onsets, and the clip is clipped to [-1, 1] and float32."""
-  seed = int(np.random.SeedSequence().entropy % 2**32)
+  seed = int(rng.integers(2**32))
   waves = mt.tones([300.0, 900.0], 0.15)
   notes = [(0.01, waves[0]), (0.4, waves[1])]
   noise = float(np.random.default_rng(seed).uniform(0.001, 0.004))
@@ -388,7 +387,7 @@ def test_mix_noise_is_rng_normal():
   np.testing.assert_array_equal(got, np.clip(want, -1.0, 1.0).astype(np.float32))
 
 
-def test_content_ids_are_blake2b_of_header_and_bytes():
+def test_content_ids_are_blake2b_of_header_and_bytes(rng):
   """Ids are stable across versions: blake2b (person "embed2media") of a type-tagged header and the
   array's bytes, as first defined (so eval corpora and logs keep their ids)."""
   import hashlib  # pylint: disable=g-import-not-at-top
@@ -398,7 +397,6 @@ def test_content_ids_are_blake2b_of_header_and_bytes():
     h.update(header.encode() + np.ascontiguousarray(arr).tobytes())
     return int.from_bytes(h.digest(), "little") & 0x7FFFFFFF
 
-  rng = np.random.default_rng()
   pixels = rng.integers(0, 256, (5, 7, 3)).astype(np.uint8)
   samples = rng.standard_normal(301).astype(np.float32)
   assert mt.content_id_of(segments.Image(pixels=pixels)) == ref(f"i{pixels.shape}|u1:", pixels)

@@ -5,6 +5,7 @@ Executing the notebook needs the `notebook` extra (nbclient, ipykernel, matplotl
 test is skipped, the rest run.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -175,7 +176,9 @@ class _FakeEmbedder:
 
   @staticmethod
   def vector(x):
-    v = np.random.default_rng(abs(hash(explore.describe(x, 200))) % 2**32).normal(size=8)
+    # A stable digest: hash() of a str changes with each process (PYTHONHASHSEED).
+    digest = hashlib.blake2b(explore.describe(x, 200).encode(), digest_size=8).digest()
+    v = np.random.default_rng(int.from_bytes(digest, "little")).normal(size=8)
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
