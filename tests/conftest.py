@@ -34,7 +34,7 @@ _SEEDS = pytest.StashKey[dict]()
 
 def stable_seed(name: str) -> int:
   """A 64-bit seed from `name` and $EMBED2_TEST_SEED (unset: ""), the same on every run and machine
-  (blake2b; Python's hash() of a str changes with each process)."""
+  (blake2b; Python's built-in str hash changes with each process)."""
   salt = os.environ.get(SEED_ENV, "")
   return int.from_bytes(hashlib.blake2b(f"{name}|{salt}".encode(), digest_size=8).digest(), "little")
 
