@@ -2,6 +2,7 @@
 
   python -m embed2.main --config=configs/tiny.py --workdir=/tmp/tiny
   python -m embed2.main --config=configs/tiny.py:pft_steps=4,ft_steps=6,every=2 --workdir=/tmp/tiny
+  python -m embed2.main --config=configs/tiny.py:soup --workdir=/tmp/tiny_soup   # + a variant and a soup
 """
 
 from ml_collections import config_dict
@@ -11,7 +12,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   k = common.parse_arg(arg, layers=2, dim=64, seed=0, pft_steps=4, ft_steps=6, every=2, batch=16,
-                       data=-1, fsdp=1, tensor=1, eval="", lr=3e-3)
+                       data=-1, fsdp=1, tensor=1, eval="", lr=3e-3, soup=False)
   c = config_dict.ConfigDict()
   c.seed = k.seed
   c.model = common.model("tiny", num_layers=k.layers, model_dim=k.dim, head_dims=(k.dim,),
@@ -48,6 +49,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.max_consecutive_skips = 3
   c.data_groups = 0  # pack groups of the global batch; 0 = the number of data shards of the mesh
   c.init_from = ""
+  # soup: one fine-tuning variant (another seed and task mix) souped with the main run.
+  c.soup = dict(method="uniform", variants=(
+      dict(name="alt", seed=k.seed + 1, tasks=dict(pairs=0.3, labels=0.7)),) if k.soup else ())
   # Test hooks: steps (0-based count of steps done) whose loss is made NaN, and a step at which the
   # process kills itself (SIGKILL) or asks itself to stop (SIGTERM). Empty / -1 = off.
   c.debug_nan_steps = ()

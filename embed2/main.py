@@ -111,10 +111,12 @@ def run_soup(config, workdir, data, eval_fn) -> dict[str, Any]:
       return {"preempted": True}
     ingredients[name] = vdir / "checkpoints"
   out = workdir / "soup"
-  if not (out / "soup.json").exists():
+  if not (out / soup_lib.SOUP_JSON).exists():
+    # soup.json is written last: without it, a soup checkpoint there is one a kill interrupted. The soup
+    # is a function of the finished ingredients, so it is made again, over whatever was left.
     soup_lib.make_soup([str(p) for p in ingredients.values()], out=str(out),
                        method=config.soup.get("method", "uniform"),
-                       weights=config.soup.get("weights") or None)
+                       weights=config.soup.get("weights") or None, overwrite=True)
   results = {}
   if eval_fn is not None:
     from embed2.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -175,7 +177,9 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=_INIT_TIMEOUT.value)
     run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, trainer.TrainingStopped, distributed.StartupError) as e:
+  except (ValueError, FileNotFoundError, trainer.TrainingStopped, distributed.StartupError) as e:
+    # Errors of the config, the data or the workdir: each message names the field or file and the fix.
+    # (The trainer has already closed its checkpointer: pending saves of good states are committed.)
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

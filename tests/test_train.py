@@ -203,6 +203,16 @@ def test_sampler_frequencies_match_rates_across_resume(data):
     (lambda c: c.tasks.labels.update(source="synthetic_empty"), "task 'labels' has zero training examples"),
     (lambda c: c.stages[0].update(mode="mixed"), "choose 'pft'"),
     (lambda c: c.tasks.labels.update(segments=2), "segments=2 differs from config.model.max_segments=4"),
+    # Regression (issue 16.7): -8 % 8 == 0 passed, and the FT batch failed only after PFT had trained.
+    (lambda c: c.tasks.labels.update(batch_size=-8), r"config.tasks.labels.batch_size=-8 must be a positive"),
+    (lambda c: c.tasks.pairs.update(batch_size=0), r"config.tasks.pairs.batch_size=0 must be a positive"),
+    (lambda c: c.stages[0].batch.update(positive_len=0), r"\.batch.positive_len=0 must be a positive"),
+    (lambda c: c.tasks.pairs.update(num_negatives=-1), "num_negatives=-1 must be a non-negative"),
+    (lambda c: c.tasks.labels.update(query_lenn=64), r"unknown keys 'query_lenn' \(did you mean 'query_len'\?\)"),
+    (lambda c: c.stages[0].batch.update(segmnets=4), r"batch has unknown keys 'segmnets'"),
+    (lambda c: c.stages[1].optim.update(learnig_rate=1e-3), r"optim has unknown keys 'learnig_rate'"),
+    (lambda c: c.stages[1].update(grad_cache=2), r"unknown keys 'grad_cache' \(did you mean 'grad_cache_chunks'"),
+    (lambda c: c.tasks.labels.update(p_drop=1.5), "p_drop=1.5 must be in"),
 ])
 def test_bad_config_is_refused_before_training(tmp_path, mutate, match):
   c = trainer.normalize(config("pft_steps=1,ft_steps=1"))
@@ -211,6 +221,15 @@ def test_bad_config_is_refused_before_training(tmp_path, mutate, match):
   with pytest.raises(ValueError, match=match):
     trainer.train(c, str(tmp_path / "w"), data, )
   assert not (tmp_path / "w").exists()  # nothing was written
+
+
+def test_bad_batch_size_from_the_command_line_writes_nothing(tmp_path):
+  """Regression (issue 16.7), through the CLI: the error names the field, and the workdir stays unmade
+  (before, PFT trained and checkpointed, and the corrected config was then refused as incompatible)."""
+  proc = run_main(tmp_path / "w", "pft_steps=1,ft_steps=1", "--config.tasks.labels.batch_size=-8", check=False)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "error: config.tasks.labels.batch_size=-8 must be a positive integer" in proc.stderr
+  assert not (tmp_path / "w").exists()
 
 
 def test_incompatible_workdir_is_refused_and_untouched(tmp_path, data):

@@ -21,6 +21,7 @@ the streak, is intact). SIGTERM (a preemption notice) saves at the current step 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -46,6 +47,7 @@ from embed2.data import pipeline
 from embed2.data.tokenizer import Tokenizer
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.train import checkpoint as ckpt_lib
+from embed2.train import faults
 from embed2.train import optim
 from embed2.train import step as step_lib
 from embed2.train.metrics_writer import MetricsWriter
@@ -76,36 +78,86 @@ def loss_config(config, task_cfg=None) -> losses.LossConfig:
   return losses.LossConfig(**kw)
 
 
+# Keys of a task's config that are not batch-shape fields.
+_TASK_KEYS = ("source", "task_string", "p_drop", "in_batch_negatives")
+_STAGE_KEYS = ("name", "mode", "steps", "tasks", "batch", "optim", "freeze", "grad_cache_chunks")
+_BATCH_KEYS = tuple(f.name for f in dataclasses.fields(pipeline.BatchSpec))
+
+
+def _refuse_unknown(d: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+  """A misspelt key (`query_lenn`) would silently fall back to a default: refuse it by name."""
+  unknown = sorted(set(dict(d)) - set(allowed))
+  if unknown:
+    hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, allowed, n=1)) else repr(k)
+             for k in unknown]
+    raise ValueError(f"{where} has unknown keys {', '.join(hints)}; known keys: {sorted(allowed)}")
+
+
 def batch_spec(d: Mapping[str, Any], where: str) -> pipeline.BatchSpec:
-  fields = {f.name for f in dataclasses.fields(pipeline.BatchSpec)}
-  kw = {k: v for k, v in dict(d).items() if k in fields}
+  """The BatchSpec of a task's (FT) or a stage's (PFT) config, every field checked."""
+  kw = {k: v for k, v in dict(d).items() if k in _BATCH_KEYS}
   missing = [k for k in ("batch_size", "query_len", "positive_len") if k not in kw]
   if missing:
     raise ValueError(f"{where} lacks {missing}; give the batch shape (batch_size, query_len, positive_len, "
                      "and negative_len/num_negatives for hard negatives)")
-  return pipeline.BatchSpec(**kw)
+  spec = pipeline.BatchSpec(**kw)
+  for name in ("batch_size", "query_len", "positive_len", "segments"):
+    v = getattr(spec, name)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"{where}.{name}={v!r} must be a positive integer")
+  for name in ("negative_len", "num_negatives", "max_misses") + tuple(
+      f"{s}_{m}" for s in ("query", "positive", "negative") for m in ("rows", "images", "audio")) + (
+          "lookahead",):
+    v = getattr(spec, name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
+      raise ValueError(f"{where}.{name}={v!r} must be a non-negative integer"
+                       + (" or None (suggested from a sample)" if name not in (
+                           "negative_len", "num_negatives", "max_misses") else ""))
+  for name in ("query_rows", "positive_rows") + (("negative_rows",) if spec.num_negatives else ()):
+    if getattr(spec, name) == 0:
+      raise ValueError(f"{where}.{name}=0 leaves that side no rows; give a positive count or None")
+  if spec.num_negatives and spec.negative_len < 1:
+    raise ValueError(f"{where}.num_negatives={spec.num_negatives} needs negative_len >= 1 (got "
+                     f"{spec.negative_len}); set the hard negatives' row length")
+  for name in ("rows_slack", "media_slack"):
+    v = getattr(spec, name)
+    if not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v) or v < 1:
+      raise ValueError(f"{where}.{name}={v!r} must be a number >= 1")
+  return spec
 
 
-def optim_config(stage) -> optim.OptimConfig:
+def optim_config(stage, where: str = "config.stages[i]") -> optim.OptimConfig:
   kw = dict(stage.get("optim", {}))
+  _refuse_unknown(kw, [f.name for f in dataclasses.fields(optim.OptimConfig) if f.name != "freeze"],
+                  f"{where}.optim")
   kw["freeze"] = tuple(stage.get("freeze", ()))
   return optim.OptimConfig(**kw)
 
 
 def validate(config, data: Mapping[str, TaskData], num_groups: int) -> None:
-  """Every check that can fail before compilation: unknown tasks, empty tasks, rates, batch shapes."""
+  """Every check that can fail before anything is written or compiled: unknown tasks and keys, empty
+  tasks, rates, every batch shape of every stage and task."""
   ModelConfig.from_dict(config.model.to_dict())
   if not config.stages:
     raise ValueError("config.stages is empty; add at least one stage (see configs/demo.py)")
   names = [s.name for s in config.stages]
   if len(set(names)) != len(names):
     raise ValueError(f"config.stages names must be unique, got {names}")
+  max_segments = ModelConfig.from_dict(config.model.to_dict()).max_segments
+  for name, tc in config.tasks.items():
+    _refuse_unknown(tc, _TASK_KEYS + _BATCH_KEYS, f"config.tasks.{name}")
+    p_drop = tc.get("p_drop", 0.0)
+    if not 0.0 <= float(p_drop) <= 1.0:
+      raise ValueError(f"config.tasks.{name}.p_drop={p_drop} must be in [0, 1]")
   for si, stage in enumerate(config.stages):
     where = f"config.stages[{si}] ({stage.name})"
+    _refuse_unknown(stage, _STAGE_KEYS, where)
     if stage.mode not in ("pft", "ft"):
       raise ValueError(f"{where}.mode={stage.mode!r}; choose 'pft' (mixed batches) or 'ft' (one task a batch)")
     if int(stage.steps) < 1:
       raise ValueError(f"{where}.steps={stage.steps} must be >= 1")
+    if int(stage.get("grad_cache_chunks", 0)) < 0:
+      raise ValueError(f"{where}.grad_cache_chunks={stage.grad_cache_chunks} must be >= 0 (0 = off)")
     if not stage.tasks:
       raise ValueError(f"{where}.tasks is empty; map task names to sampling rates")
     rates = dict(stage.tasks)
@@ -120,9 +172,15 @@ def validate(config, data: Mapping[str, TaskData], num_groups: int) -> None:
                          f"{config.tasks[name].get('source', name)!r} or drop it from {where}.tasks")
     if not any(r > 0 for r in rates.values()):
       raise ValueError(f"{where}.tasks rates are all zero; give at least one task a rate > 0")
+    if stage.mode == "pft":
+      if "batch" not in stage:
+        raise ValueError(f"{where} is a pft stage without a batch; give {where}.batch (batch_size, "
+                         "query_len, positive_len, ...): PFT batches mix tasks in one shape")
+      _refuse_unknown(stage.batch, _BATCH_KEYS, f"{where}.batch")
+    # Every task of the stage, a zero rate included: a rate is the one field a resumed run may not
+    # change, but a bad shape must never surface after a stage has trained.
     specs = ([(f"{where}.batch", stage.batch)] if stage.mode == "pft" else
-             [(f"config.tasks.{n}", config.tasks[n]) for n, r in rates.items() if r > 0])
-    max_segments = ModelConfig.from_dict(config.model.to_dict()).max_segments
+             [(f"config.tasks.{n}", config.tasks[n]) for n in rates])
     for w, d in specs:
       spec = batch_spec(d, w)
       if spec.segments != max_segments:
@@ -132,7 +190,7 @@ def validate(config, data: Mapping[str, TaskData], num_groups: int) -> None:
       if spec.batch_size % num_groups:
         raise ValueError(f"{w}.batch_size={spec.batch_size} is not divisible by the {num_groups} data shards "
                          f"(mesh data x fsdp); use a multiple of {num_groups}")
-    optim_config(stage).validate(where + ".optim")
+    optim_config(stage, where).validate(where + ".optim")
   loss_config(config)
 
 
@@ -346,7 +404,34 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=int(config.checkpoint.every),
                                        keep=config.checkpoint.get("keep", 3),
                                        async_save=bool(config.checkpoint.get("async_save", True)))
+  writer = None
+  try:
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    result = _run_stages(config, workdir, data, mesh, rules, num_groups, tokenizer, checkpointer, writer,
+                         latest, meta, eval_fn=eval_fn, batch_hook=batch_hook)
+  except BaseException:
+    # Pending saves are of good states: let them finish, but never let a failure to close hide the
+    # error that brought us here.
+    _close_quietly(checkpointer, writer)
+    raise
+  checkpointer.close()
+  writer.close()
+  return result
 
+
+def _close_quietly(checkpointer, writer) -> None:
+  for thing in (checkpointer, writer):
+    if thing is None:
+      continue
+    try:
+      thing.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("while stopping on an error, closing %s failed too: %s", type(thing).__name__, e)
+
+
+def _run_stages(config, workdir, data, mesh, rules, num_groups, tokenizer, checkpointer, writer, latest,
+                meta, *, eval_fn, batch_hook) -> TrainResult:
+  """The loop of `train` over the stages, from the resume point (see the module docstring)."""
   trainee = build_trainee(config, mesh, rules)
   if meta is not None:
     ckpt_lib.load_model_params(trainee.model, str(workdir / "checkpoints" / str(latest)))
@@ -359,15 +444,24 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
     if config.get("vision_init_from"):
       init_vision(trainee.model, config.vision_init_from)
 
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
   max_skips = int(config.get("max_consecutive_skips", 5))
   global_step = latest or 0
   start_stage = meta["stage_index"] if meta else 0
   start_stage_step = meta["stage_step"] if meta else 0
   if meta and start_stage_step >= int(config.stages[start_stage].steps):
+    # The checkpoint is a stage's last step. Its export may not have been committed (a kill between the
+    # two commits of a stage end, or a workdir of an older version that saved the checkpoint first):
+    # write it from the restored parameters, which are the ones the stage ended with.
+    export_stage(workdir, config, trainee, config.stages[start_stage].name, latest)
     start_stage, start_stage_step = start_stage + 1, 0
+  for si in range(start_stage if meta else 0):
+    if not _export_step(workdir, config.stages[si].name):
+      logging.warning("the export of finished stage %s (%s) is missing and cannot be rebuilt from the "
+                      "latest checkpoint; a soup variant starting from it will fail",
+                      config.stages[si].name, stage_export_path(workdir, config.stages[si].name))
   skipped_total = int(meta.get("skipped_total", 0)) if meta else 0
   records = _RecordSkips(config, meta)
+  kill = faults.KillSwitch(int(config.get("debug_kill_at_step", -1)))
   preempted = False
   steps_compiled = 0
   last_eval = None
@@ -400,17 +494,11 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
       writer.progress_start(stage.name, stage_step, n_steps)
       t_last, examples_since, tokens_since = time.perf_counter(), 0, 0
       while stage_step < n_steps:
-        if global_step == int(config.get("debug_kill_at_step", -1)):
-          os.kill(os.getpid(), signal.SIGKILL)
+        kill("step", global_step)
         if global_step == int(config.get("debug_sigterm_at_step", -1)):
           os.kill(os.getpid(), signal.SIGTERM)
         host = next(it)
-        try:
-          records.update(host, global_step, stage.name)
-        except TrainingStopped:
-          checkpointer.close()
-          writer.close()
-          raise
+        records.update(host, global_step, stage.name)
         if batch_hook is not None:
           host = batch_hook(global_step, host)
         task_i = int(host["task_index"])
@@ -436,8 +524,6 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
                           consecutive, skipped_total)
           writer.write(global_step, {"skipped_total": skipped_total, "stage": stage.name, "task": task})
           if consecutive >= max_skips:
-            checkpointer.close()
-            writer.close()
             raise TrainingStopped(
                 f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step "
                 f"{global_step}, stage {stage.name}, task {task}); stopping. The last good checkpoint "
@@ -468,11 +554,19 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
           writer.write(global_step, dict(last_eval))
         if jax.process_count() > 1:  # every process must agree to stop at the same step
           preemption.requested = distributed.any_process(preemption.requested)
+        if stage_done:
+          # The export commits before the stage's last checkpoint is saved. A kill between the two leaves
+          # the export and an older checkpoint: the re-run replays to here and finds the export written
+          # (the same bits: resume is exact). The other order is repaired at resume (above).
+          export_stage(workdir, config, trainee, stage.name, global_step)
+          kill("export", global_step)
         if preemption.requested or stage_done or global_step % int(config.checkpoint.every) == 0:
           _save(checkpointer, config, trainee, optimizer, it, si, stage_step, global_step, skipped_total,
                 records)
-        if stage_done:
-          export_stage(workdir, config, trainee, stage.name, global_step)
+          kill("save", global_step)
+          if kill.wants("checkpoint", global_step):
+            checkpointer.wait()
+            kill("checkpoint", global_step)
         if preemption.requested:
           preempted = True
           break
@@ -481,8 +575,6 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
       del state
       if preempted:
         break
-  checkpointer.close()
-  writer.close()
   return TrainResult(global_step=global_step, preempted=preempted, skipped_steps=skipped_total,
                      compiled_steps=steps_compiled, trainee=trainee,
                      last_eval=last_eval if not preempted else None)
@@ -528,12 +620,32 @@ def stage_export_path(workdir, stage_name: str) -> epath.Path:
   return epath.Path(workdir) / "stages" / stage_name
 
 
+def _export_step(workdir, stage_name: str) -> int | None:
+  """The step of stage `stage_name`'s finished export, or None (absent, or only a temporary directory)."""
+  path = stage_export_path(workdir, stage_name)
+  if not distributed.any_process(path.exists()):
+    return None
+  reader = ckpt_lib.Checkpointer(path, read_only=True)
+  step = reader.latest_step()
+  reader.close()
+  return step
+
+
 def export_stage(workdir, config, trainee, stage_name: str, step: int) -> None:
   """Keeps each stage's final parameters in WORKDIR/stages/NAME (outside the retention policy), so a
-  later stage, a fine-tuning variant or a soup can start from them."""
+  later stage, a fine-tuning variant or a soup can start from them.
+
+  Idempotent: an export already committed at `step` is kept. A re-run only gets here again by replaying
+  the same steps from a checkpoint, and resume is exact, so it holds the same bits.
+  """
+  if _export_step(workdir, stage_name) == step:
+    logging.info("stage %s: export at step %d already committed; kept", stage_name, step)
+    return
   ck = ckpt_lib.Checkpointer(stage_export_path(workdir, stage_name), keep=1, async_save=False)
-  ck.save(step, params=model_params(trainee), meta=model_meta(config, step, trainee), force=True)
-  ck.close()
+  try:
+    ck.save(step, params=model_params(trainee), meta=model_meta(config, step, trainee), force=True)
+  finally:
+    ck.close()
 
 
 def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step, global_step,

@@ -1,0 +1,200 @@
+"""A run killed at any instant, and re-run with the same command, ends with the same bits as a run
+that was never interrupted: every checkpoint item, every stage export, the soup variant and the soup.
+
+Kills come from the trainer's test seam (`embed2/train/faults.py`: SIGKILL at a named point, e.g.
+between the two commits of a stage end) and from outside at random instants. Each run is the real
+entry point (`python -m embed2.main`) in a subprocess. More random trials: EMBED2_KILL_TRIALS=10.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from embed2.train import checkpoint as ckpt_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Two stages (PFT ends at step 5, FT at 12), saves every 3 steps, two kept; then the variant "alt"
+# (7 FT steps from the PFT export) and the soup of the two.
+# (The tiny config's other shapes, so the subprocesses share compiled programs with tests/test_train.py.)
+ARG = "pft_steps=5,ft_steps=7,every=3,seed=7"
+FLAGS = ("--config.checkpoint.keep=2",)
+MAIN_RUN = ("checkpoint", "export_pft", "export_ft")  # what a run without the soup leaves
+
+
+def command(workdir, *flags, soup=True):
+  return [sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py:{ARG}" + (",soup" if soup else ""),
+          f"--workdir={workdir}", *FLAGS, *flags]
+
+
+def env(kill_at=""):
+  e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+           PYTHONPATH=REPO)
+  e.pop("EMBED2_KILL_AT", None)
+  if kill_at:
+    e["EMBED2_KILL_AT"] = kill_at
+  return e
+
+
+def run(workdir, *flags, kill_at="", expect_kill=False, soup=True):
+  proc = subprocess.run(command(workdir, *flags, soup=soup), cwd=REPO, env=env(kill_at), capture_output=True,
+                        text=True, timeout=600)
+  if expect_kill:
+    assert proc.returncode == -signal.SIGKILL, (kill_at, proc.returncode, proc.stderr[-3000:])
+  else:
+    assert proc.returncode == 0, (kill_at, proc.returncode, proc.stderr[-3000:])
+  return proc
+
+
+# ------------------------------------------------------------------------------- what must be equal
+
+
+def _numpy_item(path):
+  ck = ocp.PyTreeCheckpointer()
+  md = ck.metadata(path)
+  tree = getattr(md, "item_metadata", md)
+  tree = getattr(tree, "tree", tree)
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ck.restore(path, restore_args=args)
+
+
+def snapshot(directory, workdir):
+  """The latest finished step of a checkpoints directory: {"step", "meta", "params", "train"?} as numpy."""
+  ck = ckpt_lib.Checkpointer(directory, read_only=True)
+  step = ck.latest_step()
+  assert step is not None, f"no finished checkpoint in {directory}"
+  meta = ck.read_meta(step)
+  ck.close()
+  meta.get("soup", {}).pop("created", None)  # the soup record's wall-clock time
+  meta = json.loads(json.dumps(meta).replace(str(workdir), "WORKDIR"))  # the soup's ingredient paths
+  out = {"step": step, "meta": meta}
+  for item in ("params", "train"):
+    if (directory / str(step) / item).exists():
+      out[item] = _numpy_item(directory / str(step) / item)
+  return out
+
+
+def run_state(workdir, names=None):
+  """Everything a finished run leaves that a later run or a user reads, as numpy and JSON."""
+  return {name: snapshot(workdir / rel, workdir) for name, rel in {
+      "checkpoint": "checkpoints", "export_pft": "stages/pft", "export_ft": "stages/ft",
+      "variant": "variants/alt/checkpoints", "variant_export": "variants/alt/stages/ft",
+      "soup": "soup"}.items() if names is None or name in names}
+
+
+def assert_bitwise_equal(got, want):
+  want = {k: v for k, v in want.items() if k in got}
+  assert got.keys() == want.keys()
+  for name in want:
+    g, w = got[name], want[name]
+    assert g["step"] == w["step"], (name, g["step"], w["step"])
+    assert g["meta"] == w["meta"], name  # data-iterator state, loss scalars, counts, ...
+    assert g.keys() == w.keys(), name
+    for item in ("params", "train"):
+      if item in w:
+        gl, gt = jax.tree.flatten(g[item])
+        wl, wt = jax.tree.flatten(w[item])
+        assert gt == wt, (name, item)
+        for a, b in zip(gl, wl):
+          np.testing.assert_array_equal(a, b, err_msg=f"{name}/{item}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run, and how long it took."""
+  workdir = tmp_path_factory.mktemp("reference")
+  t0 = time.perf_counter()
+  run(workdir)
+  return run_state(workdir), time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------- tests
+
+
+def test_stage_end_kill_in_either_commit_order_finishes_exactly(tmp_path, reference):
+  """Regression (issue 16.1): the export of a stage committed without its checkpoint used to make every
+  re-run fail with "Checkpoint for step 5 already exists"; the checkpoint committed without the export
+  used to finish without ever writing stages/pft."""
+  w = tmp_path / "w"
+  run(w, "--config.debug_kill_at_step=6", expect_kill=True, soup=False)
+  # The export of PFT (step 5) committed, its checkpoint not.
+  for p in (w / "checkpoints").iterdir():
+    if p.name.startswith(("5", "6")):
+      shutil.rmtree(p)
+  assert (w / "stages" / "pft" / "5").exists()
+  run(w, "--config.debug_kill_at_step=6", expect_kill=True, soup=False)
+  # Now the other order: the checkpoint at the stage end committed, its export not.
+  for p in (w / "checkpoints").iterdir():
+    if p.name.startswith("6"):
+      shutil.rmtree(p)
+  assert ckpt_lib.Checkpointer(w / "checkpoints", read_only=True).latest_step() == 5
+  shutil.rmtree(w / "stages" / "pft")
+  run(w, soup=False)
+  assert_bitwise_equal(run_state(w, MAIN_RUN), reference[0])
+
+
+def test_kill_at_every_save_point_finishes_exactly(tmp_path, reference):
+  """The seam kills the run at each kind of save point in turn, each re-run going further, through the
+  main run, the soup variant and the soup."""
+  w = tmp_path / "w"
+  # (Mid-stage kills between saves: tests/test_train.py. The stage-end checkpoint without its export:
+  # the test above.)
+  kills = [
+      "save@3",        # a periodic checkpoint half written
+      "export@5",      # stage end: the export committed, the checkpoint not yet saved
+      "checkpoint@9",  # a periodic checkpoint committed, nothing after it
+      "export@12",     # the last stage's end
+  ]
+  for point in kills:
+    run(w, kill_at=point, expect_kill=True)
+  # The main run has finished; the variant (its own steps 1..7) is next.
+  for point in ("checkpoint@6", "export@7"):
+    run(w, kill_at=point, expect_kill=True)
+    assert not (w / "soup" / "soup.json").exists()
+  run(w)
+  assert_bitwise_equal(run_state(w), reference[0])
+  # A soup checkpoint committed without its soup.json (a kill between the two) is made again.
+  (w / "soup" / "soup.json").unlink()
+  run(w)
+  assert (w / "soup" / "soup.json").exists()
+  assert_bitwise_equal(run_state(w), reference[0])
+
+
+def test_kill_9_at_random_instants_finishes_exactly(tmp_path, reference):
+  """kill -9 from outside at random instants (two kills a trial), then a re-run to the end."""
+  want, duration = reference
+  rng = np.random.default_rng(16)
+  trials = int(os.environ.get("EMBED2_KILL_TRIALS", "1"))
+  moments = []
+  for trial in range(trials):
+    w = tmp_path / f"trial{trial}"
+    for _ in range(2):
+      delay = float(rng.uniform(0.15, 0.95)) * duration
+      proc = subprocess.Popen(command(w), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+      try:
+        proc.wait(timeout=delay)
+      except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+      _, err = proc.communicate(timeout=600)
+      assert proc.returncode in (0, -signal.SIGKILL), (proc.returncode, err[-3000:])
+      moments.append(round(delay, 1))
+    run(w)
+    assert_bitwise_equal(run_state(w), want)
+  print(f"killed at {moments} s (the uninterrupted run takes {duration:.1f} s)")
+
+
+def test_kill_switch_spec_is_checked():
+  from embed2.train import faults
+  assert faults.parse("export@5, step@7") == {("export", 5), ("step", 7)}
+  for bad in ("export", "exprot@5", "export@x"):
+    with pytest.raises(ValueError, match="POINT@STEP"):
+      faults.parse(bad)
