@@ -52,6 +52,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval_every = 500
   c.eval_suite = "demo"
   c.max_consecutive_skips = 5
+  # Records skipped (media files missing at build, undecodable in training): at most this share.
+  c.max_skipped_fraction = 0.01
   c.data_groups = 0
   c.soup = dict(method="uniform", variants=[dict(name="seed1", seed=k.seed + 1)])
   return c

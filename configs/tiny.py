@@ -47,6 +47,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval_every = 0
   c.eval_suite = k.eval
   c.max_consecutive_skips = 3
+  # Records skipped (media files missing at build, undecodable in training): at most this share.
+  c.max_skipped_fraction = 0.01
   c.data_groups = 0  # pack groups of the global batch; 0 = the number of data shards of the mesh
   c.init_from = ""
   # soup: one fine-tuning variant (another seed and task mix) souped with the main run.

@@ -63,7 +63,8 @@ AUDIO_EXTS (downloaders keep the source container).
 
 Missing media files: rows whose file is absent are skipped and counted (`.skipped`, logged); more
 than `max_missing_fraction` (default 0.01) of the split's examples missing, or all of them, raises
-FileNotFoundError with the count and the first missing path. `check_files=False` keeps every row
+FileNotFoundError with the count and the first missing path. In training, `embed2.main` passes
+`config.max_skipped_fraction` here: one limit governs the records skipped for any cause. `check_files=False` keeps every row
 unchecked (for a filesystem where listing is slow; the pipeline then skips undecodable records
 itself) and assumes the first naming listed above for each file.
 
@@ -89,6 +90,7 @@ from absl import logging
 import numpy as np
 
 from embed2.data.segments import Audio, Image, Video
+from embed2.data.tokenizer import check_text
 
 DATA_DIR_ENV = "EMBED2_DATA_DIR"  # the same variable embed2.eval.suites reads
 _DEFAULT_DATA_DIR = "~/embed2_data"
@@ -217,6 +219,7 @@ def _collect(name: str, kind: type, source: pathlib.Path, records: Iterable[_Rec
       if not isinstance(c, str):
         raise ValueError(f"{name}: {source} gives {rec.group} the caption {c!r:.80}, which is "
                          "not a string; is this the dataset's caption annotation?")
+      check_text(c, f"{name}: {source}, the caption of {rec.group}")  # a JSON \ud800 escape
       c = normalize_caption(c)
       if c:
         texts.append(c)
@@ -255,7 +258,8 @@ def _collect(name: str, kind: type, source: pathlib.Path, records: Iterable[_Rec
           f"disk ({missing_media} files missing, first: {first_missing}); at most "
           f"max_missing_fraction={max_missing_fraction} may be missing, and not all. Put the files "
           f"where {source} expects them (see data_pipelines/media_datasets.py for the layout) or "
-          "raise max_missing_fraction.")
+          "raise max_missing_fraction (in a training config: config.max_skipped_fraction, the one "
+          "limit on skipped records, missing or undecodable).")
   logging.info("%s: %d examples, %d media files from %s", name, len(captions), len(media_paths),
                source)
   return MediaCaptions(
@@ -288,6 +292,8 @@ def _captions_of(value: Any, where: str) -> tuple[str, ...]:
   if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
       isinstance(c, str) for c in value):
     raise ValueError(f"{where} must be a list of caption strings; got {value!r:.80}")
+  for k, c in enumerate(value):
+    check_text(c, f"{where}[{k}]")
   return tuple(value)
 
 
@@ -323,6 +329,7 @@ def _manifest(path: pathlib.Path, key: str) -> list[_Record]:
       rel = _field(row, key, where)
       if not isinstance(rel, str) or not rel:
         raise ValueError(f"{where}: {key!r} must be a file path string; got {rel!r}")
+      check_text(rel, f"{where} {key!r}")
       file = pathlib.Path(rel)
       full = file if file.is_absolute() else path.parent / file
       records.append(_Record((os.path.normpath(full),), rel,

@@ -36,13 +36,24 @@ TASKS: dict[str, Callable[..., TaskSource]] = {
 }
 
 
-def build_task(name: str, split: str) -> TaskSource:
+def build_task(name: str, split: str, *, max_skipped_fraction: float | None = None) -> TaskSource:
   """Examples of task `name` for `split`.
+
+  Args:
+    name: a key of TASKS.
+    split: "train" or "eval" (real datasets also take their own split names).
+    max_skipped_fraction: for the real datasets (media_datasets.DATASETS), the share of a split's
+      examples whose media file may be missing (skipped and counted); None: the dataset's default.
+      The trainer applies the same limit to records it cannot decode (`config.max_skipped_fraction`).
 
   Raises:
     ValueError: unknown task name (the message lists the known ones) or split.
+    FileNotFoundError: a real dataset's annotations, or more of its media files than allowed, are missing.
   """
   if name not in TASKS:
     raise ValueError(f"task name={name!r} is unknown; known tasks: {sorted(TASKS)}. "
                      "Add a builder to data_pipelines.tasks.TASKS or fix the config's task name.")
-  return TASKS[name](split)
+  builder = TASKS[name]
+  if max_skipped_fraction is not None and builder in media_datasets.DATASETS.values():
+    return builder(split, max_missing_fraction=max_skipped_fraction)
+  return builder(split)

@@ -33,16 +33,24 @@ _INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 120, "Seconds to wait for t
 
 
 def resolve_tasks(config) -> dict[str, trainer.TaskData]:
-  """Task name -> its train/eval examples, from `config.tasks.NAME.source`."""
+  """Task name -> its train/eval examples, from `config.tasks.NAME.source`.
+
+  Real datasets skip (and count) examples whose media file is missing, up to
+  `config.max_skipped_fraction` of a split: the same limit the trainer puts on undecodable records.
+  """
   from data_pipelines import tasks as task_defs  # pylint: disable=g-import-not-at-top
+  max_skipped = float(config.get("max_skipped_fraction", 0.01))
+  if not 0.0 <= max_skipped <= 1.0:
+    raise ValueError(f"config.max_skipped_fraction={max_skipped} must be in [0, 1]")
   data = {}
   for name, tc in config.tasks.items():
     source = tc.get("source", name)
     if source not in task_defs.TASKS:
       raise ValueError(f"config.tasks.{name}.source={source!r} is not a known task; known: "
                        f"{sorted(task_defs.TASKS)}")
-    data[name] = trainer.TaskData(train=task_defs.TASKS[source]("train"),
-                                  eval=task_defs.TASKS[source]("eval"))
+    data[name] = trainer.TaskData(
+        train=task_defs.build_task(source, "train", max_skipped_fraction=max_skipped),
+        eval=task_defs.build_task(source, "eval", max_skipped_fraction=max_skipped))
   return data
 
 

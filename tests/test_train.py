@@ -31,9 +31,9 @@ def data():
   return resolve_tasks(config())
 
 
-def run_main(workdir, arg="", *flags, check=True, env_devices=4):
+def run_main(workdir, arg="", *flags, check=True, env_devices=4, extra_env=None):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **(extra_env or {}))
   cmd = [sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py" + (f":{arg}" if arg else ""),
          f"--workdir={workdir}", *flags]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -229,6 +229,40 @@ def test_bad_batch_size_from_the_command_line_writes_nothing(tmp_path):
   proc = run_main(tmp_path / "w", "pft_steps=1,ft_steps=1", "--config.tasks.labels.batch_size=-8", check=False)
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert "error: config.tasks.labels.batch_size=-8 must be a positive integer" in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def _coco_manifest(root, rng, missing: int):
+  """A generic mscoco manifest (train and test) of 4 PNGs, the first `missing` of them not on disk."""
+  from PIL import Image as PILImage
+  root.mkdir(parents=True)
+  lines = []
+  for i in range(4):
+    if i >= missing:
+      PILImage.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    lines.append(json.dumps({"image": f"{i}.png", "captions": [f"picture number {i}"]}))
+  for split in ("train", "test"):
+    (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_missing_media_files_obey_max_skipped_fraction(tmp_path, monkeypatch, rng):
+  """Regression (issue 16.8): missing media beyond the limit ended in a FileNotFoundError traceback, and
+  the limit could not be set from the config. config.max_skipped_fraction is the one knob."""
+  _coco_manifest(tmp_path / "data" / "mscoco", rng, missing=2)
+  monkeypatch.setenv("EMBED2_DATA_DIR", str(tmp_path / "data"))
+  c = config("pft_steps=1,ft_steps=1")
+  c.tasks.labels.source = "coco_captions"
+  with pytest.raises(FileNotFoundError, match="config.max_skipped_fraction"):
+    resolve_tasks(c)
+  c.max_skipped_fraction = 0.5
+  data = resolve_tasks(c)
+  assert len(data["labels"].train) == 2 and data["labels"].train.skipped == 2
+  assert data["labels"].eval.skipped == 2
+  # Through the CLI: a clear error line, no traceback, nothing written.
+  proc = run_main(tmp_path / "w", "pft_steps=1,ft_steps=1", "--config.tasks.labels.source=coco_captions",
+                  check=False, extra_env={"EMBED2_DATA_DIR": str(tmp_path / "data")})
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "error: coco_captions/train: 2 of 4 examples (50.0%) have no media file" in proc.stderr
   assert not (tmp_path / "w").exists()
 
 
