@@ -1,5 +1,6 @@
 """Tests for embed2.data.tokenizer and embed2.data.train_tokenizer."""
 import io
+import json
 import pickle
 import sysconfig
 
@@ -314,3 +315,150 @@ def test_training_is_deterministic(tmp_path):
 def test_train_rejects_tiny_vocab():
   with pytest.raises(ValueError, match="vocab_size=100"):
     train_tokenizer.train(["a b c"], vocab_size=100)
+
+
+# --- tokenizer.json (HFTokenizer) ---------------------------------------------
+
+
+def _gemma_like_json(*, media=("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+                     frame="<bos> $A <eos>"):
+  """A small tokenizer.json in Gemma's conventions (words "w4".."w49", pad/eos/bos/unk = 0..3), its
+  post-processor framing every text with `frame`, and `media` as added special tokens."""
+  from tokenizers import Tokenizer as TK  # pylint: disable=g-import-not-at-top
+  from tokenizers import AddedToken, models, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
+  vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 50)}}
+  tk = TK(models.WordLevel(vocab, unk_token="<unk>"))
+  tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "<eos>", "<bos>")])
+  if frame:
+    tk.post_processor = processors.TemplateProcessing(single=frame, special_tokens=[("<bos>", 2), ("<eos>", 1)])
+  tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in media])
+  return tk
+
+
+def test_hf_tokenizer_frames_and_special_tokens_follow_the_file(tmp_path):
+  tk = _gemma_like_json()
+  (tmp_path / "tokenizer.json").write_text(tk.to_str())
+  tok = Tokenizer.from_file(tmp_path / "tokenizer.json")
+  assert isinstance(tok, tokenizer_lib.HFTokenizer) and tok.kind == "tokenizers"
+  assert (tok.prefix_ids, tok.suffix_ids) == ((2,), (1,))
+  assert (tok.vocab_size, tok.base_vocab_size) == (53, 50)
+  text = "w5 w6 w7 w99"
+  assert tok.encode(text) == tk.encode(text, add_special_tokens=False).ids == [5, 6, 7, 3]
+  assert tok.encode(text, add_bos=True, add_eos=True) == tk.encode(text).ids == [2, 5, 6, 7, 3, 1]
+  assert tok.encode(text, add_bos=True, add_eos=True, max_length=4) == [2, 5, 6, 1]  # the frame survives
+  assert tok.encode_batch([text, "w4"], add_bos=True) == [[2, 5, 6, 7, 3], [2, 4]]
+  # <soft_token> is Gemma 3's <image_soft_token>; a tokenizer without audio tokens says so.
+  assert tok.special_id(tokenizer_lib.SOFT_TOKEN) == 52 and tok.special_id("<start_of_image>") == 50
+  assert set(tok.special_tokens) == {"<soft_token>", "<start_of_image>", "<end_of_image>"}
+  with pytest.raises(KeyError, match="no '<start_of_audio>' token"):
+    tok.special_id("<start_of_audio>")
+  # The file's decoder (none here: tokens joined by spaces); the frame ids vanish.
+  assert tok.decode([2, 50, 52, 51, 5, 1]) == "<start_of_image> <image_soft_token> <end_of_image> w5"
+  back = pickle.loads(pickle.dumps(tok))
+  assert back.encode(text, add_bos=True) == tok.encode(text, add_bos=True) and back.source == tok.source
+  # Special tokens in user text: matched, as transformers does, unless split_special_tokens is set.
+  assert tok.encode("w5 <start_of_image>") == [5, 50]
+  (tmp_path / "tokenizer_config.json").write_text('{"split_special_tokens": true}')
+  assert Tokenizer.from_file(tmp_path / "tokenizer.json").encode("w5 <start_of_image>") == [5, 3]
+  (tmp_path / "tokenizer_config.json").write_text('{"truncation_side": "left"}')
+  with pytest.raises(ValueError, match="truncation_side='left'"):
+    Tokenizer.from_file(tmp_path / "tokenizer.json")
+  # Any fixed frame works: none at all, or bos only (a Gemma LM's tokenizer).
+  for frame, want in ((None, ((), ())), ("<bos> $A", ((2,), ()))):
+    t = tokenizer_lib.HFTokenizer(_gemma_like_json(frame=frame).to_str())
+    assert (t.prefix_ids, t.suffix_ids) == want
+  with pytest.raises(ValueError, match="not a tokenizers tokenizer.json"):
+    tokenizer_lib.HFTokenizer("{}")
+
+
+def test_encoder_with_a_tokenizer_without_audio_tokens_embeds_text_and_images_only(tmp_path):
+  from embed2.data import interleave, segments  # pylint: disable=g-import-not-at-top
+  from embed2.model import ModelConfig  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.HFTokenizer(_gemma_like_json().to_str(), source="gemma3/tokenizer.json")
+  cfg = ModelConfig.from_name("tiny", vocab_size=64, image_frontend="patch", audio_frontend="conv",
+                              image_size=16, patch_size=8, image_tokens=4)
+  enc = interleave.InputEncoder(tok, cfg)
+  assert enc.encode("w5 w6", max_length=8).tokens.tolist() == [2, 5, 6, 1]
+  e = enc.encode([segments.Image(pixels=np.full((16, 16, 3), 7, np.uint8)), "w9"], max_length=16)
+  assert e.tokens.tolist() == [2, 50, 52, 52, 52, 52, 51, 9, 1] and e.media[0].offset == 2
+  with pytest.raises(segments.MissingFrontendError,
+                     match=r"inputs\[3\]: the tokenizer \(gemma3/tokenizer.json\) has no <start_of_audio>"):
+    enc.encode(segments.Audio(samples=np.ones(1600), sample_rate=16000), max_length=64, where="inputs[3]")
+
+
+def test_sentencepiece_model_as_tokenizer_json_tokenizes_the_same(tok, rng):
+  """The export's conversion (sentencepiece -> tokenizer.json) gives the same ids, framing included."""
+  text, config = tokenizer_lib.sentencepiece_to_hf(tok, model_max_length=77)
+  assert config["split_special_tokens"] and config["model_max_length"] == 77
+  hf = tokenizer_lib.HFTokenizer(text, split_special_tokens=True)
+  assert hf.special_ids == tok.special_ids and (hf.prefix_ids, hf.suffix_ids) == ((2,), (1,))
+  source = "".join(p.read_text(encoding="utf-8") for p in sorted(train_tokenizer.stdlib_files())[:20])
+  texts = list(_TEXTS)
+  for _ in range(300):  # stdlib snippets, cut anywhere
+    a = int(rng.integers(0, len(source) - 300))
+    texts.append(source[a:a + int(rng.integers(1, 300))])
+  pieces = list("ab <>_/\n\t  ▁é世🦜12") + list(SPECIAL_TOKENS) + ["<bos>", "<eos>", "<pad>", "<unk>", "<<"]
+  texts += ["".join(rng.choice(pieces, int(rng.integers(0, 20)))) for _ in range(500)]
+  for _ in range(200):
+    cps = rng.integers(1, 0x30000, size=int(rng.integers(1, 30)))
+    texts.append("".join(chr(c) for c in cps if not 0xD800 <= c <= 0xDFFF))
+  for t in texts:
+    assert hf.encode(t, add_bos=True, add_eos=True) == tok.encode(t, add_bos=True, add_eos=True), t
+  assert hf.decode(hf.encode("Grüße 世界 🦜 <bos>")) == "Grüße 世界 🦜 <bos>"
+
+
+def test_sentencepiece_models_a_tokenizer_json_cannot_reproduce_are_refused(tmp_path):
+  path = _train_tiny(tmp_path, "dummy.model", add_dummy_prefix=True)
+  with pytest.raises(ValueError, match="add_dummy_prefix=true"):
+    tokenizer_lib.sentencepiece_to_hf(Tokenizer.from_file(path))
+
+
+# --- text that is not valid Unicode -------------------------------------------
+
+
+def test_lone_surrogates_are_refused_naming_the_text_and_position(tok):
+  """One policy (`check_text`): a lone surrogate is invalid Unicode, refused with its position."""
+  with pytest.raises(tokenizer_lib.InvalidTextError, match=r"text: character 4 is a lone surrogate \(U\+D800\)"):
+    tok.encode("abc \ud800")
+  with pytest.raises(ValueError, match=r"texts\[1\]: character 0 .*U\+DC80"):
+    tok.encode_batch(["fine", "\udc80x"])
+  hf = tokenizer_lib.HFTokenizer(_gemma_like_json().to_str())
+  with pytest.raises(ValueError, match=r"text: character 3 is a lone surrogate \(U\+DFFF\)"):
+    hf.encode("w5 \udfff")
+  tokenizer_lib.check_text("déjà vu 🦜 \U0010ffff", "ok")  # valid text, astral planes included
+  with pytest.raises(ValueError, match=r"where: character 2 "):
+    tokenizer_lib.check_text("ab\ud83d\ude00"[:3], "where")  # half of a surrogate pair
+
+
+def test_a_record_with_a_lone_surrogate_is_skipped_and_counted(tok):
+  """In training such a record is an unreadable one: skipped and counted in num_skipped, never a
+  crash of the input pipeline."""
+  from embed2.data import pipeline  # pylint: disable=g-import-not-at-top
+  examples = [{"query": f"read file {i}" + (" \ud800" if i % 10 == 3 else ""),
+               "positive": f"open the file number {i}" + (" \udfff" if i % 10 == 7 else ""),
+               "query_id": i, "positive_id": i} for i in range(40)]
+  task = pipeline.TaskSpec(name="txt", examples=examples, task_string="find: ",
+                           batch=pipeline.BatchSpec(batch_size=8, query_len=16, positive_len=16,
+                                                    segments=4))
+  it = pipeline.build_ft_iterator([task], tokenizer=tok, num_groups=2, seed=0)
+  seen = skipped = 0
+  ids = set()
+  for _ in range(10):
+    b = next(it)
+    seen += int(b["num_examples"])
+    skipped += int(b["num_skipped"])
+    ids |= {int(q) for q, ok in zip(b["query_ids"], b["example_valid"]) if ok}
+  assert ids == {i for i in range(40) if i % 10 not in (3, 7)}  # every good record, no bad one
+  assert skipped > 0 and seen > 0
+
+
+def test_a_manifest_caption_with_a_lone_surrogate_names_file_and_line(tmp_path):
+  from data_pipelines import media_datasets  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "mscoco"
+  root.mkdir()
+  # json.dumps writes the lone surrogate as the escape \ud800, as a broken exporter would.
+  lines = [{"image": "a.png", "captions": ["a cat"]}, {"image": "b.png", "captions": ["ok", "dog \ud800"]}]
+  (root / "test.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+  with pytest.raises(ValueError, match=r"test\.jsonl:2 'captions'\[1\]: character 4 is a lone surrogate"):
+    media_datasets.coco_captions("test", root=root, layout="manifest")

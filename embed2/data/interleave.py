@@ -7,7 +7,7 @@
 
 Layout of each item inside the sequence (T = config.model.image_tokens, A(f) = audio_tokens(f)):
 
-  text     its sentencepiece ids
+  text     its token ids (the tokenizer's, see `embed2.data.tokenizer`)
   image    <start_of_image> <soft_token> x T <end_of_image>
   audio    <start_of_audio> (<soft_token> x A(valid frames of chunk c)) for each chunk c <end_of_audio>
   video    <start_of_video> (<timestamp> ids("1.5s") <start_of_image> <soft_token> x T <end_of_image>)
@@ -24,7 +24,13 @@ that fit, an audio item the chunks that fit, each still closed by its end token)
 the first item that did not fit is dropped, and `truncated` says so. Audio longer than
 `max_audio_chunks` chunks is cut to them (a budget, like video frame sampling: `cut`, not
 `truncated`), and the items after it still follow. A plain string encodes exactly as
-`pipeline.Tokenize` does ([bos] + ids + [eos]), so text-only training is unchanged.
+`pipeline.Tokenize` does ([bos] + ids + [eos], or the tokenizer's own frame), so text-only training
+is unchanged.
+
+The boundary tokens are the tokenizer's (`special_id`). A Hugging Face tokenizer.json may lack some
+(Gemma 3's has image tokens, no audio ones): text still encodes, and an item whose tokens are missing
+raises `MissingFrontendError` naming the input. Text items must be valid Unicode
+(`tokenizer.check_text`).
 """
 
 from __future__ import annotations
@@ -37,11 +43,21 @@ import numpy as np
 from embed2.data import media as media_lib
 from embed2.data import segments
 from embed2.data import tokenizer as tok_lib
-from embed2.data.packing import BOS_ID, EOS_ID
 from embed2.model.presets import ModelConfig
 
 IMAGE = "image"
 AUDIO = "audio"
+_BOUNDARY_TOKENS = (tok_lib.START_OF_IMAGE, tok_lib.END_OF_IMAGE, tok_lib.START_OF_AUDIO,
+                    tok_lib.END_OF_AUDIO, tok_lib.START_OF_VIDEO, tok_lib.END_OF_VIDEO,
+                    tok_lib.TIMESTAMP)
+# The tokens each item kind puts in a sequence.
+_NEEDS = {
+    segments.Image: (IMAGE, (tok_lib.SOFT_TOKEN, tok_lib.START_OF_IMAGE, tok_lib.END_OF_IMAGE)),
+    segments.Audio: (AUDIO, (tok_lib.SOFT_TOKEN, tok_lib.START_OF_AUDIO, tok_lib.END_OF_AUDIO)),
+    # A video's audio track also needs the audio tokens (checked when it has one).
+    segments.Video: ("video", (tok_lib.SOFT_TOKEN, tok_lib.START_OF_VIDEO, tok_lib.END_OF_VIDEO,
+                               tok_lib.TIMESTAMP, tok_lib.START_OF_IMAGE, tok_lib.END_OF_IMAGE)),
+}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,12 +132,24 @@ class InputEncoder:
     if sid is None and len(cfg.modalities) > 1:
       raise ValueError("the tokenizer has no special tokens (special_id); multimodal inputs need "
                        "embed2.data.tokenizer.Tokenizer")
-    get = (lambda name: sid(name)) if sid is not None else (lambda name: -1)
-    self.soft_id = get(tok_lib.SOFT_TOKEN)
-    self.ids = {name: get(name) for name in (tok_lib.START_OF_IMAGE, tok_lib.END_OF_IMAGE,
-                                             tok_lib.START_OF_AUDIO, tok_lib.END_OF_AUDIO,
-                                             tok_lib.START_OF_VIDEO, tok_lib.END_OF_VIDEO,
-                                             tok_lib.TIMESTAMP)}
+    self.prefix_ids, self.suffix_ids = tok_lib.framing(tokenizer)
+    # The ids the tokenizer has; a missing one is an error only when an item needs it.
+    self.ids: dict[str, int] = {}
+    for name in (tok_lib.SOFT_TOKEN,) + _BOUNDARY_TOKENS:
+      try:
+        self.ids[name] = sid(name) if sid is not None else -1
+      except KeyError:
+        pass
+    self.soft_id = self.ids.get(tok_lib.SOFT_TOKEN, -1)
+
+  def _need(self, kind: str, names: Sequence[str], where: str) -> None:
+    """Raises `MissingFrontendError` when the tokenizer lacks a token that marks `kind`."""
+    missing = [n for n in names if n not in self.ids]
+    if missing:
+      raise segments.MissingFrontendError(
+          f"{where}: the tokenizer ({getattr(self.tokenizer, 'source', type(self.tokenizer).__name__)}) "
+          f"has no {', '.join(missing)} token, which marks {kind} in a sequence; this model embeds "
+          "text and the modalities its tokenizer can mark")
 
   # ------------------------------------------------------------------------------------ checks
 
@@ -150,14 +178,25 @@ class InputEncoder:
 
     Raises:
       segments.MediaError: an item cannot be decoded (names `where`).
-      segments.MissingFrontendError: the model has no frontend for one of the items.
+      segments.MissingFrontendError: the model has no frontend for one of the items, or its
+        tokenizer no tokens to mark it.
+      tokenizer.InvalidTextError: a text item is not valid Unicode (names `where` and the position).
       TypeError / ValueError: not an input.
     """
     items = segments.items_of(x, where)
     self.check_modalities(items, where)
-    room = max_length - add_bos - add_eos
+    head = self.prefix_ids if add_bos else ()
+    tail = self.suffix_ids if add_eos else ()
+    room = max_length - len(head) - len(tail)
     if room < 1:
       raise ValueError(f"{where}: max_length={max_length} leaves no room after bos/eos")
+    for j, item in enumerate(items):
+      here = where if len(items) == 1 else f"{where}[{j}]"
+      if isinstance(item, (str, segments.Text)):
+        tok_lib.check_text(item if isinstance(item, str) else item.text, here)
+      else:
+        self._need(*_NEEDS[type(item)], here)
+    tok_lib.check_text(task_string, f"{where} (its task string)")
     b = _Builder(room, self.soft_id)
     if task_string:
       b.text(self.tokenizer.encode(task_string))
@@ -172,7 +211,7 @@ class InputEncoder:
       elif isinstance(item, segments.Audio):
         self._audio(b, media_lib.load_audio(item, self.cfg, here))
       elif isinstance(item, segments.Video):
-        self._video(b, media_lib.load_video(item, self.cfg, here))
+        self._video(b, media_lib.load_video(item, self.cfg, here), here)
     if b.truncated and not b.media and not any(
         isinstance(i, (str, segments.Text)) for i in items[:1]):
       kind = segments.MODALITY[type(items[0])]
@@ -180,13 +219,10 @@ class InputEncoder:
           f"{where}: max_length={max_length} cannot hold even its first {kind} ({self.min_tokens(kind)} "
           f"tokens with bos / eos and boundary tokens{', after the task string' if task_string else ''}); "
           "raise the side's length (query_len / positive_len / negative_len) or lower image_tokens")
-    body = np.asarray(b.ids, np.int32)
-    parts = ([np.array([BOS_ID], np.int32)] if add_bos else []) + [body] + (
-        [np.array([EOS_ID], np.int32)] if add_eos else [])
-    toks = np.concatenate(parts)
+    toks = np.asarray(list(head) + b.ids + list(tail), np.int32)
     if toks.size == 0:
       raise ValueError(f"{where}: the input encoded to no tokens; keep add_bos or add_eos on")
-    shift = int(add_bos)
+    shift = len(head)
     media = tuple(dataclasses.replace(m, offset=m.offset + shift) for m in b.media)
     return Encoded(tokens=toks, media=media, truncated=b.truncated, cut=b.cut)
 
@@ -219,11 +255,14 @@ class InputEncoder:
   def min_tokens(self, kind: str) -> int:
     """Tokens the smallest input of one item of `kind` takes, bos and eos included."""
     stamp = 1 + len(self.tokenizer.encode("0.0s"))
-    return 2 + {"image": self.cfg.image_tokens + 2, "audio": 3,
-                "video": stamp + self.cfg.image_tokens + 4}[kind]
+    frame = len(self.prefix_ids) + len(self.suffix_ids)
+    return frame + {"image": self.cfg.image_tokens + 2, "audio": 3,
+                    "video": stamp + self.cfg.image_tokens + 4}[kind]
 
-  def _video(self, b: _Builder, clip) -> None:
-    if b.free < self.min_tokens("video") - 2:
+  def _video(self, b: _Builder, clip, where: str) -> None:
+    if clip.audio is not None:
+      self._need(AUDIO, _NEEDS[segments.Audio][1], f"{where} (its audio track)")
+    if b.free < self.min_tokens("video") - len(self.prefix_ids) - len(self.suffix_ids):
       b.truncated = True
       return
     b.ids.append(self.ids[tok_lib.START_OF_VIDEO])

@@ -11,10 +11,12 @@ Data flow for one task (all lazy grain MapDatasets, random access):
   examples (list / any __len__+__getitem__ / grain MapDataset)
     EpochShuffleMapDataset(seed_t)   repeated, a new permutation every epoch
     .random_map(PrependTaskString)   task string kept with prob 1 - p_drop
-    .map(Tokenize) x 3 sides         [bos] + ids + [eos], truncated to the side's L;
-                                     media / interleaved sides through an
+    .map(Tokenize) x 3 sides         [bos] + ids + [eos] (the tokenizer's frame),
+                                     truncated to the side's L; media /
+                                     interleaved sides through an
                                      `interleave.InputEncoder` (decode, soft-token
-                                     placeholders); an undecodable record is
+                                     placeholders); an undecodable record (bad
+                                     media, or text that is not valid Unicode) is
                                      marked skipped, counted by the packer
     [g::G]                           group g's share of the stream
     (PFT: MapDataset.mix over tasks with the rates, per group)
@@ -54,7 +56,8 @@ from absl import logging
 
 from embed2.data import packing
 from embed2.data import segments
-from embed2.data.packing import BOS_ID, EOS_ID, GroupShape, SideShape
+from embed2.data import tokenizer as tok_lib
+from embed2.data.packing import GroupShape, SideShape
 
 STATE_VERSION = 1
 # Examples tokenized to suggest rows when a BatchSpec leaves them unset (a task
@@ -111,7 +114,9 @@ class PrependTaskString(grain.transforms.RandomMap):
 class Tokenize(grain.transforms.Map):
   """Tokenizes one side: [bos] + ids + [eos], truncated to max_length.
 
-  A truncated sequence keeps its bos and eos and loses ids from the end.
+  bos / eos are the tokenizer's frame (`tokenizer.framing`: Gemma's bos and eos for a
+  sentencepiece model, what a tokenizer.json's post-processor puts around a text).
+  A truncated sequence keeps its frame and loses ids from the end.
 
   Reads `in_key`: an input (a str; with an `encoder`, also an item or a list of
   items, see `embed2.data.interleave`), or a list of inputs when `max_items` is set
@@ -123,9 +128,11 @@ class Tokenize(grain.transforms.Map):
   input (a str, `Text`, or a list of them) is one text; a media input's task
   string comes from `{in_key}_task_string` (see PrependTaskString).
 
-  A media input that cannot be decoded (`media.MediaError`) does not stop the
-  pipeline: the element is marked `packing.SKIPPED` (with the reason) and the
-  packer counts and drops it; later transforms pass a marked element through.
+  A media input that cannot be decoded (`media.MediaError`), or text that is
+  not valid Unicode (`tokenizer.InvalidTextError`: a lone surrogate), does not
+  stop the pipeline: the element is marked `packing.SKIPPED` (with the reason)
+  and the packer counts and drops it; later transforms pass a marked element
+  through.
   """
 
   tokenizer: Any
@@ -147,7 +154,13 @@ class Tokenize(grain.transforms.Map):
           f"{1 + self.add_bos + self.add_eos}.")
 
   def _one(self, text: str) -> tuple[np.ndarray, bool]:
-    room = self.max_length - self.add_bos - self.add_eos
+    prefix, suffix = tok_lib.framing(self.tokenizer)
+    head = prefix if self.add_bos else ()
+    tail = suffix if self.add_eos else ()
+    room = self.max_length - len(head) - len(tail)
+    if room < 1:
+      raise ValueError(f"{self.in_key}: max_length={self.max_length} leaves no room for text after "
+                       f"the tokenizer's frame {head} ... {tail}")
     cut = (room + 1) * _CHARS_PER_TOKEN_CUT
     ids = None
     if len(text) > cut:
@@ -157,10 +170,7 @@ class Tokenize(grain.transforms.Map):
     if ids is None:
       ids = self.tokenizer.encode(text)
     truncated = len(ids) > room
-    body = np.asarray(ids[:room], np.int32)
-    parts = ([np.array([BOS_ID], np.int32)] if self.add_bos else []) + [body] + (
-        [np.array([EOS_ID], np.int32)] if self.add_eos else [])
-    toks = np.concatenate(parts)
+    toks = np.asarray(list(head) + list(ids[:room]) + list(tail), np.int32)
     if toks.size == 0:
       raise ValueError(f"{self.in_key}: empty text tokenized to no tokens; keep "
                        "add_bos or add_eos on.")
@@ -173,10 +183,13 @@ class Tokenize(grain.transforms.Map):
 
     Raises:
       segments.MediaError: bad media (the message names `where`).
+      tokenizer.InvalidTextError: text that is not valid Unicode (names `where` and the position).
     """
     text = x if isinstance(x, str) else segments.as_text(x, where)
     if text is not None:
-      toks, trunc = self._one(task_string + text)
+      text = task_string + text
+      tok_lib.check_text(text, where)
+      toks, trunc = self._one(text)
       return toks, trunc, (), False
     if self.encoder is None:
       raise TypeError(f"{where} holds media, not only text; multimodal tasks need an input encoder "
@@ -208,7 +221,7 @@ class Tokenize(grain.transforms.Map):
         out[self.truncated_key] = sum(int(e[1] or e[3]) for e in encoded)
         if any(e[2] for e in encoded):
           out[media_key] = [e[2] for e in encoded]
-    except segments.MediaError as e:
+    except (segments.MediaError, tok_lib.InvalidTextError) as e:
       _log_skip(e)
       return {packing.SKIPPED: str(e), "query_id": element.get("query_id", -1)}
     return out
@@ -222,7 +235,7 @@ def _log_skip(err) -> None:
   n = _skips_logged[0]
   _skips_logged[0] += 1
   if n < 20 or n % 100 == 0:
-    logging.warning("skipping an undecodable record (%d so far in this process): %s", n + 1, err)
+    logging.warning("skipping an unreadable record (%d so far in this process): %s", n + 1, err)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -821,7 +834,8 @@ def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
   Args:
     tasks: the stage's tasks; each needs `batch` (its own shape). Tasks with rate
       0 are never sampled (and build nothing).
-    tokenizer: `encode(text) -> list[int]` (pad 0, eos 1, bos 2).
+    tokenizer: an `embed2.data.tokenizer.Tokenizer`, or anything with `encode(text) -> list[int]`
+      (framed with its `prefix_ids` / `suffix_ids`, else Gemma's bos 2 ... eos 1).
     num_groups: G, data shards of the global batch (devices along the batch axes).
     seed: stage seed (shuffles, task-string drops, task sampling).
     process_index: this process (jax.process_index()).
