@@ -12,7 +12,22 @@ interleaved input. They are encoded by the training pipeline's own transforms
 in a training batch, and the embedding equals the train step's for the same input and task string.
 A modality the model has no frontend for raises `MissingFrontendError`; media that cannot be read
 (corrupt or truncated bytes, an unsupported format, empty or NaN audio, a video without frames, an
-image over `config.model.max_image_pixels`) raises `MediaError` naming the input (`inputs[i]`).
+image over `config.model.max_image_pixels`) raises `MediaError` naming the input (`inputs[i]`); text
+that is not valid Unicode (a lone surrogate) raises `InvalidTextError` (a ValueError) naming the input
+and the character position.
+
+Tokenizer: always the checkpoint's own (`tokenizer.checkpoint_tokenizer`): the file its meta names,
+the packaged default only for runs trained on it, and an error when an import carries none or the
+file is gone; embed2 never embeds a checkpoint with another tokenizer.
+
+Task strings and prompts, two conventions by where the checkpoint came from:
+- embed2-trained (meta `task_strings`): `task=NAME` prepends that task's string to queries, as
+  training does; documents get none.
+- imported from sentence-transformers (meta `prompts`, from config_sentence_transformers.json): as
+  `SentenceTransformer.encode_query` / `encode_document` do, queries get the "query" prompt and
+  documents the "document" prompt by default, and `task=NAME` applies prompt NAME to either side
+  (sentence-transformers' `prompt_name`). Its `max_seq_length` is the default `max_length`.
+`prefix=` is a literal string for either side under both.
 
 Media rows: every input is one row, with its own image / audio-chunk slots (the most any input of the
 batch holds, rounded up to a power of two so few shapes compile); the frontends run slot by slot, so
@@ -48,7 +63,8 @@ from embed2.data import packing
 from embed2.data import pipeline
 from embed2.data import segments
 from embed2.data.segments import Audio, Image, MediaError, MissingFrontendError, Text, Video
-from embed2.data.tokenizer import Tokenizer
+from embed2.data import tokenizer as tok_lib
+from embed2.data.tokenizer import InvalidTextError, Tokenizer  # pylint: disable=unused-import
 from embed2.eval import metrics
 from embed2.eval.retrieval import truncate  # re-exported: the public MRL cut
 from embed2.model import EmbeddingModel, ModelConfig
@@ -132,6 +148,11 @@ class Embedder:
       training sees the current weights (in-training evaluation).
     tokenizer: the tokenizer the model was trained with.
     task_strings: {task name: task string prepended to queries}, as in the checkpoint's meta.
+    prompts: sentence-transformers prompts ({name: prompt}); when given (an imported
+      sentence-transformers model), queries get prompts["query"] and documents prompts["document"]
+      by default, and `task` names a prompt for either side (see the module docstring).
+    default_prompt_name: the model's default prompt name, kept for export (sentence-transformers
+      applies it only in plain `encode`, which has no counterpart here).
     max_length: tokens per input at most ([bos] + text + [eos]); default the model's max_length.
     batch_size: inputs per compiled call (rounded up to a multiple of the mesh's batch shards).
     buckets: padded lengths to compile for; default 32, 64, ..., max_length. Buckets above
@@ -142,15 +163,22 @@ class Embedder:
   """
 
   def __init__(self, model: EmbeddingModel, tokenizer: Tokenizer, *,
-               task_strings: dict[str, str] | None = None, max_length: int | None = None,
+               task_strings: dict[str, str] | None = None, prompts: dict[str, str] | None = None,
+               default_prompt_name: str | None = None, max_length: int | None = None,
                batch_size: int = 32, buckets: Sequence[int] | None = None,
                mesh: jax.sharding.Mesh | None = None, on_overflow: str = "truncate"):
     cfg: ModelConfig = model.cfg
     self.model = model
     self.tokenizer = tokenizer
     self.task_strings = dict(task_strings or {})
-    if tokenizer.vocab_size > cfg.vocab_size:
-      raise ValueError(f"tokenizer has vocab_size={tokenizer.vocab_size} but the model only "
+    self.prompts = None if prompts is None else dict(prompts)
+    self.default_prompt_name = default_prompt_name
+    for name, text in {**self.task_strings, **(self.prompts or {})}.items():
+      tok_lib.check_text(text, f"task string / prompt {name!r}")
+    # Added tokens past the model's rows (Gemma 3's <image_soft_token>) are checked per input.
+    base_vocab = getattr(tokenizer, "base_vocab_size", tokenizer.vocab_size)
+    if base_vocab > cfg.vocab_size:
+      raise ValueError(f"tokenizer has vocab_size={base_vocab} but the model only "
                        f"{cfg.vocab_size} ids; load the tokenizer the model was trained with")
     self.max_length = int(max_length if max_length is not None else cfg.max_length)
     if not 3 <= self.max_length <= cfg.max_length:
@@ -226,6 +254,12 @@ class Embedder:
       dtype: compute dtype override ("float32" / "bfloat16"); parameters stay float32.
       rules: logical-axis rules; default `sharding.DEFAULT_RULES`.
       **kwargs: the constructor's keyword arguments (max_length, batch_size, buckets, on_overflow).
+
+    The tokenizer is the checkpoint's own (`tokenizer.checkpoint_tokenizer`); an imported
+    sentence-transformers model brings its prompts and its max_seq_length (the default max_length).
+
+    Raises:
+      ValueError / FileNotFoundError: the checkpoint names no tokenizer, or its tokenizer is missing.
     """
     from embed2.train import checkpoint as ckpt_lib  # only this entry point needs orbax
 
@@ -235,6 +269,7 @@ class Embedder:
       raise ValueError(f"checkpoint {directory}/{step} has no model_config in its meta; it was not "
                        "written by embed2's trainer, soup or import")
     cfg = ModelConfig.from_dict(meta["model_config"])
+    tokenizer = tok_lib.checkpoint_tokenizer(meta, directory)  # before any restore: fail fast
     if dtype is not None:
       cfg = cfg.replace(dtype=dtype)
     mesh = mesh if mesh is not None else sharding.make_mesh()
@@ -253,10 +288,12 @@ class Embedder:
         nnx.state(model)) if not isinstance(x, jax.Array)]
     if unfilled:
       raise ValueError(f"checkpoint {directory}/{step} did not provide {unfilled}")
-    tok_path = meta.get("tokenizer") or ""
-    tokenizer = Tokenizer.from_file(tok_path) if tok_path else Tokenizer.default()
-    logging.info("Embedder: loaded step %d from %s", step, directory)
-    return cls(model, tokenizer, task_strings=meta.get("task_strings") or {}, mesh=mesh, **kwargs)
+    if meta.get("max_seq_length"):
+      kwargs.setdefault("max_length", min(int(meta["max_seq_length"]), cfg.max_length))
+    logging.info("Embedder: loaded step %d from %s (tokenizer %s)", step, directory, tokenizer.source)
+    return cls(model, tokenizer, task_strings=meta.get("task_strings") or {},
+               prompts=meta.get("prompts"), default_prompt_name=meta.get("default_prompt_name"),
+               mesh=mesh, **kwargs)
 
   # -------------------------------------------------------------------------------- tokenize
 
@@ -264,7 +301,21 @@ class Embedder:
     if task is not None and prefix is not None:
       raise ValueError("give either task (a task name) or prefix (a literal string), not both")
     if prefix is not None:
+      if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be str, got {type(prefix).__name__}")
+      tok_lib.check_text(prefix, "prefix")
       return prefix  # asked for explicitly: applied to queries and documents alike
+    if self.prompts is not None:
+      # sentence-transformers 6: encode_query uses prompts["query"], encode_document
+      # prompts["document"] (both "" when the model has none, which also keeps
+      # default_prompt_name out), and prompt_name picks any prompt for either side.
+      if task is None:
+        return self.prompts.get("query" if is_query else "document", "")
+      if task not in self.prompts:
+        raise ValueError(f"task={task!r} is not a prompt of this model; its prompts: "
+                         f"{sorted(self.prompts)} (or pass task=None for the default query / "
+                         "document prompt)")
+      return self.prompts[task]
     if task is None or not is_query:
       return ""  # task strings are prepended to queries only, as in training
     if task not in self.task_strings:
@@ -280,12 +331,18 @@ class Embedder:
       TypeError: inputs is not a list, or holds an unsupported type.
       MissingFrontendError: an input needs a frontend this model lacks.
       MediaError: a media item cannot be read (the message names `inputs[i]`).
+      InvalidTextError: text that is not valid Unicode (names `inputs[i]` and the position).
       ValueError: an unknown task, or an input too long under on_overflow="error".
     """
     if isinstance(inputs, (str, Text, Image, Audio, Video)) or not isinstance(inputs, Sequence):
       raise TypeError(f"inputs must be a list of inputs, got {type(inputs).__name__}; wrap a single "
                       "input in a list: embed([x])")
     for i, x in enumerate(inputs):
+      items = segments.items_of(x, f"inputs[{i}]")
+      for j, item in enumerate(items):
+        if isinstance(item, (str, Text)):
+          tok_lib.check_text(item if isinstance(item, str) else item.text,
+                             f"inputs[{i}]" if len(items) == 1 else f"inputs[{i}][{j}]")
       if segments.as_text(x, f"inputs[{i}]") is None:
         self.encoder.check_modalities(x, f"inputs[{i}]")
     task_string = self._prefix(task, prefix, is_query)
@@ -350,6 +407,15 @@ class Embedder:
     if lengths.max() > self.max_length or lengths.min() < 1:
       raise ValueError(f"token sequences must have 1..max_length={self.max_length} ids; got lengths "
                        f"{lengths.min()}..{lengths.max()}")
+    vocab = self.config.vocab_size
+    for i, e in enumerate(encoded):  # inside jit an id past the table would be clamped silently
+      t = np.asarray(e.tokens)
+      if t.min() < 0 or t.max() >= vocab:
+        bad = int(t.max()) if t.max() >= vocab else int(t.min())
+        piece = self.tokenizer.id_to_piece(bad) if 0 <= bad < self.tokenizer.vocab_size else "?"
+        raise ValueError(f"inputs[{i}]: token id {bad} ({piece!r}) is outside the model's vocabulary "
+                         f"[0, {vocab}); the tokenizer holds ids (e.g. added tokens) the model has no "
+                         "rows for")
     # Similar lengths and media counts share a batch: little padding, few media slots per row.
     n_img = np.asarray([packing.slot_bucket(e.count(interleave.IMAGE)) for e in encoded])
     n_aud = np.asarray([packing.slot_bucket(e.count(interleave.AUDIO)) for e in encoded])

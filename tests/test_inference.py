@@ -10,8 +10,9 @@ from flax import nnx
 
 from embed2 import inference
 from embed2.data import packing, pipeline
+from embed2.data import tokenizer as tokenizer_lib
 from embed2.data.tokenizer import Tokenizer
-from embed2.inference import Audio, Embedder, Image, MissingFrontendError, Text, Video
+from embed2.inference import Audio, Embedder, Image, InvalidTextError, MissingFrontendError, Text, Video
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.train.checkpoint import Checkpointer
 
@@ -199,3 +200,49 @@ def test_search_sharded_and_local(embedder, rng):
     np.testing.assert_allclose(s, np.take_along_axis(q @ c.T, ref, axis=1), atol=1e-5)
   with pytest.raises(ValueError, match="same d"):
     inference.search(q, c[:, :16], 3)
+
+
+def test_lone_surrogates_are_refused_naming_the_input(local_embedder):
+  """Text that is not valid Unicode is a ValueError naming inputs[i] and the character position (it
+  used to be sentencepiece's RuntimeError, naming nothing)."""
+  e = local_embedder
+  with pytest.raises(InvalidTextError, match=r"inputs\[1\]: character 4 is a lone surrogate \(U\+D800\)"):
+    e.embed(["fine", "abc \ud800 def"])
+  with pytest.raises(ValueError, match=r"inputs\[0\]\[1\]: character 1 is a lone surrogate \(U\+DFFF\)"):
+    e.embed([["read a ", Text(text="x\udfff")]], is_query=False)
+  with pytest.raises(ValueError, match=r"prefix: character 2 is a lone surrogate"):
+    e.embed(["fine"], prefix="p:\udc80")
+  with pytest.raises(ValueError, match=r"inputs\[0\]: character 0"):
+    e.tokenize(["\ud83d"])  # half of an emoji's surrogate pair
+  assert np.isfinite(e.embed(["fine", "déjà vu 🦜"])).all()
+
+
+def _save(directory, model, meta):
+  ck = Checkpointer(directory, keep=None, async_save=False)
+  ck.save(1, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True,
+          meta={"model_config": model.cfg.to_dict(), **meta})
+  ck.close()
+  return directory
+
+
+def test_from_checkpoint_embeds_only_with_the_checkpoints_own_tokenizer(local_embedder, tmp_path):
+  """No fallback to the packaged tokenizer: a checkpoint names its tokenizer, or is refused."""
+  model = local_embedder.model
+  source = {"hf_dir": "/models/x", "format": "sentence-transformers"}
+  with pytest.raises(ValueError, match="names no tokenizer"):
+    Embedder.from_checkpoint(_save(tmp_path / "none", model, {}))
+  with pytest.raises(ValueError, match="imported from /models/x without its tokenizer.*re-import"):
+    Embedder.from_checkpoint(_save(tmp_path / "old_import", model, {"tokenizer": "", "source": source}))
+  gone = str(tmp_path / "gone" / "tokenizer.model")
+  with pytest.raises(FileNotFoundError, match="gone/tokenizer.model, which is missing"):
+    Embedder.from_checkpoint(_save(tmp_path / "trained", model, {"tokenizer": gone}))
+  # An import carries its copy: moved elsewhere, the copy beside its checkpoint is the one used.
+  moved = _save(tmp_path / "moved", model, {"tokenizer": gone, "source": source})
+  (moved / "tokenizer.model").write_bytes(tokenizer_lib.DEFAULT_MODEL_PATH.read_bytes())
+  emb = Embedder.from_checkpoint(moved, mesh=None, batch_size=4, buckets=(16, 32, 64), max_length=64)
+  assert emb.tokenizer.source == str(moved / "tokenizer.model")
+  np.testing.assert_allclose(emb.embed(["read a tar file"]), local_embedder.embed(["read a tar file"]),
+                             atol=1e-6)
+  # A run on the packaged tokenizer says so with "" (what the trainer writes).
+  assert Embedder.from_checkpoint(_save(tmp_path / "run", model, {"tokenizer": ""}),
+                                  batch_size=4).tokenizer.source == str(tokenizer_lib.DEFAULT_MODEL_PATH)
