@@ -11,7 +11,7 @@ Import (safetensors -> an embed2 parameters-only checkpoint that `config.init_fr
 Export (the text encoder of an embed2 checkpoint -> a sentence-transformers folder):
 
   python -m embed2.convert --to_safetensors --ckpt=WORKDIR/stages/ft --out=/ckpt/st/my-model \
-      [--hf_tokenizer=/ckpt/hf/embeddinggemma-300m] [--dtype=bfloat16]
+      [--dtype=bfloat16] [--hf_tokenizer=DIR]
 
 `--hf_dir` holds either
   * a transformers folder (config.json + *.safetensors, sharded or not) of Gemma3TextModel,
@@ -19,16 +19,30 @@ Export (the text encoder of an embed2 checkpoint -> a sentence-transformers fold
     (the language model, the SigLIP vision tower and the multimodal projector); or
   * a sentence-transformers folder (modules.json), like EmbeddingGemma: the Gemma3TextModel backbone,
     mean Pooling, bias-free Dense layers with identity activation (-> config.model.head_dims),
-    Normalize. Its prompts (config_sentence_transformers.json) become the checkpoint's task strings.
-  A Gemma `tokenizer.model` beside config.json is copied to OUT/tokenizer.model.
+    Normalize. Its prompts and default_prompt_name (config_sentence_transformers.json) and the length
+    it cuts inputs at (sentence_bert_config.json's max_seq_length, else the tokenizer's
+    model_max_length capped at max_position_embeddings) go into the meta; `Embedder` applies them as
+    sentence-transformers does (the "query" prompt to queries, "document" to documents).
+
+The tokenizer. An import carries the source's own tokenizer, or is refused (a folder without one,
+or one embed2 cannot reproduce). A tokenizer.json (what current transformers / sentence-transformers
+save), and any tokenizer of a sentence-transformers folder, is loaded with transformers'
+AutoTokenizer as sentence-transformers would load it; the resolved `tokenizers` file is written to
+OUT/tokenizer.json and embed2's `HFTokenizer` must give AutoTokenizer's ids on probe texts and the
+prompts (this needs transformers at import time; embedding needs only `tokenizers`). A transformers
+folder with only a sentencepiece tokenizer.model keeps it (`SentencePieceTokenizer`: embed2's
+[bos] ... [eos] framing and modality tokens, as training on it uses).
 
 `--out` receives
   OUT/0/{params,meta}   the text model as `EmbeddingModel` parameters; meta holds model_config,
-                        tokenizer (absolute path of OUT/tokenizer.model, or "" when the source had none),
-                        task_strings, and source (where it came from, which tensors were ignored)
+                        tokenizer (absolute path of OUT/tokenizer.json or OUT/tokenizer.model; a moved
+                        OUT is found by name), tokenizer_kind, task_strings, for sentence-transformers
+                        sources prompts, default_prompt_name and max_seq_length, and source (where it
+                        came from, which tensors were ignored)
   OUT/vision/0/...      multimodal sources only: `embed2.model.vision.VisionEncoder` parameters and
                         meta.vision_config; load with `load_vision_params`
-  OUT/tokenizer.model   when the source had one
+  OUT/tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model
+                        the source's tokenizer files (those it has)
 
 Layouts. HF Linear weights are (out, in); ours are (in, out), with heads split out:
   q_proj (H*hd, D) -> attn.q (D, H, hd)      k_proj / v_proj (K*hd, D) -> attn.k / attn.v (D, K, hd)
@@ -61,9 +75,15 @@ headers before any output is written; a clear error names each missing, unexpect
 The output is built in a temporary sibling directory and renamed into place only when complete, so a
 failed run leaves no partial --out behind.
 
-The tokenizer of an export is the user's: pass `--hf_tokenizer=DIR` to copy the Hugging Face tokenizer
-files (tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model) of the model you
-started from, or copy them into OUT yourself; `SentenceTransformer(OUT)` needs them to tokenize.
+The tokenizer of an export is the checkpoint's own (`tokenizer.checkpoint_tokenizer`; a checkpoint
+that names none, or whose file is gone, is refused): an imported model's files as imported, a
+sentencepiece one (the packaged default, Gemma's tokenizer.model) converted to an equivalent
+tokenizer.json (`tokenizer.sentencepiece_to_hf`). `--hf_tokenizer=DIR` writes DIR's files instead.
+Either way the written files are loaded as sentence-transformers loads them and must give the
+checkpoint tokenizer's ids on probe texts and the prompts before anything is written. The export's
+max_seq_length is an imported model's own, else the model's max_length; its prompts an imported
+model's own, else the checkpoint's task strings (which `SentenceTransformer.encode_query(...,
+prompt_name=TASK)` applies as `Embedder.embed(..., task=TASK)` does).
 """
 
 from __future__ import annotations
@@ -87,6 +107,7 @@ from absl import logging
 from flax import nnx
 
 from embed2 import sharding
+from embed2.data import tokenizer as tok_lib
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.model.presets import PRESETS
 from embed2.model.vision import VisionConfig, VisionEncoder
@@ -553,8 +574,30 @@ class Source:
   vision: list[Entry]
   tensors: dict[str, TensorInfo]
   ignored: list[str]
-  tokenizer: Path | None
+  tokenizer: "SourceTokenizer"
   prompts: dict[str, str]
+  default_prompt_name: str | None = None
+  max_seq_length: int | None = None  # sentence-transformers folders: what it truncates inputs at
+
+
+@dataclasses.dataclass
+class SourceTokenizer:
+  """The source's tokenizer, read and checked before anything is written.
+
+  kind "tokenizers": `json` is the tokenizer.json as transformers resolves the folder (its
+  tokenizer class may rebuild parts of the file), `config` the tokenizer_config.json to write beside
+  it; kind "sentencepiece": a tokenizer.model, used by `SentencePieceTokenizer` (embed2's framing and
+  modality tokens). `folder`'s other tokenizer files are copied verbatim.
+  """
+  kind: str
+  folder: Path
+  json: str | None = None
+  config: dict[str, Any] | None = None
+  model_max_length: int | None = None
+
+  @property
+  def file_name(self) -> str:
+    return "tokenizer.json" if self.kind == "tokenizers" else "tokenizer.model"
 
 
 def _read_json(path: Path) -> Any:
@@ -608,6 +651,127 @@ def _sentence_transformers_modules(hf_dir: Path) -> tuple[Path, list[str], list[
   return backbone, dense_dirs, dims, prompts
 
 
+def _default_prompt_name(hf_dir: Path, prompts: dict[str, str]) -> str | None:
+  st_cfg = hf_dir / "config_sentence_transformers.json"
+  name = _read_json(st_cfg).get("default_prompt_name") if st_cfg.exists() else None
+  if name is not None and name not in prompts:
+    raise ValueError(f"{st_cfg}: default_prompt_name={name!r} is not one of its prompts {sorted(prompts)} "
+                     "(sentence-transformers refuses it too)")
+  return name
+
+
+def _sentence_bert_max_length(model_dir: Path, cfg: ModelConfig, model_max_length: int | None) -> int:
+  """The length sentence-transformers (6.x) truncates inputs at: sentence_bert_config.json's
+  max_seq_length when set, else the tokenizer's model_max_length capped at max_position_embeddings;
+  refuses the settings that change tokenization in ways embed2 does not reproduce."""
+  path = model_dir / "sentence_bert_config.json"
+  sbert = _read_json(path) if path.exists() else {}
+  problems = []
+  if sbert.get("do_lower_case"):
+    problems.append("do_lower_case=true (inputs lowercased)")
+  if sbert.get("transformer_task", "feature-extraction") != "feature-extraction":
+    problems.append(f"transformer_task={sbert['transformer_task']!r}")
+  if sbert.get("processing_kwargs"):
+    problems.append(f"processing_kwargs={sbert['processing_kwargs']}")
+  for key in ("query_length", "document_length", "query_expansion"):
+    if sbert.get(key) is not None:
+      problems.append(f"{key}={sbert[key]} (a per-side length)")
+  if problems:
+    raise UnsupportedArchitecture(f"{path}: {'; '.join(problems)}; embed2 tokenizes both sides the same "
+                                  "way, cut at one max_seq_length")
+  if sbert.get("max_seq_length") is not None:
+    length = int(sbert["max_seq_length"])
+  else:
+    length = min(model_max_length or cfg.max_length, cfg.max_length)
+  if not 3 <= length:
+    raise ValueError(f"{path}: max_seq_length={length} leaves no room for text")
+  if length > cfg.max_length:
+    logging.warning("convert: %s: max_seq_length=%d is above max_position_embeddings=%d; embed2 cuts "
+                    "inputs at %d", path, length, cfg.max_length, cfg.max_length)
+    length = cfg.max_length
+  return length
+
+
+# Texts the converter tokenizes both ways (transformers, embed2) before it writes a tokenizer.
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "def f(x, *, y=2):\n    \"\"\"Adds.\"\"\"\n    return x + y  # 12345\n\n\tclass A: pass\n",
+    "  leading and trailing spaces  ",
+    "Grüße aus Zürich, déjà vu, naïve café — “quotes” 世界 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 🦜🚀 ꯍ",
+    "mixed\r\nline\x0bendings\n\n\n", "", " ", "a", "2024-01-31 12:00:59.5s",
+    "see <start_of_image>, then<end_of_image><soft_token> <bos> <eos> <pad> <unk> <timestamp>",
+    "<start_of_image<start_of_image>>><<image_soft_token> </s> [CLS] <mask>",
+    "▁ ▁▁  \u00a0\u2003\u200b\ufeff tabs\t\tand  \n  newlines",
+)
+
+
+def _hf_tokenizer(folder: Path, cfg: ModelConfig, prompts: dict[str, str]) -> SourceTokenizer:
+  """Reads a Hugging Face tokenizer folder the way transformers (and so sentence-transformers) does,
+  and checks that embed2's `HFTokenizer` gives the same ids on probe texts (prompts included)."""
+  try:
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(f"{folder} holds a Hugging Face tokenizer; embed2.convert reads it the way transformers "
+                     "does, which needs transformers (pip install -e '.[parity]', or pip install "
+                     f"transformers): {e}. Nothing was written.") from None
+  try:
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+  except Exception as e:  # transformers raises many types for unreadable folders
+    raise ValueError(f"transformers cannot load the tokenizer in {folder} ({type(e).__name__}: {e})") from None
+  backend = getattr(hf, "backend_tokenizer", None)
+  if backend is None:
+    raise ValueError(f"the tokenizer in {folder} ({type(hf).__name__}) is not a fast (tokenizers) "
+                     "tokenizer; embed2 reads tokenizer.json")
+  if getattr(hf, "truncation_side", "right") != "right":
+    raise UnsupportedArchitecture(f"the tokenizer in {folder} truncates on the {hf.truncation_side}; embed2 "
+                                  "cuts over-long inputs at the end")
+  data = json.loads(backend.to_str())
+  data["truncation"] = data["padding"] = None  # set per call by transformers; embed2 cuts the text
+  text = json.dumps(data, ensure_ascii=False)
+  split = bool(getattr(hf, "split_special_tokens", False))
+  ours = tok_lib.HFTokenizer(text, split_special_tokens=split, source=str(folder / "tokenizer.json"))
+  if ours.base_vocab_size > cfg.vocab_size:
+    raise ValueError(f"the tokenizer in {folder} has {ours.base_vocab_size} ids but the model's vocab_size is "
+                     f"{cfg.vocab_size}; is it this model's tokenizer?")
+  probes = list(PROBE_TEXTS) + [p + t for p in prompts.values() for t in ("", PROBE_TEXTS[0])]
+  for t in probes:
+    want = list(hf(t, verbose=False)["input_ids"])
+    got = ours.encode(t, add_bos=True, add_eos=True)
+    if got != want:
+      raise ValueError(f"embed2 cannot reproduce the tokenizer in {folder}: {t!r:.60} is {want[:16]} in "
+                       f"transformers but {got[:16]} read from its tokenizer.json. Nothing was written.")
+  config_path = folder / "tokenizer_config.json"
+  config = _read_json(config_path) if config_path.exists() else {}
+  config["split_special_tokens"] = split
+  config.pop("truncation_side", None)
+  limit = getattr(hf, "model_max_length", None)
+  limit = int(limit) if isinstance(limit, (int, float)) and limit < 1e9 else None
+  return SourceTokenizer(kind="tokenizers", folder=folder, json=text, config=config, model_max_length=limit)
+
+
+def _source_tokenizer(fmt: str, dirs: Sequence[Path], cfg: ModelConfig,
+                      prompts: dict[str, str]) -> SourceTokenizer:
+  """The source's own tokenizer: tokenizer.json (read as transformers reads it), or for a
+  transformers folder with only a sentencepiece tokenizer.model, that model; refuses a folder with
+  neither (an import must carry its tokenizer)."""
+  folder = next((d for d in dirs if (d / "tokenizer.json").is_file()), None)
+  spm_folder = next((d for d in dirs if (d / "tokenizer.model").is_file()), None)
+  if folder is None and spm_folder is not None and fmt == "sentence-transformers":
+    folder = spm_folder  # sentence-transformers tokenizes with what transformers converts it to
+  if folder is not None:
+    return _hf_tokenizer(folder, cfg, prompts)
+  if spm_folder is not None:
+    tok = tok_lib.Tokenizer.from_file(spm_folder / "tokenizer.model")
+    if tok.vocab_size > cfg.vocab_size:
+      raise ValueError(f"{spm_folder / 'tokenizer.model'} has {tok.vocab_size} ids (modality tokens "
+                       f"appended) but the model's vocab_size is {cfg.vocab_size}")
+    return SourceTokenizer(kind="sentencepiece", folder=spm_folder)
+  raise FileNotFoundError(
+      f"{' / '.join(str(d) for d in dirs)} holds no tokenizer (tokenizer.json, or a sentencepiece "
+      "tokenizer.model); embed2 embeds a model only with its own tokenizer, so the import needs it: copy "
+      "the model's tokenizer files beside its config.json. Nothing was written.")
+
+
 _LEGACY_POOLING = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
                    "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
                    "pooling_mode_lasttoken")
@@ -646,6 +810,9 @@ def read_source(hf_dir: str | os.PathLike, *, text_only: bool = False) -> Source
     fmt, model_dir = "transformers", hf_dir
   hf_config = _read_json(model_dir / "config.json")
   cfg = model_config_from_hf(hf_config, head_dims=head_dims)
+  default_prompt = _default_prompt_name(hf_dir, prompts) if fmt == "sentence-transformers" else None
+  for name, prompt in prompts.items():
+    tok_lib.check_text(prompt, f"{hf_dir / 'config_sentence_transformers.json'} prompt {name!r}")
   multimodal = hf_config.get("model_type") == "gemma3" and not text_only
   vcfg = vision_config_from_hf(hf_config) if multimodal else None
 
@@ -689,10 +856,17 @@ def read_source(hf_dir: str | os.PathLike, *, text_only: bool = False) -> Source
   if problems:
     raise ValueError(f"checkpoint {hf_dir} does not match its config.json: " + " | ".join(problems) +
                      ". Nothing was written.")
-  tok = model_dir / "tokenizer.model"
-  tok = tok if tok.exists() else (hf_dir / "tokenizer.model" if (hf_dir / "tokenizer.model").exists() else None)
+  tok = _source_tokenizer(fmt, [model_dir] + ([hf_dir] if hf_dir != model_dir else []), cfg, prompts)
+  max_seq_length = None
+  if fmt == "sentence-transformers":
+    limit = tok.model_max_length
+    if limit is None and (tok.folder / "tokenizer_config.json").exists():
+      value = _read_json(tok.folder / "tokenizer_config.json").get("model_max_length")
+      limit = int(value) if isinstance(value, (int, float)) and value < 1e9 else None
+    max_seq_length = _sentence_bert_max_length(model_dir, cfg, limit)
   return Source(hf_dir=hf_dir, format=fmt, hf_config=hf_config, model_config=cfg, vision_config=vcfg,
-                text=text, vision=vision, tensors=tensors, ignored=ignored, tokenizer=tok, prompts=prompts)
+                text=text, vision=vision, tensors=tensors, ignored=ignored, tokenizer=tok, prompts=prompts,
+                default_prompt_name=default_prompt, max_seq_length=max_seq_length)
 
 
 # ================================================================================ placing tensors
@@ -790,12 +964,15 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str 
   cfg = src.model_config
   meta = {
       "step": 0, "model_config": cfg.to_dict(),
-      "tokenizer": str(out / "tokenizer.model") if src.tokenizer else "",
+      "tokenizer": str(out / src.tokenizer.file_name), "tokenizer_kind": src.tokenizer.kind,
       "task_strings": src.prompts,
       "source": {"hf_dir": str(src.hf_dir), "format": src.format,
                  "architectures": src.hf_config.get("architectures"), "dtype": dtype,
                  "ignored_tensors": src.ignored, "vision": src.vision_config is not None},
   }
+  if src.format == "sentence-transformers":  # applied by Embedder as sentence-transformers does
+    meta.update(prompts=src.prompts, default_prompt_name=src.default_prompt_name,
+                max_seq_length=src.max_seq_length)
   tmp = _tmp_dir(out)
   try:
     params = _place(src.text, src.tensors, lambda: EmbeddingModel(cfg, rules=rules, rngs=nnx.Rngs(0)),
@@ -809,17 +986,25 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str 
       _save_params(tmp / "vision", vparams, {"step": 0, "vision_config": vcfg.to_dict(),
                                              "source": meta["source"]})
       del vparams
-    if src.tokenizer is not None:
-      shutil.copyfile(src.tokenizer, tmp / "tokenizer.model")
+    _write_source_tokenizer(src.tokenizer, tmp)
     _commit(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if not src.tokenizer:
-    logging.warning("convert: %s has no tokenizer.model; set config.tokenizer to the model's Gemma "
-                    "tokenizer (the default embed2 tokenizer does not match its vocabulary)", src.hf_dir)
   logging.info("convert: %s (%s, %s) -> %s", src.hf_dir, src.format, cfg.name, out)
   return meta
+
+
+def _write_source_tokenizer(tok: SourceTokenizer, directory: Path) -> None:
+  """The source's tokenizer files into the checkpoint folder (it is self-contained): verbatim, except
+  tokenizer.json / tokenizer_config.json, written as read (see SourceTokenizer)."""
+  for name in TOKENIZER_FILES:
+    if (tok.folder / name).is_file():
+      shutil.copyfile(tok.folder / name, directory / name)
+  if tok.kind == "tokenizers":
+    (directory / "tokenizer.json").write_text(tok.json, encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps(tok.config, indent=2, ensure_ascii=False),
+                                                     encoding="utf-8")
 
 
 def load_vision_params(model: VisionEncoder, path: str | os.PathLike) -> dict[str, Any]:
@@ -854,35 +1039,59 @@ def export_sentence_transformers(ckpt: str | os.PathLike, out: str | os.PathLike
   """Writes the text encoder of an embed2 checkpoint as a sentence-transformers folder.
 
   Layout: config.json + model.safetensors (Gemma3TextModel, `use_bidirectional_attention` unless the
-  model is causal), modules.json, sentence_bert_config.json, config_sentence_transformers.json (the
-  checkpoint's task strings as prompts), 1_Pooling (mean), 2_Dense ... (the head, bias-free, identity),
-  then Normalize; the tokenizer files of `hf_tokenizer` when given.
+  model is causal), the checkpoint's own tokenizer as Hugging Face files (tokenizer.json +
+  tokenizer_config.json), modules.json, sentence_bert_config.json (max_seq_length: an imported
+  model's own, else the model's max_length), config_sentence_transformers.json (an imported model's
+  prompts and default_prompt_name, else the task strings as prompts), 1_Pooling (mean), 2_Dense ...
+  (the head, bias-free, identity), then Normalize.
+
+  The tokenizer: an imported model's tokenizer files as imported; a sentencepiece tokenizer (the
+  packaged default, Gemma's tokenizer.model) converted to a tokenizer.json that tokenizes the same
+  (`tokenizer.sentencepiece_to_hf`); or the files of `hf_tokenizer` when given. Before anything is
+  written, the written tokenizer is loaded the way sentence-transformers loads it (transformers'
+  AutoTokenizer) and must give the checkpoint tokenizer's ids on probe texts and the prompts, or the
+  export is refused.
 
   Args:
     ckpt: a checkpoints dir, step dir or workdir (anything `resolve_checkpoint_path` accepts).
     out: a new (or empty) directory.
     dtype: "float32" (bit-exact round trip) or "bfloat16".
-    hf_tokenizer: a folder with Hugging Face tokenizer files to copy (see TOKENIZER_FILES).
+    hf_tokenizer: a folder whose Hugging Face tokenizer files (TOKENIZER_FILES) are written instead
+      of the checkpoint's (checked against the checkpoint's tokenizer all the same).
     mesh: where the checkpoint is restored (default: every device on the fsdp axis).
 
   Returns:
     {"out": path, "model_config": ..., "modules": [...]}.
+
+  Raises:
+    ValueError / FileNotFoundError: the checkpoint names no tokenizer or its tokenizer is missing,
+      or the tokenizer cannot be written so that transformers tokenizes the same.
   """
   if dtype not in DTYPES:
     raise ValueError(f"--dtype={dtype!r}; choose one of {DTYPES}")
   out = Path(out).absolute()
   _check_out(out)
-  tok_files = []
-  if hf_tokenizer:
-    tok_files = [Path(hf_tokenizer) / f for f in TOKENIZER_FILES if (Path(hf_tokenizer) / f).exists()]
-    if not tok_files:
-      raise FileNotFoundError(f"--hf_tokenizer={hf_tokenizer} has none of {TOKENIZER_FILES}")
   directory, step = ckpt_lib.resolve_checkpoint_path(ckpt)
   reader = ckpt_lib.Checkpointer(directory, read_only=True)
   meta = reader.read_meta(step)
   if "model_config" not in meta:
     raise ValueError(f"checkpoint {directory}/{step} has no model_config in its meta")
   cfg = ModelConfig.from_dict(meta["model_config"])
+  tokenizer = tok_lib.checkpoint_tokenizer(meta, directory)
+  if tokenizer.base_vocab_size > cfg.vocab_size:
+    raise ValueError(f"checkpoint {directory}/{step}: its tokenizer {tokenizer.source} has "
+                     f"{tokenizer.base_vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
+  max_seq_length = min(int(meta.get("max_seq_length") or cfg.max_length), cfg.max_length)
+  if "prompts" in meta:  # an imported sentence-transformers model: its own prompts
+    prompts, default_prompt = dict(meta["prompts"] or {}), meta.get("default_prompt_name")
+  else:
+    prompts, default_prompt = dict(meta.get("task_strings") or {}), None
+    clash = sorted({"query", "document"} & set(prompts))
+    if clash:
+      logging.warning("export: task strings named %s become prompts that sentence-transformers' "
+                      "encode_query / encode_document apply by default; embed2 applies a task string only "
+                      "when asked (task=...)", clash)
+  tok_files = _export_tokenizer_files(tokenizer, hf_tokenizer, max_seq_length)
   mesh = mesh if mesh is not None else sharding.make_mesh({"fsdp": -1})
   rules = sharding.DEFAULT_RULES
   shapes, shardings = _abstract_params(lambda: EmbeddingModel(cfg, rules=rules, rngs=nnx.Rngs(0)), mesh, rules)
@@ -906,8 +1115,11 @@ def export_sentence_transformers(ckpt: str | os.PathLike, out: str | os.PathLike
     hf_cfg = hf_config_from_model_config(cfg)
     hf_cfg["dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    for name, content in tok_files.items():
+      (tmp / name).write_bytes(content)
+    _check_exported_tokenizer(tmp, tokenizer, prompts)  # before the weights: a refusal costs little
     write(tmp / "model.safetensors", text_entries(cfg))
-    (tmp / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": cfg.max_length,
+    (tmp / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
                                                                "do_lower_case": False}, indent=2))
     (tmp / "1_Pooling").mkdir()
     pooling = {k: k == "pooling_mode_mean_tokens" for k in _LEGACY_POOLING}
@@ -928,20 +1140,65 @@ def export_sentence_transformers(ckpt: str | os.PathLike, out: str | os.PathLike
                     "type": "sentence_transformers.models.Normalize"})
     (tmp / "modules.json").write_text(json.dumps(modules, indent=2))
     (tmp / "config_sentence_transformers.json").write_text(json.dumps(
-        {"prompts": dict(meta.get("task_strings") or {}), "default_prompt_name": None,
+        {"prompts": prompts, "default_prompt_name": default_prompt,
          "similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}, indent=2))
-    for f in tok_files:
-      shutil.copyfile(f, tmp / f.name)
     _commit(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if not tok_files:
-    logging.warning("export: no tokenizer copied; put the Hugging Face tokenizer files of the model you "
-                    "started from (e.g. EmbeddingGemma's tokenizer.json / tokenizer_config.json / "
-                    "special_tokens_map.json / tokenizer.model) into %s before SentenceTransformer(%r)",
-                    out, str(out))
   return {"out": str(out), "model_config": cfg.to_dict(), "modules": [m["type"] for m in modules]}
+
+
+def _export_tokenizer_files(tokenizer: tok_lib.Tokenizer, hf_tokenizer: str | os.PathLike | None,
+                            max_seq_length: int) -> dict[str, bytes]:
+  """File name -> content of the tokenizer an export writes (see export_sentence_transformers)."""
+  if hf_tokenizer:
+    folder = Path(hf_tokenizer)
+    files = {f: (folder / f).read_bytes() for f in TOKENIZER_FILES if (folder / f).is_file()}
+    if not files:
+      raise FileNotFoundError(f"--hf_tokenizer={hf_tokenizer} has none of {TOKENIZER_FILES}")
+    return files
+  if isinstance(tokenizer, tok_lib.HFTokenizer):
+    folder = Path(tokenizer.source).parent
+    files = {f: (folder / f).read_bytes() for f in TOKENIZER_FILES
+             if f != "tokenizer.model" and (folder / f).is_file()}
+    config = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": "<pad>" if tokenizer.backend.token_to_id("<pad>") is not None else None}
+    config["split_special_tokens"] = tokenizer.split_special_tokens
+    config["model_max_length"] = max_seq_length
+    files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False).encode()
+    return files
+  text, config = tok_lib.sentencepiece_to_hf(tokenizer, model_max_length=max_seq_length)
+  return {"tokenizer.json": text.encode(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+
+
+def _check_exported_tokenizer(folder: Path, tokenizer: tok_lib.Tokenizer, prompts: dict[str, str]) -> None:
+  """Loads the tokenizer written to `folder` as sentence-transformers will (transformers'
+  AutoTokenizer; without transformers, embed2's HFTokenizer) and refuses the export unless it gives
+  `tokenizer`'s ids, framing included, on probe texts and the prompts, and pads a batch."""
+  try:
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    transformers = None
+  probes = list(PROBE_TEXTS) + [p + t for p in prompts.values() for t in ("", PROBE_TEXTS[0])]
+  try:
+    if transformers is not None:
+      hf = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+      got = [list(ids) for ids in hf(probes, verbose=False)["input_ids"]]
+      hf(probes[:2], padding=True)  # sentence-transformers pads its batches: a pad token is needed
+    else:
+      reader = tok_lib.HFTokenizer.from_file(folder / "tokenizer.json")
+      got = [reader.encode(t, add_bos=True, add_eos=True) for t in probes]
+  except Exception as e:  # whatever the library raises, the export is refused with the reason
+    raise ValueError(f"the tokenizer files written for the export do not load ({type(e).__name__}: {e}). "
+                     "Nothing was written.") from None
+  for t, ids in zip(probes, got):
+    want = tokenizer.encode(t, add_bos=True, add_eos=True)
+    if ids != want:
+      raise ValueError(
+          f"the exported tokenizer does not tokenize like the checkpoint's ({tokenizer.source}): {t!r:.60} "
+          f"is {ids[:16]} there and {want[:16]} in embed2. Nothing was written.")
 
 
 # ================================================================================ CLI
@@ -967,7 +1224,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   ap.add_argument("--to_safetensors", action="store_true",
                   help="export --ckpt as a sentence-transformers folder instead of importing")
   ap.add_argument("--ckpt", help="embed2 checkpoint to export (checkpoints dir, step dir or workdir)")
-  ap.add_argument("--hf_tokenizer", help="export: folder whose Hugging Face tokenizer files are copied")
+  ap.add_argument("--hf_tokenizer", help="export: write this folder's Hugging Face tokenizer files instead of "
+                                         "the checkpoint's own (they must tokenize the same)")
   args = ap.parse_args(argv)
   if args.to_safetensors and not args.ckpt:
     ap.error("--to_safetensors needs --ckpt=CHECKPOINT")
@@ -985,7 +1243,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                          mesh=mesh)
     else:
       res = convert_hf(args.hf_dir, args.out, dtype=args.dtype, mesh=mesh, text_only=args.text_only)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:  # refusals: the message says the fix
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:  # refusals: the message says the fix
     raise SystemExit(f"embed2.convert: {e}") from e
   print(json.dumps({"out": str(Path(args.out).absolute()),
                     "model": res["model_config"]["name"]}))

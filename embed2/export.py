@@ -12,8 +12,9 @@ pyarrow is installed, `<output>.parquet` with columns `id` (string: the --id_fie
 row number) and `embedding` (fixed-size list of dim float32). Inputs are read and embedded in
 chunks of --chunk, so the corpus need not fit in memory; a tqdm bar shows progress.
 
-By default inputs are embedded as documents (no task string); `--query --task=NAME` embeds them as
-queries of a trained task instead.
+By default inputs are embedded as documents (no task string; an imported sentence-transformers
+model's document prompt); `--query --task=NAME` embeds them as queries of a trained task instead.
+A .jsonl text that is not valid Unicode (a `\\ud800` escape) is refused naming its file:line.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import sys
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from embed2.data.tokenizer import check_text
 
 
 def _read(path: str, field: str, id_field: str) -> Iterator[tuple[str, str]]:
@@ -44,8 +47,10 @@ def _read(path: str, field: str, id_field: str) -> Iterator[tuple[str, str]]:
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{line_no} is not valid JSON ({e})") from None
       if isinstance(obj, str):
+        check_text(obj, f"{path}:{line_no}")
         yield str(row), obj
       elif isinstance(obj, dict) and isinstance(obj.get(field), str):
+        check_text(obj[field], f"{path}:{line_no} {field!r}")
         yield str(obj.get(id_field, row)), obj[field]
       else:
         raise ValueError(f"{path}:{line_no} has no string field {field!r} (keys: "

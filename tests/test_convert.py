@@ -8,6 +8,7 @@ where a missing extra is a failure (CI installs it).
 import json
 import os
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from flax import nnx
 from embed2 import convert
 from embed2 import sharding
 from embed2.data.tokenizer import DEFAULT_MODEL_PATH, Tokenizer
+from embed2.inference import Embedder
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.model.vision import VisionConfig, VisionEncoder
 from embed2.train import checkpoint as ckpt_lib
@@ -178,6 +180,7 @@ def test_text_hidden_states_match_transformers(tmp_path, bidirectional, rng):
   hf = transformers.Gemma3ForCausalLM(hf_cfg).eval()  # saved as model.* + lm_head: prefixes are found
   randomize(torch, hf, seed=1)
   hf.save_pretrained(tmp_path / "hf")
+  _word_tokenizer(transformers, hf_cfg.vocab_size).save_pretrained(tmp_path / "hf")  # imports carry one
   meta = convert.convert_hf(tmp_path / "hf", tmp_path / "out", mesh=ONE_DEVICE)
   cfg = ModelConfig.from_dict(meta["model_config"])
   assert cfg.causal is not bidirectional and cfg.num_kv_heads < cfg.num_heads
@@ -214,6 +217,7 @@ def test_vision_tower_and_projector_match_transformers(tmp_path, rng):
       transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16)).eval()
   randomize(torch, hf, seed=2)
   hf.save_pretrained(tmp_path / "hf")
+  _word_tokenizer(transformers, 96).save_pretrained(tmp_path / "hf")
   meta = convert.convert_hf(tmp_path / "hf", tmp_path / "out", mesh=ONE_DEVICE)
   assert meta["source"]["vision"]
 
@@ -257,16 +261,22 @@ def _word_tokenizer(transformers, vocab):
 PROMPTS = {"query": "w5 w6 ", "document": "w7 "}
 
 
-@pytest.fixture(scope="module")
-def embeddinggemma(tmp_path_factory):
-  """A random tiny EmbeddingGemma as a sentence-transformers folder, and its conversion."""
-  torch, transformers, st = _parity_libs()
+def _st_modules():
+  """(Pooling module namespace, Dense, Normalize, Transformer) of the installed sentence-transformers."""
   try:  # sentence-transformers >= 6 moved the modules; 5.x has only the old path
     from sentence_transformers.sentence_transformer import modules as st_models  # pylint: disable=g-import-not-at-top
     from sentence_transformers.base.modules import Dense, Normalize, Transformer  # pylint: disable=g-import-not-at-top
   except ImportError:
     from sentence_transformers import models as st_models  # pylint: disable=g-import-not-at-top
     Dense, Normalize, Transformer = st_models.Dense, st_models.Normalize, st_models.Transformer
+  return st_models, Dense, Normalize, Transformer
+
+
+@pytest.fixture(scope="module")
+def embeddinggemma(tmp_path_factory):
+  """A random tiny EmbeddingGemma as a sentence-transformers folder, and its conversion."""
+  torch, transformers, st = _parity_libs()
+  st_models, Dense, Normalize, Transformer = _st_modules()
   base = tmp_path_factory.mktemp("embeddinggemma")
   hf_cfg = _tiny_text_config(transformers, bidirectional=True)
   backbone = transformers.Gemma3TextModel(hf_cfg).eval()
@@ -337,26 +347,24 @@ def test_export_loads_in_sentence_transformers_and_round_trips_exactly(embedding
 # ------------------------------------------------------------------------------- round trip (no torch)
 
 
-def random_checkpoint(directory, cfg, task_strings=None, *, rng):
+def random_checkpoint(directory, cfg, task_strings=None, *, rng, tokenizer=""):
   shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: EmbeddingModel(cfg, rngs=nnx.Rngs(0))), nnx.Param))
   params = jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32), shapes)
   ck = ckpt_lib.Checkpointer(directory, keep=None, async_save=False)
   ck.save(7, params=jax.tree.map(jnp.asarray, params), force=True,
-          meta={"model_config": cfg.to_dict(), "tokenizer": "", "task_strings": task_strings or {}})
+          meta={"model_config": cfg.to_dict(), "tokenizer": tokenizer, "task_strings": task_strings or {}})
   ck.close()
   return params
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_round_trip_is_bit_exact(tmp_path, causal, rng):
-  cfg = ModelConfig.from_name("tiny", vocab_size=200, num_layers=3, global_every=3, sliding_window=5,
+  # A run on the packaged tokenizer (meta tokenizer ""): the export writes it as a tokenizer.json.
+  cfg = ModelConfig.from_name("tiny", vocab_size=8192, num_layers=3, global_every=3, sliding_window=5,
                               head_dims=(48, 24), mrl_dims=(), rope_global_scale=2.0, causal=causal,
                               query_pre_attn_scalar=12.0, rope_local_base=500.0)
   params = random_checkpoint(tmp_path / "ckpt", cfg, {"search": "task: search | query: "}, rng=rng)
-  tok_dir = tmp_path / "tok"
-  tok_dir.mkdir()
-  shutil.copyfile(DEFAULT_MODEL_PATH, tok_dir / "tokenizer.model")
-  res = convert.export_sentence_transformers(tmp_path / "ckpt", tmp_path / "st", hf_tokenizer=tok_dir)
+  res = convert.export_sentence_transformers(tmp_path / "ckpt", tmp_path / "st")
   assert res["modules"][-1].endswith("Normalize") and len(res["modules"]) == 5
   hf_cfg = json.loads((tmp_path / "st" / "config.json").read_text())
   assert hf_cfg["use_bidirectional_attention"] is (not causal)
@@ -367,8 +375,12 @@ def test_round_trip_is_bit_exact(tmp_path, causal, rng):
   back = ModelConfig.from_dict(meta["model_config"])
   assert ckpt_lib.architecture(back) == ckpt_lib.architecture(cfg) and back.causal == causal
   assert meta["task_strings"] == {"search": "task: search | query: "}
-  assert meta["tokenizer"] == str(tmp_path / "back" / "tokenizer.model")
-  assert Tokenizer.from_file(meta["tokenizer"]).vocab_size == Tokenizer.default().vocab_size
+  # The packaged tokenizer went out as a tokenizer.json and came back as one that tokenizes the same.
+  assert meta["tokenizer"] == str(tmp_path / "back" / "tokenizer.json")
+  back_tok, default = Tokenizer.from_file(meta["tokenizer"]), Tokenizer.default()
+  assert back_tok.vocab_size == default.vocab_size
+  for t in convert.PROBE_TEXTS:
+    assert back_tok.encode(t, add_bos=True, add_eos=True) == default.encode(t, add_bos=True, add_eos=True)
   if not causal:  # bfloat16 storage: the float32 values rounded to nearest, restored into float32
     convert.convert_hf(tmp_path / "st", tmp_path / "bf16", dtype="bfloat16")
     got16, _ = params_of(tmp_path / "bf16")
@@ -390,10 +402,12 @@ def test_safetensors_reader_reads_bfloat16_and_what_it_writes(tmp_path, rng):
 # ------------------------------------------------------------------------------- bad input
 
 
-def _numpy_hf_dir(directory, cfg=None, mutate=None, config_edit=None, *, rng):
+def _numpy_hf_dir(directory, cfg=None, mutate=None, config_edit=None, *, rng, tokenizer=True):
   """A Gemma3TextModel folder written without torch: config.json + random model.safetensors."""
-  cfg = cfg or ModelConfig.from_name("tiny", vocab_size=64, num_layers=2, head_dims=(), mrl_dims=())
+  cfg = cfg or ModelConfig.from_name("tiny", vocab_size=8192, num_layers=2, head_dims=(), mrl_dims=())
   directory.mkdir(parents=True)
+  if tokenizer:  # the packaged sentencepiece model (8192 ids): an import must carry its tokenizer
+    shutil.copyfile(DEFAULT_MODEL_PATH, directory / "tokenizer.model")
   hf_cfg = convert.hf_config_from_model_config(cfg)
   if config_edit:
     config_edit(hf_cfg)
@@ -458,7 +472,7 @@ def test_unsupported_architectures_are_refused(tmp_path, edit, match, rng):
 
 
 def test_unsupported_sentence_transformers_heads_are_refused(tmp_path, rng):
-  cfg = ModelConfig.from_name("tiny", vocab_size=64, num_layers=2, head_dims=(16,), mrl_dims=())
+  cfg = ModelConfig.from_name("tiny", vocab_size=8192, num_layers=2, head_dims=(16,), mrl_dims=())
   random_checkpoint(tmp_path / "ckpt", cfg, rng=rng)
   convert.export_sentence_transformers(tmp_path / "ckpt", tmp_path / "hf")
   pooling = tmp_path / "hf" / "1_Pooling" / "config.json"
@@ -491,3 +505,227 @@ def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch, rn
   monkeypatch.undo()
   with pytest.raises(FileExistsError, match="not empty"):
     convert.convert_hf(hf, tmp_path / "taken")
+
+
+# ------------------------------------------------------------------------------- a folder saved today
+#
+# What current sentence-transformers (6.x) / transformers (5.x) save for an EmbeddingGemma-shaped
+# model: tokenizer.json + tokenizer_config.json only (no tokenizer.model), max_seq_length below the
+# position limit (as tokenizer_config's model_max_length), and prompts per side. Import and export
+# must reproduce encode_query / encode_document, or refuse.
+
+ST_PROMPTS = {"query": "task: search result | query: ", "document": "title: none | text: ",
+              "STS": "task: sentence similarity | query: "}
+ST_MAX_SEQ = 24  # the model has 64 positions
+_ALPHABET = list("abcdefghijklmnopqrstuvwxyzäéß世界")
+_UNSEEN = ("Ωμέγα", "2024", "🦜", "x\ty", "a\nb", "<start_of_image>", "<bos>")  # byte fallback, specials
+
+
+def _gemma_style_tokenizer(transformers, rng):
+  """A Gemma-style fast tokenizer trained here, and its words: BPE with byte fallback, spaces as "▁",
+  <pad> <eos> <bos> <unk> = 0..3, <bos> ... <eos> around every text (as EmbeddingGemma's), Gemma 3's
+  image tokens as added special tokens. transformers 5's GemmaTokenizer (which rebuilds parts of the
+  tokenizer when it loads) where it takes a vocabulary, else a PreTrainedTokenizerFast."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, normalizers, processors, trainers  # pylint: disable=g-import-not-at-top
+  words = ["".join(rng.choice(_ALPHABET, int(rng.integers(1, 8)))) for _ in range(150)]
+  corpus = [" ".join(rng.choice(words, 12)) for _ in range(300)]
+  specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+  trained = HFTokenizer(models.BPE(unk_token="<unk>"))
+  trained.normalizer = normalizers.Replace(" ", "▁")
+  trained.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=specials,
+                                                          show_progress=False))
+  learned = json.loads(trained.to_str())["model"]
+  pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + [
+      p for p, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if p not in specials]
+  vocab = {p: i for i, p in enumerate(pieces)}
+  merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+  media = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+  gemma = getattr(transformers, "GemmaTokenizer", None)
+  if gemma is not None and "vocab" in inspect.signature(gemma.__init__).parameters:
+    tok = gemma(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=True,
+                extra_special_tokens=media)
+  else:
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
+                                byte_fallback=True))
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                      special_tokens=[("<bos>", 2), ("<eos>", 1)])
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=media)
+  return tok, words
+
+
+def _sentences(words, n_words, *, rng):
+  """Random sentences of the tokenizer's words, with now and then something it never saw."""
+  out = []
+  for n in n_words:
+    ws = list(rng.choice(words, n))
+    for _ in range(int(rng.integers(0, 3))):
+      ws.insert(int(rng.integers(0, len(ws) + 1)), _UNSEEN[int(rng.integers(len(_UNSEEN)))])
+    out.append(" ".join(ws))
+  return out
+
+
+@pytest.fixture(scope="module")
+def st_today(tmp_path_factory, fixture_rng, request):
+  """A random tiny EmbeddingGemma saved by SentenceTransformer.save, reloaded as users load it, and
+  imported: (folder, reloaded SentenceTransformer, words, embed2 checkpoint dir)."""
+  torch, transformers, st = _parity_libs()
+  st_models, Dense, Normalize, Transformer = _st_modules()
+  rng = fixture_rng(request)
+  base = tmp_path_factory.mktemp("st_today")
+  tok, words = _gemma_style_tokenizer(transformers, rng)
+  hf_cfg = _tiny_text_config(transformers, bidirectional=True, vocab=len(tok))
+  backbone = transformers.Gemma3TextModel(hf_cfg).eval()
+  randomize(torch, backbone, seed=int(rng.integers(1 << 30)))
+  backbone.save_pretrained(base / "backbone")
+  tok.save_pretrained(base / "backbone")
+  dense = Dense(32, 48, bias=False, activation_function=torch.nn.Identity())
+  randomize(torch, dense, seed=int(rng.integers(1 << 30)))
+  model = st.SentenceTransformer(
+      modules=[Transformer(str(base / "backbone"), max_seq_length=ST_MAX_SEQ),
+               st_models.Pooling(32, "mean"), dense, Normalize()],
+      prompts=ST_PROMPTS, device="cpu")
+  folder = base / "st"
+  model.save(str(folder))
+  (folder / "tokenizer.model").unlink(missing_ok=True)
+  assert (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+  saved = st.SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+  assert saved.max_seq_length == ST_MAX_SEQ < hf_cfg.max_position_embeddings
+  convert.convert_hf(folder, base / "out", mesh=ONE_DEVICE)
+  return folder, saved, words, base / "out"
+
+
+def _rows_close(got, want, tol=1e-5):
+  assert got.shape == want.shape
+  errs = [rel_err(g, w) for g, w in zip(got, want)]
+  assert max(errs) < tol, errs
+
+
+def _quiet_embed(emb, texts, **kwargs):
+  with warnings.catch_warnings():  # inputs over max_length are cut, as sentence-transformers cuts them
+    warnings.simplefilter("ignore", UserWarning)
+    return emb.embed(texts, **kwargs)
+
+
+def test_import_of_tokenizer_json_only_gives_the_ids_of_transformers(st_today, rng):
+  """Defect 4: the import records tokenizer.json (it held no tokenizer.model) and embeds with it."""
+  _, transformers, _ = _parity_libs()
+  folder, _, words, out = st_today
+  meta = ckpt_lib.Checkpointer(out, read_only=True).read_meta(0)
+  assert meta["tokenizer"] == str(out / "tokenizer.json") and meta["tokenizer_kind"] == "tokenizers"
+  hf = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+  ours = Tokenizer.from_file(meta["tokenizer"])
+  texts = _sentences(words, rng.integers(1, 40, 30), rng=rng) + list(convert.PROBE_TEXTS)
+  for t in texts:
+    assert ours.encode(t, add_bos=True, add_eos=True) == hf(t)["input_ids"], t
+  emb = Embedder.from_checkpoint(out, batch_size=8)
+  assert emb.tokenizer.source == meta["tokenizer"]
+  # What the Embedder feeds the model: sentence-transformers' ids, prompt in front, cut at the limit.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    got = [list(t) for t in emb.tokenize(texts[:12], is_query=False)]
+  want = hf([ST_PROMPTS["document"] + t for t in texts[:12]], truncation=True, max_length=ST_MAX_SEQ)
+  assert got == want["input_ids"]
+  # Gemma 3's image tokens are in the vocabulary; audio ones are not.
+  assert emb.tokenizer.special_id("<soft_token>") == hf.convert_tokens_to_ids("<image_soft_token>")
+  with pytest.raises(KeyError, match="<start_of_audio>"):
+    emb.tokenizer.special_id("<start_of_audio>")
+
+
+def test_import_cuts_inputs_at_max_seq_length(st_today, rng):
+  """Defect 5: sentence-transformers cuts inputs at its max_seq_length (24), not at the 64 positions."""
+  folder, model, words, out = st_today
+  meta = ckpt_lib.Checkpointer(out, read_only=True).read_meta(0)
+  assert meta["max_seq_length"] == ST_MAX_SEQ
+  emb = Embedder.from_checkpoint(out, batch_size=8)
+  assert emb.max_length == ST_MAX_SEQ
+  texts = _sentences(words, rng.integers(30, 60, 6), rng=rng)
+  assert min(len(model.tokenizer(t)["input_ids"]) for t in texts) > ST_MAX_SEQ  # all over the limit
+  _rows_close(_quiet_embed(emb, texts, prefix=""), model.encode(texts, prompt=""))
+
+
+def test_import_applies_the_prompts_per_side(st_today, rng):
+  """Defect 6: queries get the "query" prompt and documents the "document" prompt, as
+  encode_query / encode_document apply them; task= picks a prompt as prompt_name= does."""
+  _, model, words, out = st_today
+  meta = ckpt_lib.Checkpointer(out, read_only=True).read_meta(0)
+  assert meta["prompts"] == ST_PROMPTS and meta["default_prompt_name"] is None
+  emb = Embedder.from_checkpoint(out, batch_size=8)
+  texts = _sentences(words, list(rng.integers(1, 12, 7)) + [40, 55], rng=rng)  # the last two are cut
+  docs = _quiet_embed(emb, texts, is_query=False)
+  _rows_close(docs, model.encode_document(texts))
+  _rows_close(_quiet_embed(emb, texts), model.encode_query(texts))
+  _rows_close(_quiet_embed(emb, texts, task="STS"), model.encode_query(texts, prompt_name="STS"))
+  _rows_close(_quiet_embed(emb, texts, is_query=False, task="STS"),
+              model.encode_document(texts, prompt_name="STS"))
+  # The document prompt matters: without it the embeddings are far apart (the test can fail).
+  assert rel_err(docs, model.encode(texts, prompt="")) > 1e-2
+  with pytest.raises(ValueError, match="not a prompt of this model"):
+    emb.embed(texts[:1], task="search")
+
+
+def test_export_of_the_import_loads_in_sentence_transformers(st_today, tmp_path, rng):
+  """embed2 checkpoint -> folder -> sentence-transformers equals embed2's Embedder (and the source)."""
+  _, _, st = _parity_libs()
+  folder, model, words, out = st_today
+  convert.main(["--to_safetensors", f"--ckpt={out}", f"--out={tmp_path / 'st'}"])
+  assert json.loads((tmp_path / "st" / "sentence_bert_config.json").read_text())["max_seq_length"] == ST_MAX_SEQ
+  exported = st.SentenceTransformer(str(tmp_path / "st"), device="cpu", local_files_only=True)
+  assert exported.max_seq_length == ST_MAX_SEQ
+  assert {k: v for k, v in exported.prompts.items() if v} == ST_PROMPTS
+  emb = Embedder.from_checkpoint(out, batch_size=8)
+  texts = _sentences(words, list(rng.integers(1, 12, 6)) + [35, 50], rng=rng)
+  for got, want in ((exported.encode_query(texts), _quiet_embed(emb, texts)),
+                    (exported.encode_document(texts), _quiet_embed(emb, texts, is_query=False)),
+                    (exported.encode_query(texts, prompt_name="STS"), _quiet_embed(emb, texts, task="STS"))):
+    _rows_close(got, want)
+  _rows_close(exported.encode_document(texts), model.encode_document(texts))
+
+
+def test_export_writes_the_checkpoints_own_sentencepiece_tokenizer(tmp_path, rng):
+  """Defect 3: a run on the packaged tokenizer exports a tokenizer that sentence-transformers loads and
+  that tokenizes as embed2 does (no --hf_tokenizer); embeddings equal both ways."""
+  _, transformers, st = _parity_libs()
+  cfg = ModelConfig.from_name("tiny", vocab_size=8192, max_length=40, head_dims=(24,), mrl_dims=())
+  random_checkpoint(tmp_path / "ckpt", cfg, {"search": "task: search | query: "}, rng=rng)
+  convert.main(["--to_safetensors", f"--ckpt={tmp_path / 'ckpt'}", f"--out={tmp_path / 'st'}"])
+  assert (tmp_path / "st" / "tokenizer.json").is_file()
+  words = ("read write the file socket server thread lock queue parse json decode encode path copy "
+           "déjà vu 世界 🦜 <start_of_image> <bos> def f(x):\n\treturn x + 1  # 2024").split(" ")
+  texts = [" ".join(rng.choice(words, int(n))) for n in rng.integers(1, 15, 8)]
+  texts += [" ".join(rng.choice(words, 60)) for _ in range(2)] + list(convert.PROBE_TEXTS[:4])
+  emb = Embedder.from_checkpoint(tmp_path / "ckpt", batch_size=8)
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "st"), local_files_only=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    ours = [list(t) for t in emb.tokenize(texts, is_query=False)]
+  assert ours == hf(texts, truncation=True, max_length=cfg.max_length)["input_ids"]
+  assert max(len(t) for t in ours) == cfg.max_length  # some were cut
+  exported = st.SentenceTransformer(str(tmp_path / "st"), device="cpu", local_files_only=True)
+  _rows_close(exported.encode_query(texts), _quiet_embed(emb, texts))
+  _rows_close(exported.encode_document(texts), _quiet_embed(emb, texts, is_query=False))
+  _rows_close(exported.encode_query(texts, prompt_name="search"), _quiet_embed(emb, texts, task="search"))
+
+
+def test_import_and_export_refuse_without_the_models_own_tokenizer(tmp_path, rng):
+  """Defect 4: a folder with no tokenizer is refused (nothing written) instead of importing a
+  checkpoint that would embed with another tokenizer; an export refuses a checkpoint whose
+  tokenizer is gone, or is larger than the model."""
+  hf = _numpy_hf_dir(tmp_path / "hf", rng=rng, tokenizer=False)
+  with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+    convert.convert_hf(hf, tmp_path / "out")
+  _no_output_left(tmp_path)
+  cfg = ModelConfig.from_name("tiny", vocab_size=8192, num_layers=2, head_dims=(), mrl_dims=())
+  random_checkpoint(tmp_path / "ckpt", cfg, rng=rng, tokenizer=str(tmp_path / "gone" / "tokenizer.model"))
+  with pytest.raises(SystemExit, match="tokenizer .*gone.*missing"):
+    convert.main(["--to_safetensors", f"--ckpt={tmp_path / 'ckpt'}", f"--out={tmp_path / 'st'}"])
+  assert not (tmp_path / "st").exists()
+  small = ModelConfig.from_name("tiny", vocab_size=512, num_layers=2, head_dims=(), mrl_dims=())
+  random_checkpoint(tmp_path / "small", small, rng=rng)
+  with pytest.raises(ValueError, match="8192 ids but the model's vocab_size is 512"):
+    convert.export_sentence_transformers(tmp_path / "small", tmp_path / "st")

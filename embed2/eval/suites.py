@@ -52,6 +52,7 @@ from embed2.eval import bm25 as bm25_lib
 from embed2.eval import metrics
 from embed2.eval import retrieval
 from embed2.data import segments
+from embed2.data.tokenizer import check_text
 from embed2.inference import Image, Video, missing_frontend
 
 DATA_DIR_ENV = "EMBED2_DATA_DIR"
@@ -209,6 +210,11 @@ def _read_jsonl(path: pathlib.Path, what: str) -> list[dict]:
           rows.append(json.loads(line))
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{line_no} is not valid JSON ({e})") from None
+        row = rows[-1]
+        for key, value in (row.items() if isinstance(row, dict) else ()):
+          for text in (value if isinstance(value, list) else [value]):
+            if isinstance(text, str):  # a JSON \ud800 escape is no text
+              check_text(text, f"{path}:{line_no} {key!r}")
   if not rows:
     raise ValueError(f"{path} has no rows")
   return rows
