@@ -1,5 +1,7 @@
 """GradCache (embed2.train.grad_cache) == the full-batch gradient, on one and on 8 devices."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,3 +184,120 @@ def test_bad_inputs():
     step(params, {}, [inputs["query"]], loss_inputs)
   with pytest.raises(ValueError, match="num_chunks"):
     grad_cache_value_and_grad(embed_fn, loss_fn, num_chunks=0)
+
+
+# ------------------------------------------------------------------ the train step on a media batch
+
+MEDIA = dict(image_frontend="patch", audio_frontend="conv", image_size=16, patch_size=4,
+             image_tokens=4, sample_rate=8000, n_mels=16, n_fft=128, hop_length=64,
+             audio_chunk_frames=24, max_audio_chunks=3, max_length=64, max_segments=4)
+
+
+def _media_batch(rng, tok, cfg, num_groups):
+  """One packed FT batch from the pipeline: images and audio on the query side (3 image and 5 audio
+  slots a group, so GradCache's slot chunks need padding), images on the positive side, text hard
+  negatives."""
+  from embed2.data import interleave, pipeline
+  from embed2.data.segments import Audio, Image
+
+  image = lambda: Image(pixels=rng.integers(0, 256, (20, 12, 3), dtype=np.uint8))
+  audio = lambda s: Audio(samples=rng.uniform(-0.5, 0.5, int(8000 * s)).astype(np.float32),
+                          sample_rate=8000)
+  examples = []
+  for i in range(48):
+    q = ([image(), f"shape {i}"], audio(0.2 + 0.01 * (i % 5)), [f"both {i}", image(), audio(0.1)])[i % 3]
+    examples.append({"query": q, "positive": image() if i % 4 else f"caption {i}",
+                     "negatives": [f"other {i}"], "query_id": i, "positive_id": 100 + i})
+  g = num_groups
+  spec = pipeline.BatchSpec(batch_size=2 * g, query_len=64, positive_len=16, negative_len=16,
+                            num_negatives=1, segments=4, query_rows=2 * g, positive_rows=2 * g,
+                            negative_rows=2 * g, query_images=3 * g, query_audio=5 * g,
+                            positive_images=2 * g, negative_images=0, negative_audio=0,
+                            positive_audio=0)
+  task = pipeline.TaskSpec(name="mix", examples=examples, batch=spec)
+  it = pipeline.build_ft_iterator([task], tokenizer=tok, num_groups=g, seed=int(rng.integers(1 << 30)),
+                                  encoder=interleave.InputEncoder(tok, cfg))
+  host = next(it)
+  assert int(host["query_num_images"]) > 0 and int(host["query_num_audio"]) > 0
+  assert int(host["positive_num_images"]) > 0 and int(host["num_examples"]) > g
+  return host
+
+
+def _step_grads(graphdef, loss_fn, num_groups, chunks):
+  from embed2.train import step as step_lib
+
+  def fn(state, batch):
+    trainee = nnx.merge(graphdef, state)
+    if chunks:
+      (loss, aux), grads = step_lib.grad_cache_loss_and_grads(
+          trainee, batch, loss_fn=loss_fn, num_groups=num_groups, num_chunks=chunks)
+    else:
+      (loss, aux), grads = nnx.value_and_grad(
+          lambda t: step_lib.batch_loss(t, batch, loss_fn=loss_fn, num_groups=num_groups),
+          has_aux=True)(trainee)
+    return loss, aux, nnx.to_pure_dict(grads)
+
+  return jax.jit(fn, compiler_options=FAST_COMPILE)
+
+
+def test_media_batch_step_equals_full_batch_on_one_and_on_8_devices(rng):
+  """GradCache on a packed media batch: the frontends' soft tokens reach the rows (same loss as the
+  full-batch step) and the frontends get their gradient, on one device and sharded over 8."""
+  from embed2 import sharding
+  from embed2.data.tokenizer import Tokenizer
+  from embed2.model import EmbeddingModel, ModelConfig
+  from embed2.train import step as step_lib
+
+  tok = Tokenizer.default()
+  cfg = ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, **MEDIA)
+  g = 8
+  host = _media_batch(rng, tok, cfg, g)
+  arrays = {k: v for k, v in host.items() if np.ndim(v) > 0}
+  lcfg = losses.LossConfig(learnable_temperature=True, mrl_dims=(16, 64), blockwise=False)
+  trainee = step_lib.Trainee(EmbeddingModel(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30)))),
+                             losses.init_loss_params(lcfg))
+  graphdef, state = nnx.split(trainee)
+  dense = lambda *a, **kw: losses.contrastive_loss(*a, **kw, cfg=lcfg)
+  batch = {k: jnp.asarray(v) for k, v in arrays.items()} | {"poison": jnp.float32(1.0)}
+
+  want_loss, want_aux, want = _step_grads(graphdef, dense, g, 0)(state, batch)
+  got = {"1 device": _step_grads(graphdef, dense, g, 2)(state, batch)}
+  mesh = sharding.make_mesh({"data": 8})
+  sharded_batch = step_lib.device_batch(host, mesh)
+  with jax.set_mesh(mesh):
+    loss_fn = losses.sharded_contrastive_loss(mesh, cfg=dataclasses.replace(lcfg, blockwise=True,
+                                                                            block_size=4))
+    got["8 devices"] = _step_grads(graphdef, loss_fn, g, 2)(
+        jax.device_put(state, NamedSharding(mesh, P())), sharded_batch)
+
+  # The frontends matter for this batch, and get a gradient in the reference.
+  for part in ("image_frontend", "audio_frontend"):
+    for leaf in jax.tree.leaves(want["model"][part]):
+      assert np.max(np.abs(np.asarray(leaf))) > 0, part
+  flat_want = jax.tree_util.tree_flatten_with_path(want)[0]
+  for where, (loss, aux, grads) in got.items():
+    assert _rel_err(loss, want_loss) < 1e-5, where
+    for key in want_aux:
+      assert _rel_err(aux[key], want_aux[key]) < 1e-5, (where, key)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    assert [p for p, _ in flat] == [p for p, _ in flat_want]
+    for (path, a), (_, b) in zip(flat, flat_want):
+      name = f"{where} {jax.tree_util.keystr(path)}"
+      assert np.max(np.abs(np.asarray(a))) > 0, name
+      assert _rel_err(a, b) < 1e-5, (name, _rel_err(a, b))
+
+
+def test_media_slots_without_soft_index_are_refused(rng):
+  """Media the rows cannot read is an error, never dropped."""
+  from embed2.model import EmbeddingModel, ModelConfig
+
+  cfg = ModelConfig.from_name("tiny", **MEDIA)
+  model = EmbeddingModel(cfg, rngs=nnx.Rngs(0))
+  side = {"tokens": jnp.asarray(rng.integers(3, 100, (2, 8)), jnp.int32),
+          "segment_ids": jnp.ones((2, 8), jnp.int32), "positions": jnp.tile(jnp.arange(8), (2, 1)),
+          "slot": jnp.asarray([0, 4], jnp.int32),
+          "images": jnp.asarray(rng.integers(0, 256, (2, 16, 16, 3)), jnp.uint8)}
+  with pytest.raises(ValueError, match=r"\['images'\] are given but no soft_index"):
+    model(side, num_groups=2)
+  with pytest.raises(ValueError, match=r"\['query_images'\] are given but no query_soft_index"):
+    model.embed_sides({f"query_{k}": v for k, v in side.items()}, 2, ["query"])

@@ -12,6 +12,11 @@ embed2.data.packing) runs each media slot through its frontend (embed2.model.fro
 soft tokens per pack group, and gathers them into the rows at the placeholder positions, again within
 the group. Every image / audio chunk is encoded on its own, so where it sits does not change its soft
 tokens.
+
+One side of a batch is embedded by one method, `EmbeddingModel.embed_rows` (rows and their media ->
+pooled slots); `__call__`, `embed_sides` and the GradCache step (embed2.train.step) all go through it.
+It takes the media either as slots (run through the frontends here) or as the frontends' outputs
+computed elsewhere (`features`, how GradCache encodes media slots and rows in separate chunks).
 """
 
 from __future__ import annotations
@@ -72,6 +77,49 @@ def gather_slots(pooled_rsd: jax.Array, slot_b: jax.Array, num_groups: int) -> j
   return out.reshape(*slot_b.shape, d)
 
 
+# A side's model inputs: per-row arrays (R, L), and media slots (G * N, ...) in the order their soft
+# tokens are laid out in a group (packing.soft_index_base: images first, then audio).
+ROW_KEYS = ("tokens", "segment_ids", "positions", "soft_index")
+MEDIA_KEYS = ("images", "audio")
+
+
+def place_soft_tokens(soft_index_rl: jax.Array, features: dict[str, jax.Array], num_groups: int,
+                      prefix: str = ""):
+  """Puts the frontends' soft tokens at their placeholder positions, group by group.
+
+  Args:
+    soft_index_rl: int32 (R, L), R = G * R_g; -1 on ordinary tokens, else an index into group g's
+      flattened soft tokens (see embed2.data.packing).
+    features: {kind: (G * N_kind, T_kind, D)} frontend outputs of every media slot, kinds in
+      MEDIA_KEYS order.
+    num_groups: G.
+    prefix: the side's key prefix, for error messages.
+
+  Returns:
+    (soft tokens (R, L, D), soft mask bool (R, L)).
+  """
+  g = num_groups
+  r, l = soft_index_rl.shape
+  if r % g:
+    raise ValueError(f"{prefix}soft_index has {r} rows, not divisible into {g} pack groups")
+  parts = []
+  for key in MEDIA_KEYS:
+    if key not in features:
+      continue
+    x = features[key]
+    if x.shape[0] % g:
+      raise ValueError(f"{prefix}{key} has {x.shape[0]} slots, not divisible into {g} pack groups")
+    parts.append(x.reshape(g, -1, x.shape[-1]))
+  unknown = set(features) - set(MEDIA_KEYS)
+  if unknown or not parts:
+    raise ValueError(f"{prefix}soft_index needs the features of {' and / or '.join(MEDIA_KEYS)}; got "
+                     f"{sorted(features)}")
+  soft_gnd = jnp.concatenate([p.astype(parts[0].dtype) for p in parts], axis=1)
+  idx_gm = soft_index_rl.reshape(g, -1)
+  out = jnp.take_along_axis(soft_gnd, jnp.maximum(idx_gm, 0)[:, :, None], axis=1)
+  return out.reshape(r, l, -1), soft_index_rl >= 0
+
+
 class EmbeddingModel(nnx.Module):
   """Transformer plus pooling and projection head.
 
@@ -101,6 +149,20 @@ class EmbeddingModel(nnx.Module):
       pooled = pooled @ w[...]
     return l2_normalize(pooled)
 
+  def frontend(self, key: str, prefix: str = "") -> nnx.Module:
+    """The frontend that reads media slots `key` ("images" or "audio"); an error if the model has none."""
+    frontend, what = {"images": (self.image_frontend, "image_frontend"),
+                      "audio": (self.audio_frontend, "audio_frontend")}[key]
+    if frontend is None:
+      raise ValueError(f"the batch has {prefix}{key} but this model has no {key} frontend; set "
+                       f"config.model.{what}")
+    return frontend
+
+  def media_features(self, side: dict, prefix: str = "") -> dict[str, jax.Array]:
+    """Frontend outputs of a side's media slots: {kind: (N, T, D)} for each of `{prefix}images`
+    (uint8 (N, S, S, 3)) and `{prefix}audio` (float32 (N, F, M)) present. Each slot on its own."""
+    return {k: self.frontend(k, prefix)(side[prefix + k]) for k in MEDIA_KEYS if prefix + k in side}
+
   def soft_inputs(self, side: dict, num_groups: int, prefix: str = ""):
     """Soft tokens of one side's media at their placeholder positions.
 
@@ -115,28 +177,41 @@ class EmbeddingModel(nnx.Module):
     """
     idx_rl = side.get(prefix + "soft_index")
     if idx_rl is None:
+      _refuse_unread_media(side, prefix, f"no {prefix}soft_index places them in the rows")
       return None, None
-    g = num_groups
-    r, l = idx_rl.shape
-    parts = []
-    for key, frontend, what in (("images", self.image_frontend, "image_frontend"),
-                                ("audio", self.audio_frontend, "audio_frontend")):
-      x = side.get(prefix + key)
-      if x is None:
-        continue
-      if frontend is None:
-        raise ValueError(f"the batch has {prefix}{key} but this model has no {key} frontend; set "
-                         f"config.model.{what}")
-      if x.shape[0] % g:
-        raise ValueError(f"{prefix}{key} has {x.shape[0]} slots, not divisible into {g} pack groups")
-      soft = frontend(x)  # (G * slots, T, D)
-      parts.append(soft.reshape(g, -1, soft.shape[-1]))
-    if not parts:
+    features = self.media_features(side, prefix)
+    if not features:
       raise ValueError(f"{prefix}soft_index is given without {prefix}images or {prefix}audio")
-    soft_gnd = jnp.concatenate([p.astype(parts[0].dtype) for p in parts], axis=1)
-    idx_gm = idx_rl.reshape(g, -1)
-    out = jnp.take_along_axis(soft_gnd, jnp.maximum(idx_gm, 0)[:, :, None], axis=1)
-    return out.reshape(r, l, -1), idx_rl >= 0
+    return place_soft_tokens(idx_rl, features, num_groups, prefix)
+
+  def embed_rows(self, side: dict, num_groups: int, prefix: str = "",
+                 features: dict[str, jax.Array] | None = None) -> jax.Array:
+    """Embeds every (row, segment) slot of one side: THE path from a side's inputs to embeddings.
+
+    Args:
+      side: `{prefix}tokens`, `{prefix}segment_ids`, `{prefix}positions` (R, L), R = G * R_g; for
+        media, `{prefix}soft_index` (R, L) with either the media slots (`{prefix}images` /
+        `{prefix}audio`, see `soft_inputs`) or `features`.
+      num_groups: G, the number of pack groups the rows were built in (rows [g * R_g, (g + 1) * R_g)
+        and media slots [g * N_g, (g + 1) * N_g) belong to group g).
+      prefix: key prefix, e.g. "query_".
+      features: the frontends' outputs for the side's media slots, {kind: (G * N_kind, T, D)}, as
+        `media_features` gives them; when given, `side` holds no media slots (GradCache computes
+        them in chunks of their own and passes them here).
+
+    Returns:
+      unit-norm float32 (R, S, d), S = config max_segments.
+    """
+    soft = mask = None
+    if features is not None:
+      if prefix + "soft_index" not in side:
+        raise ValueError(f"features are given for a side without {prefix}soft_index")
+      _refuse_unread_media(side, prefix, "their frontend outputs (features) are given as well")
+      soft, mask = place_soft_tokens(side[prefix + "soft_index"], features, num_groups, prefix)
+    else:
+      soft, mask = self.soft_inputs(side, num_groups, prefix)
+    return self.encode_rows(side[prefix + "tokens"], side[prefix + "segment_ids"],
+                            side[prefix + "positions"], soft, mask)
 
   def __call__(self, side: dict, num_groups: int, prefix: str = "") -> jax.Array:
     """Embeds the examples of one side of a packed batch.
@@ -151,10 +226,7 @@ class EmbeddingModel(nnx.Module):
     Returns:
       unit-norm float32 (B, d) (or (B, K, d)).
     """
-    soft, mask = self.soft_inputs(side, num_groups, prefix)
-    pooled = self.encode_rows(side[prefix + "tokens"], side[prefix + "segment_ids"],
-                              side[prefix + "positions"], soft, mask)
-    return gather_slots(pooled, side[prefix + "slot"], num_groups)
+    return gather_slots(self.embed_rows(side, num_groups, prefix), side[prefix + "slot"], num_groups)
 
   def embed_sides(self, batch: dict, num_groups: int, sides) -> dict[str, jax.Array]:
     """Embeds several sides of a packed batch ({side}_tokens ... {side}_slot), as `__call__` per side.
@@ -168,7 +240,8 @@ class EmbeddingModel(nnx.Module):
     """
     by_len: dict[Any, list[str]] = {}
     for s in sides:
-      key = s if f"{s}_soft_index" in batch else batch[f"{s}_tokens"].shape[1]  # media sides alone
+      media = any(f"{s}_{k}" in batch for k in ("soft_index",) + MEDIA_KEYS)
+      key = s if media else batch[f"{s}_tokens"].shape[1]  # media sides alone
       by_len.setdefault(key, []).append(s)
     out = {}
     g = num_groups
@@ -184,7 +257,7 @@ class EmbeddingModel(nnx.Module):
         cat = jnp.concatenate(parts, axis=1)
         return cat.reshape((-1,) + cat.shape[2:])
 
-      pooled = self.encode_rows(joined("tokens"), joined("segment_ids"), joined("positions"))
+      pooled = self.embed_rows({k: joined(k) for k in ("tokens", "segment_ids", "positions")}, g)
       pooled = pooled.reshape((g, -1) + pooled.shape[1:])  # (G, sum R_g, S, d)
       start = 0
       for s, r in zip(names, rows):
@@ -193,3 +266,10 @@ class EmbeddingModel(nnx.Module):
         start += r
     return out
 
+
+def _refuse_unread_media(side: dict, prefix: str, why: str) -> None:
+  """Media slots the rows will not read are an error: they would be dropped without a trace."""
+  extra = [prefix + k for k in MEDIA_KEYS if prefix + k in side]
+  if extra:
+    raise ValueError(f"{extra} are given but {why}; pack media with embed2.data.packing, which "
+                     "writes both")

@@ -25,6 +25,7 @@ from flax import nnx
 from embed2 import losses
 from embed2 import sharding
 from embed2.model import EmbeddingModel, gather_slots
+from embed2.model.embedding_model import MEDIA_KEYS, ROW_KEYS
 from embed2.train import grad_cache
 
 SIDES = ("query", "positive", "negative")
@@ -54,16 +55,31 @@ def batch_loss(trainee: Trainee, batch: dict[str, jax.Array], *, loss_fn: Callab
 
 def grad_cache_loss_and_grads(trainee: Trainee, batch: dict[str, jax.Array], *, loss_fn: Callable,
                               num_groups: int, num_chunks: int):
-  """(loss, aux), grads of `batch_loss` computed with GradCache: the rows of every side are embedded in
-  `num_chunks` chunks without keeping activations, then re-run chunk by chunk to pull dL/dE back. Equal
-  to `nnx.value_and_grad(batch_loss)` up to float summation order; activation memory of one chunk."""
+  """(loss, aux), grads of `batch_loss` computed with GradCache (embed2.train.grad_cache): the rows of
+  every side are embedded in `num_chunks` chunks without keeping activations, then re-run chunk by
+  chunk to pull dL/dE back. A media side's image / audio slots are encoded by the frontends in chunks
+  of their own (at most `num_chunks` per side, each taking an equal piece of every pack group's
+  slots), and the rows read their soft tokens from the whole side's frontend outputs, so every row
+  sees exactly the soft tokens of a full-batch pass and the frontends get their gradient through
+  them. Rows go through `EmbeddingModel.embed_rows`, the same path as `batch_loss`. Equal to
+  `nnx.value_and_grad(batch_loss)` up to float summation order; activation memory of one chunk (plus
+  the side's soft tokens and their gradient)."""
   graphdef, params, rest = nnx.split(trainee.model, nnx.Param, ...)
   sides = [s for s in SIDES if f"{s}_tokens" in batch]
-  inputs = {s: {k: batch[f"{s}_{k}"] for k in ("tokens", "segment_ids", "positions")} for s in sides}
-  loss_inputs = {k: v for k, v in batch.items() if not k.endswith(("_tokens", "_segment_ids", "_positions"))}
+  rows = {s: {k: batch[f"{s}_{k}"] for k in ROW_KEYS if f"{s}_{k}" in batch} for s in sides}
+  slots = {s: {k: batch[f"{s}_{k}"] for k in MEDIA_KEYS if f"{s}_{k}" in batch} for s in sides}
+  slots = {s: v for s, v in slots.items() if v}
+  model_keys = {f"{s}_{k}" for s in sides for k in ROW_KEYS + MEDIA_KEYS}
+  loss_inputs = {k: v for k, v in batch.items() if k not in model_keys}
 
-  def embed_fn(p, x):
-    return nnx.merge(graphdef, p, rest).encode_rows(x["tokens"], x["segment_ids"], x["positions"])
+  def model(p):
+    return nnx.merge(graphdef, p, rest)
+
+  def embed_fn(p, x, features):
+    return model(p).embed_rows(x, num_groups, features=features or None)
+
+  # The frontends exactly as `EmbeddingModel.media_features` runs them, one kind of slot at a time.
+  feature_fns = {k: (lambda p, x, k=k: model(p).media_features({k: x})[k]) for k in MEDIA_KEYS}
 
   def loss_of_embeddings(embs, loss_params, li):
     e = {s: gather_slots(embs[s], li[f"{s}_slot"], num_groups) for s in sides}
@@ -74,9 +90,10 @@ def grad_cache_loss_and_grads(trainee: Trainee, batch: dict[str, jax.Array], *, 
     return loss * li["poison"], aux
 
   fn = grad_cache.grad_cache_value_and_grad(embed_fn, loss_of_embeddings, num_chunks=num_chunks,
-                                            num_groups=num_groups, has_aux=True)
+                                            num_groups=num_groups, has_aux=True,
+                                            feature_fns=feature_fns)
   loss_params = {k: v[...] for k, v in trainee.loss.items()}
-  value, (g_model, g_loss) = fn(params, loss_params, inputs, loss_inputs)
+  value, (g_model, g_loss) = fn(params, loss_params, rows, loss_inputs, slots)
   grads = nnx.state(trainee, nnx.Param)
   nnx.replace_by_pure_dict(grads, {"model": nnx.to_pure_dict(g_model), "loss": g_loss})
   return value, grads
