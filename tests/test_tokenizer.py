@@ -457,6 +457,8 @@ def test_a_manifest_caption_with_a_lone_surrogate_names_file_and_line(tmp_path):
   from data_pipelines import media_datasets  # pylint: disable=g-import-not-at-top
   root = tmp_path / "mscoco"
   root.mkdir()
+  for name in ("a.png", "b.png"):
+    (root / name).write_bytes(b"")  # only their existence is checked here
   # json.dumps writes the lone surrogate as the escape \ud800, as a broken exporter would.
   lines = [{"image": "a.png", "captions": ["a cat"]}, {"image": "b.png", "captions": ["ok", "dog \ud800"]}]
   (root / "test.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
