@@ -683,7 +683,7 @@ def _sentence_bert_max_length(model_dir: Path, cfg: ModelConfig, model_max_lengt
     length = int(sbert["max_seq_length"])
   else:
     length = min(model_max_length or cfg.max_length, cfg.max_length)
-  if not 3 <= length:
+  if length < 3:
     raise ValueError(f"{path}: max_seq_length={length} leaves no room for text")
   if length > cfg.max_length:
     logging.warning("convert: %s: max_seq_length=%d is above max_position_embeddings=%d; embed2 cuts "
@@ -1186,7 +1186,7 @@ def _check_exported_tokenizer(folder: Path, tokenizer: tok_lib.Tokenizer, prompt
     if transformers is not None:
       hf = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
       got = [list(ids) for ids in hf(probes, verbose=False)["input_ids"]]
-      hf(probes[:2], padding=True)  # sentence-transformers pads its batches: a pad token is needed
+      hf(probes[:2], padding=True, verbose=False)  # sentence-transformers pads its batches: a pad token is needed
     else:
       reader = tok_lib.HFTokenizer.from_file(folder / "tokenizer.json")
       got = [reader.encode(t, add_bos=True, add_eos=True) for t in probes]
