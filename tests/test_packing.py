@@ -432,3 +432,52 @@ def test_finite_stream_packs_what_was_read(w):
   _check_batch(shape, batch, [examples[int(q)] for q in batch["query_ids"][:5]] + [None] * 3)
   batch, held = packing.pack_group(shape, [], lambda: next(stream))
   assert not held and int(batch["num_examples"]) == 0
+
+
+@pytest.mark.parametrize("w", [0, 16])
+def test_read_and_skipped_are_counted_when_a_record_is_pulled(rng, w):
+  """`num_read` counts the records pulled from the stream (good or bad), `num_skipped` the ones
+  dropped among them, both at the pull: over any first batches skipped / read is exactly the bad
+  fraction of what was pulled. Every pulled record is skipped, packed or held, once. Counting the
+  packed examples instead overstates the bad fraction while the window holds tuples read ahead."""
+  from embed2.data.interleave import Media  # pylint: disable=g-import-not-at-top
+  shape = _shape(k=2, w=w)
+  examples = _make_examples(rng, 400, lq=48, lp=256, ln=256, k_max=3)
+  for i, ex in enumerate(examples):
+    ex["query_id"] = i
+  kinds = rng.choice(["good", "bad", "oversize"], size=len(examples), p=[0.7, 0.25, 0.05])
+  for i in np.flatnonzero(kinds == "bad"):  # what pipeline.Tokenize makes of an undecodable record
+    examples[i] = {packing.SKIPPED: f"record {i}: corrupt image", "query_id": i}
+  for i in np.flatnonzero(kinds == "oversize"):  # more images than the side has slots (none)
+    examples[i]["query_media"] = (Media(kind="image", array=np.zeros((2, 2, 3), np.uint8),
+                                        offset=0, tokens=1),)
+  stream = iter(enumerate(examples))
+  pulled = []
+
+  def pull():
+    item = next(stream)
+    pulled.append(item[0])
+    return item
+
+  held, packed = [], []
+  tot_read = tot_skipped = tot_examples = 0
+  for _ in range(6):
+    before = len(pulled)
+    batch, held = packing.pack_group(shape, held, pull)
+    now = pulled[before:]
+    assert int(batch["num_read"]) == len(now)
+    assert int(batch["num_skipped"]) == int(np.sum(kinds[now] != "good"))
+    n = int(batch["num_examples"])
+    packed += [int(q) for q in batch["query_ids"][:n]]
+    tot_read += int(batch["num_read"])
+    tot_skipped += int(batch["num_skipped"])
+    tot_examples += n
+    bad_fraction = np.mean(kinds[pulled] != "good")
+    assert tot_skipped / tot_read == bad_fraction
+    good = [i for i in pulled if kinds[i] == "good"]
+    assert sorted(packed + [key for key, _ in held]) == good  # nothing lost, nothing twice
+    if held:  # the old reading (skipped + examples as "read") sees a higher bad fraction
+      assert tot_skipped / (tot_skipped + tot_examples) > bad_fraction
+  assert tot_skipped > 0 and tot_read == len(pulled)
+  if w:
+    assert held  # the window did read ahead of what it packed

@@ -522,3 +522,60 @@ def test_with_suggested_rows_fills_unset_rows():
   it = P.build_ft_iterator([P.TaskSpec(name="w", examples=exs, batch=got)],
                            tokenizer=tok, num_groups=4, seed=0)
   assert it.group_shapes["w"].positive.rows == got.positive_rows // 4
+
+
+class ReadLog:
+  """A random-access source that logs every read, in order (repeats included)."""
+
+  def __init__(self, items):
+    self._items = items
+    self.reads = []
+
+  def __len__(self):
+    return len(self._items)
+
+  def __getitem__(self, i):
+    self.reads.append(int(i))
+    return self._items[i]
+
+
+def test_skipped_over_read_is_the_bad_fraction_of_the_records_read(rng):
+  """A task with undecodable records (corrupt image bytes): each host batch's `num_read` is the
+  records read from the source for it and `num_skipped` the undecodable ones among them, so over
+  the first batches skipped / read is exactly the bad fraction of the records read. The old
+  reading, skipped / (skipped + num_examples), is higher while the lookahead window holds good
+  tuples read ahead of what it packed, and could stop a run whose bad fraction is under the limit."""
+  from embed2.data import interleave  # pylint: disable=g-import-not-at-top
+  from embed2.data.segments import Image  # pylint: disable=g-import-not-at-top
+  from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from embed2.model import ModelConfig  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer.default()
+  cfg = ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, image_frontend="patch",
+                              image_size=16, patch_size=8, image_tokens=4)
+  corrupt = Image(data=b"\x89PNG\r\n\x1a\n" + bytes(40))  # a PNG signature, then no valid chunk
+  n = 400
+  bad = rng.random(n) < 0.2
+  items = [{"query": corrupt if bad[i] else
+                     [Image(pixels=rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), f"shape {i}"],
+            "positive": f"caption {i} " + "word " * int(rng.integers(1, 12)),
+            "query_id": i, "positive_id": i} for i in range(n)]
+  src = ReadLog(items)
+  task = P.TaskSpec(name="img", examples=src, batch=P.BatchSpec(
+      batch_size=16, query_len=32, positive_len=24, segments=4))
+  it = P.build_ft_iterator([task], tokenizer=tok, num_groups=2, seed=0,
+                           encoder=interleave.InputEncoder(tok, cfg))
+  src.reads.clear()  # the rows / media-slot suggestion read a sample; the batches start now
+  read = skipped = examples = 0
+  for _ in range(4):
+    before = len(src.reads)
+    b = next(it)
+    now = src.reads[before:]
+    assert int(b["num_read"]) == len(now)
+    assert int(b["num_skipped"]) == int(bad[now].sum())
+    read += int(b["num_read"])
+    skipped += int(b["num_skipped"])
+    examples += int(b["num_examples"])
+    assert skipped / read == bad[src.reads].mean()
+    # Each group's window still holds good tuples it read and did not pack yet.
+    assert skipped / (skipped + examples) > skipped / read
+  assert skipped > 0

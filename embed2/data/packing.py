@@ -44,10 +44,16 @@ group's media slots:
                                  N_g * T_img + a * T_aud + t.
 
 0-d entries of the batch are logging stats, never model inputs (see `batch_stats`):
-`num_tokens`, `num_truncated`, `num_examples`, `example_fill`, `num_skipped`
-(stream records the pipeline could not decode, skipped and counted), and per side
-`{s}_num_tokens`, `{s}_nonpad_fraction`, `{s}_num_truncated`, and for media sides
-`{s}_num_images`, `{s}_num_audio`.
+`num_tokens`, `num_truncated`, `num_examples`, `example_fill`, `num_read`, `num_skipped`,
+and per side `{s}_num_tokens`, `{s}_nonpad_fraction`, `{s}_num_truncated`, and for media
+sides `{s}_num_images`, `{s}_num_audio`. `num_read` counts the records pulled from the
+stream while this batch was filled, good or bad; `num_skipped` counts those of them that
+were dropped (the pipeline could not decode them, or they hold more media than a side
+has slots). Both are counted at the same moment, when a record is pulled, so over any
+run of batches num_skipped / num_read is exactly the bad fraction of the records read.
+(`num_examples` is not a count of good records read: the lookahead window reads up to
+W + max_misses good tuples ahead of what it packs, so skipped / (skipped + examples)
+overstates the bad fraction of the first batches.)
 
 Packing policy (per group, online, best-fit rows, a lookahead window of tuples): the
 candidates are the tuples held over from the previous batch (oldest first), then fresh
@@ -366,7 +372,9 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
     (group batch, tuples held over for the next batch). The group batch has the
     contract's arrays with R = R_g and B = B_g, plus per-group count stats
     (0-d int64): `{s}_num_tokens`, `{s}_num_truncated`, `num_examples`,
-    `num_skipped`, and for media sides `{s}_num_images`, `{s}_num_audio`.
+    `num_read` (calls of `pull` that returned a record; `held` tuples are not
+    counted again), `num_skipped` (of those, the ones dropped), and for media
+    sides `{s}_num_images`, `{s}_num_audio`.
   """
   k = shape.num_negatives
   sides = shape.sides
@@ -377,6 +385,9 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
   window = _Window(shape, width)  # read, not accepted, in arrival order
   accepted: list[tuple[dict[str, Any], dict[str, list]]] = []
   misses = 0
+  # Both counted when a record is pulled from the stream (never when it is packed),
+  # so skipped / read is the bad fraction of exactly the records read so far.
+  read = 0
   skipped = 0
   # Skipped records close a batch too (after B_g + max_misses of them), so a
   # stream of nothing but bad records still yields batches whose counts the
@@ -396,6 +407,7 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
         except StopIteration:  # a finite stream ran out: pack what was read
           exhausted = True
           break
+        read += 1
       if SKIPPED in item[1]:  # a record the pipeline could not decode: counted, never held
         skipped += 1
         continue
@@ -431,6 +443,7 @@ def pack_group(shape: GroupShape, held: Sequence[Item],
   # Untried held-over tuples keep their turn after everything read in this batch.
   new_held = [c.item for c in window.cands] + queue
   out = _assemble(shape, accepted)
+  out["num_read"] = np.asarray(read, np.int64)
   out["num_skipped"] = np.asarray(skipped, np.int64)
   return out, new_held
 
