@@ -8,7 +8,8 @@ batch, per-task batch sizes), then a soup of the FT run and a second-seed varian
       --workdir=/tmp/eg300m_quick
 
 `ckpt` is the directory `embed2.convert` wrote from the Hugging Face sentence-transformers folder: the
-backbone, the 768 -> 3072 -> 768 dense head and Gemma's tokenizer.model. EmbeddingGemma is already an
+backbone, the 768 -> 3072 -> 768 dense head and the model's own tokenizer (the run trains with it:
+config.tokenizer is empty). EmbeddingGemma is already an
 encoder, so this run starts from it with small learning rates and a short PFT.
 
 Tasks are the offline stdlib suite (data_pipelines/stdlib_tasks.py) until real datasets are plugged in
@@ -35,7 +36,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mesh = common.mesh(k.data, k.fsdp, k.tensor)
   c.sharding_rules = common.sharding_rules()
   c.init_from = k.ckpt
-  c.tokenizer = f"{k.ckpt}/tokenizer.model"
+  c.tokenizer = ""  # "": the tokenizer of config.init_from (the import carries its own)
   c.loss = dict(kind="softmax", temperature=0.05, learnable_temperature=True, symmetric=False,
                 blockwise=True, block_size=1024)
 

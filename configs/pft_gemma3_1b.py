@@ -7,7 +7,7 @@ batch, per-task batch sizes), then a soup of the FT run and a second-seed varian
       --workdir=/tmp/g1b_quick
 
 `ckpt` is the directory `embed2.convert` wrote from the Hugging Face checkpoint (causal weights and
-Gemma's tokenizer.model). The model keeps the decoder's weights and attends bidirectionally from the
+Gemma's own tokenizer, which the run trains with). The model keeps the decoder's weights and attends bidirectionally from the
 first step (`causal` does not change the parameters, so the causal checkpoint loads); the embedding is
 the mean-pooled final state (no projection head: a converted decoder has none to start from, and
 `init_from` loads every parameter of the model), with MRL prefixes of it.
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mesh = common.mesh(k.data, k.fsdp, k.tensor)
   c.sharding_rules = common.sharding_rules()
   c.init_from = k.ckpt
-  c.tokenizer = f"{k.ckpt}/tokenizer.model"
+  c.tokenizer = ""  # "": the tokenizer of config.init_from (the import carries its own)
   c.loss = dict(kind="softmax", temperature=0.05, learnable_temperature=True, symmetric=False,
                 blockwise=True, block_size=1024)
 

@@ -7,7 +7,7 @@ batch, per-task batch sizes), then a soup of the FT run and a second-seed varian
 
 `ckpt` is the directory `embed2.convert` wrote from Gemma3ForConditionalGeneration: the language model
 (CKPT/0, loaded by `init_from`), the SigLIP tower and projector (CKPT/vision, `vision_init_from`), and
-Gemma's tokenizer.model. Parameters are sharded over `fsdp` (all devices by default; the 4B model and
+Gemma's own tokenizer (the run's: config.tokenizer is empty). Parameters are sharded over `fsdp` (all devices by default; the 4B model and
 its AdamW state do not fit one device's memory replicated).
 
 The model's image frontend is Gemma 3's own (`image_frontend="vit"`: SigLIP So400m/14 at 896 px, 256
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mesh = common.mesh(k.data, k.fsdp, k.tensor)
   c.sharding_rules = common.sharding_rules()
   c.init_from = k.ckpt
-  c.tokenizer = f"{k.ckpt}/tokenizer.model"
+  c.tokenizer = ""  # "": the tokenizer of config.init_from (the import carries its own)
   c.loss = dict(kind="softmax", temperature=0.05, learnable_temperature=True, symmetric=False,
                 blockwise=True, block_size=1024)
 

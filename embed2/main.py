@@ -61,9 +61,8 @@ def make_eval_fn(config, workdir):
   if not suite:
     return None
   from embed2.eval import suites  # pylint: disable=g-import-not-at-top
-  from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
 
-  tokenizer = Tokenizer.from_file(config.tokenizer) if config.get("tokenizer") else Tokenizer.default()
+  tokenizer, _ = trainer.resolve_tokenizer(config)  # the one the run trains with
   evaluator = suites.SuiteEvaluator(suite, tokenizer=tokenizer,
                                     task_strings={n: t.get("task_string", "") for n, t in config.tasks.items()})
 

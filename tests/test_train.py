@@ -266,6 +266,49 @@ def test_missing_media_files_obey_max_skipped_fraction(tmp_path, monkeypatch, rn
   assert not (tmp_path / "w").exists()
 
 
+def _other_tokenizer(path):
+  """A small sentencepiece model that is not the packaged one (same conventions, other vocabulary)."""
+  import io
+  import sentencepiece as spm
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(["another corpus entirely, for another tokenizer", "def mul(x, y): return x * y"] * 30),
+      model_writer=model, model_type="bpe", vocab_size=300, byte_fallback=True, pad_id=0, eos_id=1, bos_id=2,
+      unk_id=3, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+  path.write_bytes(model.getvalue())
+  return path
+
+
+def test_init_from_trains_with_the_checkpoints_own_tokenizer(tmp_path, data):
+  """Regression (issue 16.4, training side): a run from a checkpoint took config.tokenizer, or the packaged
+  default, whatever the checkpoint was made with. Now config.tokenizer='' takes the checkpoint's own, an
+  equivalent file (the tokenizer.json of the same model) is accepted, and another tokenizer is refused."""
+  from embed2.data import tokenizer as tokenizer_lib
+  c = config("pft_steps=1,ft_steps=1,every=100")
+  trainer.train(c, str(tmp_path / "a"), data)
+  # Its sentencepiece model as a tokenizer.json: the same ids, so the same tokenizer.
+  text, tok_config = tokenizer_lib.sentencepiece_to_hf(tokenizer_lib.Tokenizer.default())
+  (tmp_path / "tok").mkdir()
+  (tmp_path / "tok" / "tokenizer.json").write_text(text)
+  (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(tok_config))
+  child = config("pft_steps=1,ft_steps=1,every=100", init_from=str(tmp_path / "a"),
+                 tokenizer=str(tmp_path / "tok" / "tokenizer.json"))
+  child.stages = [child.stages[1]]
+  trainer.train(child, str(tmp_path / "b"), data)
+  meta = ckpt_lib.Checkpointer(tmp_path / "b" / "checkpoints", read_only=True).read_meta()
+  assert meta["tokenizer"] == str(tmp_path / "tok" / "tokenizer.json")
+  # A run from b with config.tokenizer='' trains with b's tokenizer and records it.
+  grandchild = config("pft_steps=1,ft_steps=1", init_from=str(tmp_path / "b"), tokenizer="")
+  tok, path = trainer.resolve_tokenizer(grandchild)
+  assert path == str(tmp_path / "tok" / "tokenizer.json") and tok.kind == "tokenizers"
+  # Another tokenizer is refused before anything is written.
+  other = config("pft_steps=1,ft_steps=1", init_from=str(tmp_path / "a"),
+                 tokenizer=str(_other_tokenizer(tmp_path / "other.model")))
+  with pytest.raises(ValueError, match="is not the tokenizer of config.init_from"):
+    trainer.train(other, str(tmp_path / "c"), data)
+  assert not (tmp_path / "c").exists()
+
+
 def test_incompatible_workdir_is_refused_and_untouched(tmp_path, data):
   c = config("pft_steps=1,ft_steps=1,every=100")
   trainer.train(c, str(tmp_path), data)
@@ -287,3 +330,18 @@ def test_grad_cache_stage_matches_full_batch(tmp_path, data):
   for a, b in zip(rows[0], rows[2]):
     for key in ("loss", "grad_norm", "loss/dim_16"):
       assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (key, a[key], b[key])
+
+
+def test_grad_cache_chunks_that_do_not_divide_the_suggested_rows(tmp_path, data):
+  """GradCache cuts every pack group's rows into equal chunks. Suggested rows are rounded up to fit (before,
+  the first GradCache step failed after the workdir was written); rows set by hand that cannot be cut are
+  refused before anything is written."""
+  c = config("pft_steps=1,ft_steps=2,every=100")
+  c.stages[1].grad_cache_chunks = 3
+  result = trainer.train(c, str(tmp_path / "a"), data)
+  assert result.global_step == 3
+  c.tasks.pairs.query_rows = 16  # 2 rows a group of 8: not 3 chunks
+  with pytest.raises(ValueError, match=r"query_rows=16 gives 2 rows per pack group, not divisible by "
+                                       r"config.stages\[1\] \(ft\).grad_cache_chunks=3"):
+    trainer.train(c, str(tmp_path / "b"), data)
+  assert not (tmp_path / "b").exists()

@@ -270,6 +270,8 @@ class BatchSpec:
     positive_rows: R of the positive side; None: suggested.
     negative_rows: R of the negative side; None: suggested.
     rows_slack: `packing.suggest_rows` slack used when rows are suggested.
+    rows_multiple: suggested rows per group are rounded up to a multiple of this (a
+      GradCache stage cuts every group's rows into `grad_cache_chunks` equal pieces).
     media_slack: capacity over the expected count of suggested media slots. An
       unused slot costs a frontend call on a blank input but no row tokens, while a
       used-up slot pool keeps every further tuple with that medium out of the batch
@@ -297,6 +299,7 @@ class BatchSpec:
   positive_rows: int | None = None
   negative_rows: int | None = None
   rows_slack: float = 1.0
+  rows_multiple: int = 1
   media_slack: float = 1.1
   max_misses: int = 64
   lookahead: int | None = None
@@ -589,6 +592,7 @@ def group_shape(spec: BatchSpec, num_groups: int, sample: Sequence[dict] = (),
                                  segments=spec.segments, slack=spec.rows_slack)
       if s == "negative":
         r_g = max(r_g, k)
+      r_g = -(-r_g // spec.rows_multiple) * spec.rows_multiple
     else:
       r_g = _divide(rows, num_groups, where, f"{s}_rows")
     shapes[s] = SideShape(

@@ -44,6 +44,7 @@ from embed2 import losses
 from embed2 import sharding
 from embed2.data import interleave
 from embed2.data import pipeline
+from embed2.data import tokenizer as tokenizer_lib
 from embed2.data.tokenizer import Tokenizer
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.train import checkpoint as ckpt_lib
@@ -121,9 +122,32 @@ def batch_spec(d: Mapping[str, Any], where: str) -> pipeline.BatchSpec:
                      f"{spec.negative_len}); set the hard negatives' row length")
   for name in ("rows_slack", "media_slack"):
     v = getattr(spec, name)
-    if not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v) or v < 1:
-      raise ValueError(f"{where}.{name}={v!r} must be a number >= 1")
+    if not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v) or v <= 0:
+      raise ValueError(f"{where}.{name}={v!r} must be a number > 0 (1.0 sizes suggested capacities to "
+                       "the sample's mean)")
+  if isinstance(spec.rows_multiple, bool) or not isinstance(spec.rows_multiple, (int, np.integer)) or (
+      spec.rows_multiple < 1):
+    raise ValueError(f"{where}.rows_multiple={spec.rows_multiple!r} must be a positive integer")
   return spec
+
+
+def _check_grad_cache_rows(spec: pipeline.BatchSpec, chunks: int, num_groups: int, w: str, where: str) -> None:
+  """GradCache cuts every pack group's rows into `chunks` equal pieces: rows set by hand must allow it
+  (suggested rows are rounded up to a multiple, see `stage_batch_spec`)."""
+  sides = ("query", "positive") + (("negative",) if spec.num_negatives else ())
+  for s in sides:
+    rows = getattr(spec, f"{s}_rows")
+    if rows is not None and (rows % num_groups or (rows // num_groups) % chunks):
+      raise ValueError(f"{w}.{s}_rows={rows} gives {rows / num_groups:g} rows per pack group, not divisible by "
+                       f"{where}.grad_cache_chunks={chunks}; use a multiple of {num_groups * chunks} "
+                       f"({num_groups} groups x {chunks} chunks), or leave it None (suggested)")
+
+
+def stage_batch_spec(d: Mapping[str, Any], where: str, stage) -> pipeline.BatchSpec:
+  """`batch_spec` of a task or PFT batch as the stage trains it (suggested rows fit its GradCache)."""
+  spec = batch_spec(d, where)
+  chunks = int(stage.get("grad_cache_chunks", 0))
+  return dataclasses.replace(spec, rows_multiple=spec.rows_multiple * chunks) if chunks > 1 else spec
 
 
 def optim_config(stage, where: str = "config.stages[i]") -> optim.OptimConfig:
@@ -190,6 +214,8 @@ def validate(config, data: Mapping[str, TaskData], num_groups: int) -> None:
       if spec.batch_size % num_groups:
         raise ValueError(f"{w}.batch_size={spec.batch_size} is not divisible by the {num_groups} data shards "
                          f"(mesh data x fsdp); use a multiple of {num_groups}")
+      if int(stage.get("grad_cache_chunks", 0)) > 1:
+        _check_grad_cache_rows(spec, int(stage.grad_cache_chunks), num_groups, w, where)
     optim_config(stage, where).validate(where + ".optim")
   loss_config(config)
 
@@ -223,6 +249,45 @@ def check_workdir_compatible(config, meta: dict[str, Any], workdir) -> None:
           f"(checkpoint: {json.dumps(have.get(key), sort_keys=True)[:300]} ; now: "
           f"{json.dumps(want.get(key), sort_keys=True)[:300]}). Use a new --workdir, or start from that "
           "checkpoint with config.init_from. Nothing in the workdir was changed.")
+
+
+# ------------------------------------------------------------------------- tokenizer
+
+# Two tokenizers that give the same ids for these (and have the same vocabulary size) are taken to be
+# the same: a sentencepiece model and its tokenizer.json conversion, or one file in two places.
+_PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b  # sum",
+                "naïve café – 東京タワー 🙂 1,234,567.89", "  leading spaces\tand tabs\n\nnew lines ",
+                "<start_of_image> 'quoted' \"double\" (brackets) [x] {y}")
+
+
+def resolve_tokenizer(config) -> tuple[Tokenizer, str]:
+  """The run's tokenizer, and the path its checkpoints record ("" = the packaged default).
+
+  A run that starts from a checkpoint (`config.init_from`: an import or an earlier run) uses that
+  checkpoint's own tokenizer: `config.tokenizer = ""` takes it, and a `config.tokenizer` that tokenizes
+  differently is refused (a model must never see ids of another tokenizer). Without `init_from`:
+  `config.tokenizer` or the packaged default.
+  """
+  given = config.get("tokenizer") or ""
+  init = config.get("init_from") or ""
+  if not init:
+    return (Tokenizer.from_file(given) if given else Tokenizer.default()), given
+  directory, step = ckpt_lib.resolve_checkpoint_path(init)
+  reader = ckpt_lib.Checkpointer(directory, read_only=True)
+  meta = reader.read_meta(step)
+  reader.close()
+  own = tokenizer_lib.checkpoint_tokenizer(meta, directory)
+  own_path = own.source if meta.get("tokenizer") else ""
+  if not given:
+    return own, own_path
+  tok = Tokenizer.from_file(given)
+  same = tok.vocab_size == own.vocab_size and all(tok.encode(t) == own.encode(t) for t in _PROBE_TEXTS)
+  if not same:
+    raise ValueError(
+        f"config.tokenizer={given} is not the tokenizer of config.init_from={init} "
+        f"({own_path or 'the packaged default'}): their ids differ. Set config.tokenizer='' to train with "
+        "the checkpoint's own tokenizer.")
+  return tok, given
 
 
 # ----------------------------------------------------------------------------- model
@@ -271,12 +336,12 @@ def stage_iterator(config, stage, data: Mapping[str, TaskData], tokenizer, num_g
     tasks.append(pipeline.TaskSpec(
         name=name, examples=data[name].train, rate=float(rate), task_string=tc.get("task_string", ""),
         p_drop=float(tc.get("p_drop", 0.0)),
-        batch=batch_spec(tc, f"config.tasks.{name}") if stage.mode == "ft" else None))
+        batch=stage_batch_spec(tc, f"config.tasks.{name}", stage) if stage.mode == "ft" else None))
   seed = int(config.seed) * 1000 + stage_index
   kw = dict(tokenizer=tokenizer, num_groups=num_groups, seed=seed, process_index=jax.process_index(),
             process_count=jax.process_count(), encoder=input_encoder(config, tokenizer))
   if stage.mode == "pft":
-    return pipeline.build_pft_iterator(tasks, batch_spec(stage.batch, f"{stage.name}.batch"), **kw)
+    return pipeline.build_pft_iterator(tasks, stage_batch_spec(stage.batch, f"{stage.name}.batch", stage), **kw)
   return pipeline.build_ft_iterator(tasks, **kw)
 
 
@@ -377,11 +442,13 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
   num_groups = int(config.get("data_groups", 0)) or shards
   validate(config, data, num_groups)
 
-  tokenizer = Tokenizer.from_file(config.tokenizer) if config.get("tokenizer") else Tokenizer.default()
+  tokenizer, tokenizer_path = resolve_tokenizer(config)
+  with config.unlocked():
+    config.tokenizer = tokenizer_path  # what the checkpoints record (model_meta)
   model_cfg = ModelConfig.from_dict(config.model.to_dict())
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size="
-                     f"{model_cfg.vocab_size}; raise vocab_size to at least {tokenizer.vocab_size}")
+  if tokenizer.base_vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.base_vocab_size} ids but config.model.vocab_size="
+                     f"{model_cfg.vocab_size}; raise vocab_size to at least {tokenizer.base_vocab_size}")
 
   latest, meta = None, None
   # Decided together: a process must not see a directory that another has just created (the managers
