@@ -21,8 +21,10 @@ An ingredient is any checkpoint `embed2.train.checkpoint.resolve_checkpoint_path
 directory, a checkpoints directory (its latest finished step) or a workdir. Before anything is restored,
 every ingredient is checked against the first: same architecture (the meta's model config, ignoring
 fields that do not change the parameters) and the same parameter tree (paths, shapes, dtypes, read from
-the checkpoint's Orbax metadata, no array data). Only the `params` item is read; optimizer state is
-never souped.
+the checkpoint's Orbax metadata, no array data), and the same tokenizer: each ingredient's own
+(`embed2.data.tokenizer.checkpoint_tokenizer`, never a fallback), equal in content (the same file in two
+places is one tokenizer). A checkpoint whose meta names no tokenizer, an import made without one, or one
+whose tokenizer file is gone is refused. Only the `params` item is read; optimizer state is never souped.
 
 Memory: ingredients are restored one at a time straight onto the target shardings on the mesh (each
 process reads only its own shards, so a checkpoint written on another mesh works, and no parameter is
@@ -33,7 +35,9 @@ candidate soup the scorer sees).
 The soup is a normal checkpoint `OUT/<step>/` with `params` and `meta` (no `train`), so
 `load_model_params`, `Embedder.from_checkpoint`, evaluation and `config.init_from` take it;
 `OUT/soup.json` (also copied into the meta under "soup") records the ingredients, weights, method and
-every score.
+every score. The soup's meta names the first ingredient's tokenizer where it was found (an import's copy
+beside its checkpoints, even when the import's folder has moved since it was made). A suite scorer
+embeds with that tokenizer.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -56,6 +61,7 @@ from etils import epath
 from flax import nnx
 
 from embed2 import sharding
+from embed2.data import tokenizer as tok_lib
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.train import checkpoint as ckpt_lib
 
@@ -104,6 +110,19 @@ class Ingredient:
   @property
   def model_config(self) -> ModelConfig:
     return ModelConfig.from_dict(self.meta["model_config"])
+
+  @functools.cached_property
+  def tokenizer(self) -> tok_lib.Tokenizer:
+    """The checkpoint's own tokenizer (`tokenizer.checkpoint_tokenizer`; read once).
+
+    Raises:
+      ValueError: the meta names no tokenizer, or the checkpoint is an import made without one.
+      FileNotFoundError: the tokenizer it names is missing.
+    """
+    try:
+      return tok_lib.checkpoint_tokenizer(self.meta, os.fspath(self.directory))
+    except (ValueError, FileNotFoundError) as e:
+      raise type(e)(f"soup ingredient {self.path}: {e}") from None
 
 
 def _key_str(k) -> str:
@@ -168,11 +187,21 @@ def first_tree_mismatch(want: Mapping[str, tuple], have: Mapping[str, tuple]) ->
   return None
 
 
+def _tokenizer_content(tok: tok_lib.Tokenizer) -> tuple:
+  """What makes two tokenizers one: their kind and serialized model, wherever their files are."""
+  return type(tok).__name__, {k: v for k, v in tok.__getstate__().items() if k != "source"}
+
+
 def check_compatible(ingredients: Sequence[Ingredient]) -> None:
-  """Refuses ingredients whose architecture or parameter tree differs from the first one's.
+  """Refuses ingredients whose architecture, parameter tree or tokenizer differs from the first one's.
+
+  Averaged token embeddings only mean something if every ingredient's ids name the same tokens, and
+  the soup is embedded with its first ingredient's tokenizer: so all must have one and the same.
 
   Raises:
-    ValueError naming the first differing model-config field or parameter path.
+    ValueError naming the first differing model-config field, parameter path or tokenizer, or an
+      ingredient whose meta names no tokenizer (see `Ingredient.tokenizer`).
+    FileNotFoundError: an ingredient's tokenizer file is missing.
   """
   if not ingredients:
     raise ValueError("a soup needs at least one checkpoint")
@@ -190,9 +219,13 @@ def check_compatible(ingredients: Sequence[Ingredient]) -> None:
     if diff:
       raise ValueError(f"soup ingredient {ing.path} has a different parameter tree from {ref.path}: "
                        f"{diff}; only checkpoints of one architecture can be averaged")
-  if len({ing.meta.get("tokenizer", "") for ing in ingredients}) > 1:
-    logging.warning("soup ingredients name different tokenizers %s; the soup keeps the first one's",
-                    [ing.meta.get("tokenizer", "") for ing in ingredients])
+  ref_tok = _tokenizer_content(ref.tokenizer)
+  for ing in ingredients[1:]:
+    if _tokenizer_content(ing.tokenizer) != ref_tok:
+      raise ValueError(
+          f"soup ingredient {ing.path} was made with the tokenizer {ing.tokenizer.source} and "
+          f"{ref.path} with another one, {ref.tokenizer.source}; only checkpoints of one tokenizer can "
+          "be averaged (their token ids would mean different tokens)")
 
 
 def normalize_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
@@ -493,6 +526,8 @@ def check_out(out: str | os.PathLike, paths: Sequence[str | os.PathLike], overwr
 
 def _soup_meta(ingredients: Sequence[Ingredient], record: dict[str, Any], step: int) -> dict[str, Any]:
   meta = {k: v for k, v in ingredients[0].meta.items() if k not in RESUME_FIELDS}
+  if meta.get("tokenizer"):  # "" (the packaged one) stays ""; a file is named where it was found
+    meta["tokenizer"] = os.path.abspath(ingredients[0].tokenizer.source)
   # Ingredients fine-tuned on different task mixes: the soup knows every task string (first one wins).
   task_strings: dict[str, str] = {}
   for ing in ingredients:
@@ -560,23 +595,28 @@ def make_soup(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike, met
 # --------------------------------------------------------------------------------------- CLI
 
 
-def suite_scorer(suite: str, *, meta: Mapping[str, Any], dims: Sequence[int] | None = None,
+def suite_scorer(suite: str, *, meta: Mapping[str, Any], directory: str | os.PathLike,
+                 dims: Sequence[int] | None = None,
                  data_dir: str | os.PathLike | None = None) -> ScoreFn:
   """A scorer that runs the evaluation suite `suite` (embed2.eval.suites) and returns all its metrics.
 
   Args:
     suite: a suite name, e.g. "demo".
     meta: the first ingredient's meta: its tokenizer and task strings are used.
+    directory: that ingredient's checkpoints directory (`Ingredient.directory`), where an import
+      keeps its tokenizer.
     dims: MRL dims to evaluate; default all the model's.
     data_dir: where the suite's data lives (default: the suite's own default).
+
+  Raises:
+    ValueError / FileNotFoundError: the checkpoint names no tokenizer, or its tokenizer is missing
+      (`tokenizer.checkpoint_tokenizer`: a checkpoint is never scored with another tokenizer).
   """
   # Imported here: souping by fixed weights needs no evaluation code.
-  from embed2.data.tokenizer import Tokenizer
   from embed2.eval.suites import evaluate_suite
   from embed2.inference import Embedder
 
-  tok_path = meta.get("tokenizer") or ""
-  tokenizer = Tokenizer.from_file(tok_path) if tok_path else Tokenizer.default()
+  tokenizer = tok_lib.checkpoint_tokenizer(dict(meta), os.fspath(directory))
   task_strings = dict(meta.get("task_strings") or {})
   held: dict[str, Any] = {}
 
@@ -627,9 +667,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
   weights = [float(x) for x in args.weights.split(",")] if args.weights else None
   score_fn = None
   if args.suite:
-    meta = open_ingredient(args.checkpoints[0]).meta
+    first = open_ingredient(args.checkpoints[0])
     dims = [int(d) for d in args.dims.split(",")] if args.dims else None
-    score_fn = suite_scorer(args.suite, meta=meta, dims=dims, data_dir=args.data_dir)
+    score_fn = suite_scorer(args.suite, meta=first.meta, directory=first.directory, dims=dims,
+                            data_dir=args.data_dir)
   mesh = sharding.make_mesh(_parse_mesh(args.mesh))
   return make_soup(args.checkpoints, out=args.out, method=args.method, weights=weights,
                    score_fn=score_fn, metric=args.metric, mesh=mesh, step=args.step,

@@ -26,12 +26,14 @@ def random_params(rng, cfg, scale=0.3):
   return jax.tree.map(lambda x: rng.normal(0, scale, x.shape).astype(np.float32), shapes)
 
 
+OMIT = object()  # a meta value that leaves its key out
+
+
 def save(directory, params, cfg, step=1, **meta):
+  meta = {"model_config": cfg.to_dict(), "tokenizer": "", "task_strings": {}, "step": step, **meta}
   ck = Checkpointer(directory, keep=None, async_save=False)
   ck.save(step, params=jax.tree.map(jnp.asarray, params),
-          meta={"model_config": cfg.to_dict(), "tokenizer": "", "task_strings": {}, "step": step,
-                **meta},
-          force=True)
+          meta={k: v for k, v in meta.items() if v is not OMIT}, force=True)
   ck.close()
   return str(directory / str(step))
 
@@ -121,7 +123,7 @@ def test_bad_weights_and_methods_are_refused(ckpts, tmp_path, weights, method, m
   _, paths, _ = ckpts
   with pytest.raises(ValueError, match=match):
     soup.make_soup(paths, out=tmp_path / "soup", method=method, weights=weights)
-  assert not (tmp_path / "soup").exists() or not list((tmp_path / "soup").iterdir())
+  assert not (tmp_path / "soup").exists()
 
 
 # ------------------------------------------------------------------------------------ greedy
@@ -323,3 +325,106 @@ def test_cli_weighted(ckpts, tmp_path, capsys):
   assert "0.7500" in printed and "0.2500" in printed and str(tmp_path / "soup" / "7") in printed
   with pytest.raises(SystemExit, match="needs --suite"):
     soup.main([f"--out={tmp_path / 'g'}", "--method=greedy", paths[0]])
+
+
+# ------------------------------------------------------------------------------- tokenizers
+
+
+def word_tokenizer_json(rng):
+  """A small tokenizer.json (tokenizers WordLevel): pad/eos/bos/unk = 0..3 and the words "w4".."w59"
+  at ids drawn from `rng` (so two draws are two different tokenizers)."""
+  from tokenizers import Tokenizer as TK  # pylint: disable=g-import-not-at-top
+  from tokenizers import AddedToken, models, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
+  ids = 4 + rng.permutation(56)
+  vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3,
+           **{f"w{i}": int(j) for i, j in zip(range(4, 60), ids)}}
+  tk = TK(models.WordLevel(vocab, unk_token="<unk>"))
+  tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "<eos>", "<bos>")])
+  tk.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                    special_tokens=[("<bos>", 2), ("<eos>", 1)])
+  return tk, vocab
+
+
+@pytest.fixture
+def tokenizers_seen(monkeypatch):
+  """Replaces the suite evaluation with one that records the tokenizer of the Embedder it is given
+  (what the suite would tokenize every query and document with)."""
+  from embed2.eval import suites  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  def evaluate_suite(embedder, suite, *, dims=None, data_dir=None):
+    seen.append(embedder.tokenizer)
+    return {"m": float(len(seen))}
+
+  monkeypatch.setattr(suites, "evaluate_suite", evaluate_suite)
+  return seen
+
+
+def test_suite_scorer_embeds_with_each_checkpoints_own_tokenizer(tmp_path, rng, tokenizers_seen):
+  """An import keeps its tokenizer beside its checkpoints; its meta names the folder it was imported
+  to, which has moved since. The scored soup and the soup itself use that tokenizer, never the
+  packaged one."""
+  from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from embed2.inference import Embedder  # pylint: disable=g-import-not-at-top
+  cfg = tiny(vocab_size=Tokenizer.default().vocab_size)  # room for either tokenizer's ids
+  tk, vocab = word_tokenizer_json(rng)
+  imp = tmp_path / "imported"
+  imp.mkdir()
+  (imp / "tokenizer.json").write_text(tk.to_str())
+  gone = tmp_path / "before_the_move" / "tokenizer.json"
+  meta = dict(tokenizer=str(gone), tokenizer_kind="tokenizers", source={"hf_dir": "/models/st"})
+  paths = [save(imp, random_params(rng, cfg), cfg, step=s, **meta) for s in (1, 2)]
+  out = tmp_path / "soup"
+  soup.main([f"--out={out}", "--suite=demo", *paths])
+  assert len(tokenizers_seen) == 3  # two ingredients and the soup
+  want = [vocab["<bos>"], vocab["w5"], vocab["w17"], vocab["<unk>"], vocab["<eos>"]]
+  for tok in tokenizers_seen:
+    assert tok.source == str(imp / "tokenizer.json")
+    assert tok.encode("w5 w17 w99", add_bos=True, add_eos=True) == want
+  # The soup names the tokenizer where it was found, so it embeds with it too.
+  emb = Embedder.from_checkpoint(str(out), mesh=one_device_mesh())
+  assert emb.tokenizer.source == str(imp / "tokenizer.json")
+  assert emb.tokenizer.encode("w5 w17 w99", add_bos=True, add_eos=True) == want
+  # A run trained on the packaged tokenizer (meta "") is scored with it.
+  run = save(tmp_path / "run", random_params(rng, cfg), cfg)
+  tokenizers_seen.clear()
+  soup.main([f"--out={tmp_path / 'soup2'}", "--suite=demo", run])
+  assert [t.source for t in tokenizers_seen] == [Tokenizer.default().source] * 2
+
+
+@pytest.mark.parametrize("meta,match", [
+    (dict(tokenizer=OMIT), "names no tokenizer in its meta"),
+    (dict(tokenizer="", source={"hf_dir": "/models/st"}), "without its tokenizer .* re-import it"),
+    (dict(tokenizer="/nowhere/tokenizer.json"), "tokenizer /nowhere/tokenizer.json, which is missing"),
+], ids=["no_tokenizer", "import_without_one", "missing_file"])
+def test_a_checkpoint_without_its_own_tokenizer_is_refused(tmp_path, rng, tokenizers_seen, meta,
+                                                          match):
+  """Never the packaged tokenizer in place of the checkpoint's: neither the scorer nor the soup."""
+  from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  cfg = tiny(vocab_size=Tokenizer.default().vocab_size)  # the packaged tokenizer would fit this model
+  path = save(tmp_path / "ckpt", random_params(rng, cfg), cfg, **meta)
+  with pytest.raises(SystemExit, match=f"embed2.soup: .*{match}"):
+    soup.main([f"--out={tmp_path / 'soup'}", "--suite=demo", path])
+  assert not tokenizers_seen
+  with pytest.raises((ValueError, FileNotFoundError), match=f"soup ingredient {path}: .*{match}"):
+    soup.soup_params([path, path], mesh=one_device_mesh())
+  assert not (tmp_path / "soup").exists()
+
+
+def test_ingredients_of_different_tokenizers_are_refused(tmp_path, rng):
+  """Two files of one tokenizer are one tokenizer; two different tokenizers cannot be averaged."""
+  cfg = tiny()
+  tk, _ = word_tokenizer_json(rng)
+  other, _ = word_tokenizer_json(rng)
+  paths = {}
+  for name, t in (("a", tk), ("a_copy", tk), ("b", other)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "tokenizer.json").write_text(t.to_str())
+    paths[name] = save(tmp_path / name, random_params(rng, cfg), cfg,
+                       tokenizer=str(tmp_path / name / "tokenizer.json"))
+  _, rec, _ = soup.soup_params([paths["a"], paths["a_copy"]], mesh=one_device_mesh())
+  assert rec["weights"] == [0.5, 0.5]
+  with pytest.raises(ValueError, match=r"soup ingredient .*b/1 was made with the tokenizer "
+                                       r".*b/tokenizer.json and .*a/1 with another one"):
+    soup.soup_params([paths["a"], paths["b"]], mesh=one_device_mesh())
