@@ -369,7 +369,9 @@ class _RecordSkips:
   def update(self, host, global_step: int, stage_name: str) -> None:
     new = int(host.get("num_skipped", 0))
     self.skipped += new
-    self.read += new + int(host.get("num_examples", 0))
+    # Both counted as a record is pulled from the stream (packing.pack_group), good or bad: examples
+    # packed would miss the tuples the lookahead window holds read ahead and overstate the skipped share.
+    self.read += int(host["num_read"])
     if new:
       logging.warning("step %d: the data pipeline skipped %d undecodable records (%d of %d so far)",
                       global_step, new, self.skipped, self.read)
