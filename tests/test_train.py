@@ -293,6 +293,14 @@ def test_init_from_trains_with_the_checkpoints_own_tokenizer(tmp_path, data):
   with pytest.raises(ValueError, match="is not the tokenizer of config.init_from"):
     trainer.train(other, str(tmp_path / "c"), data)
   assert not (tmp_path / "c").exists()
+  # Resuming a workdir with another tokenizer is refused too (the same file elsewhere is not another).
+  again = config("pft_steps=1,ft_steps=1,every=100", tokenizer=str(tmp_path / "other.model"))
+  with pytest.raises(ValueError, match="was trained with the tokenizer packaged with embed2"):
+    trainer.train(again, str(tmp_path / "a"), data)
+  import shutil
+  shutil.copy(tokenizer_lib.DEFAULT_MODEL_PATH, tmp_path / "copy.model")
+  trainer.train(config("pft_steps=1,ft_steps=1,every=100", tokenizer=str(tmp_path / "copy.model")),
+                str(tmp_path / "a"), data)
 
 
 def test_incompatible_workdir_is_refused_and_untouched(tmp_path, data):

@@ -260,6 +260,10 @@ _PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "def add(a, b):\
                 "<start_of_image> 'quoted' \"double\" (brackets) [x] {y}")
 
 
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+  return a.vocab_size == b.vocab_size and all(a.encode(t) == b.encode(t) for t in _PROBE_TEXTS)
+
+
 def resolve_tokenizer(config) -> tuple[Tokenizer, str]:
   """The run's tokenizer, and the path its checkpoints record ("" = the packaged default).
 
@@ -281,8 +285,7 @@ def resolve_tokenizer(config) -> tuple[Tokenizer, str]:
   if not given:
     return own, own_path
   tok = Tokenizer.from_file(given)
-  same = tok.vocab_size == own.vocab_size and all(tok.encode(t) == own.encode(t) for t in _PROBE_TEXTS)
-  if not same:
+  if not same_tokenizer(tok, own):
     raise ValueError(
         f"config.tokenizer={given} is not the tokenizer of config.init_from={init} "
         f"({own_path or 'the packaged default'}): their ids differ. Set config.tokenizer='' to train with "
@@ -461,6 +464,13 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
     if latest is not None:
       meta = reader.read_meta(latest)
       check_workdir_compatible(config, meta, workdir)
+      if (meta.get("tokenizer") or "") != tokenizer_path and not same_tokenizer(
+          tokenizer_lib.checkpoint_tokenizer(meta, workdir / "checkpoints"), tokenizer):
+        raise ValueError(
+            f"workdir {workdir} was trained with the tokenizer {meta.get('tokenizer') or 'packaged with embed2'}, "
+            f"and this config gives {tokenizer_path or 'the packaged one'}, which tokenizes differently. Resume "
+            "with the run's own tokenizer (config.tokenizer), or use a new --workdir. Nothing in the workdir "
+            "was changed.")
     reader.close()
   if meta is not None and not config.get("data_groups"):
     # Resuming on another mesh: keep the run's pack groups, so the batches continue exactly.
