@@ -35,9 +35,9 @@ candidate soup the scorer sees).
 The soup is a normal checkpoint `OUT/<step>/` with `params` and `meta` (no `train`), so
 `load_model_params`, `Embedder.from_checkpoint`, evaluation and `config.init_from` take it;
 `OUT/soup.json` (also copied into the meta under "soup") records the ingredients, weights, method and
-every score. The soup's meta names the first ingredient's tokenizer where it was found (an import's copy
-beside its checkpoints, even when the import's folder has moved since it was made). A suite scorer
-embeds with that tokenizer.
+every score. The soup keeps a copy of its ingredients' tokenizer in OUT (with a tokenizer.json's
+tokenizer_config.json) and its meta names that copy, so the soup outlives the ingredients' folders and
+moves with its own. A suite scorer embeds with that tokenizer.
 """
 
 from __future__ import annotations
@@ -526,8 +526,8 @@ def check_out(out: str | os.PathLike, paths: Sequence[str | os.PathLike], overwr
 
 def _soup_meta(ingredients: Sequence[Ingredient], record: dict[str, Any], step: int) -> dict[str, Any]:
   meta = {k: v for k, v in ingredients[0].meta.items() if k not in RESUME_FIELDS}
-  if meta.get("tokenizer"):  # "" (the packaged one) stays ""; a file is named where it was found
-    meta["tokenizer"] = os.path.abspath(ingredients[0].tokenizer.source)
+  if meta.get("tokenizer"):  # "" (the packaged one) stays ""; a file is named where it was found (then
+    meta["tokenizer"] = os.path.abspath(ingredients[0].tokenizer.source)  # copied by write_soup)
   # Ingredients fine-tuned on different task mixes: the soup knows every task string (first one wins).
   task_strings: dict[str, str] = {}
   for ing in ingredients:
@@ -535,6 +535,28 @@ def _soup_meta(ingredients: Sequence[Ingredient], record: dict[str, Any], step: 
       task_strings.setdefault(name, s)
   meta.update(step=step, task_strings=task_strings, soup=record)
   return meta
+
+
+# A tokenizer.json reads `split_special_tokens` from the tokenizer_config.json beside it: both travel.
+_TOKENIZER_COMPANIONS = ("tokenizer_config.json",)
+
+
+def _with_own_tokenizer(out: epath.Path, meta: dict[str, Any]) -> dict[str, Any]:
+  """`meta` naming a copy of its tokenizer inside `out`, so the soup outlives its ingredients' folders
+  (and moves with its own; `tokenizer.checkpoint_tokenizer` looks beside the checkpoint)."""
+  name = meta.get("tokenizer") or ""
+  if not name:  # the packaged tokenizer
+    return meta
+  src = epath.Path(name)
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    for f in [src] + [src.parent / c for c in _TOKENIZER_COMPANIONS if src.suffix == ".json"]:
+      if f.exists() and f.resolve() != (out / f.name).resolve():
+        tmp = out / f".{f.name}.tmp-{os.getpid()}"
+        tmp.write_bytes(f.read_bytes())
+        os.replace(os.fspath(tmp), os.fspath(out / f.name))
+  _sync("embed2_soup_tokenizer")
+  return {**meta, "tokenizer": str(out / src.name)}
 
 
 def write_soup(out: str | os.PathLike, params, meta: dict[str, Any], record: dict[str, Any], *,
@@ -556,6 +578,7 @@ def write_soup(out: str | os.PathLike, params, meta: dict[str, Any], record: dic
       else:
         p.unlink()
   _sync("embed2_soup_cleared")
+  meta = _with_own_tokenizer(out, meta)
   ck = ckpt_lib.Checkpointer(out, keep=None, async_save=False)
   ck.save(step, params=params, meta=meta, force=True)
   ck.close()

@@ -382,9 +382,15 @@ def test_suite_scorer_embeds_with_each_checkpoints_own_tokenizer(tmp_path, rng, 
   for tok in tokenizers_seen:
     assert tok.source == str(imp / "tokenizer.json")
     assert tok.encode("w5 w17 w99", add_bos=True, add_eos=True) == want
-  # The soup names the tokenizer where it was found, so it embeds with it too.
+  # The soup keeps its own copy of the tokenizer, so it embeds with it after its ingredients are gone
+  # and after it moved.
   emb = Embedder.from_checkpoint(str(out), mesh=one_device_mesh())
-  assert emb.tokenizer.source == str(imp / "tokenizer.json")
+  assert emb.tokenizer.source == str(out / "tokenizer.json")
+  assert emb.tokenizer.encode("w5 w17 w99", add_bos=True, add_eos=True) == want
+  shutil.rmtree(imp)
+  out.rename(tmp_path / "moved_soup")
+  emb = Embedder.from_checkpoint(str(tmp_path / "moved_soup"), mesh=one_device_mesh())
+  assert emb.tokenizer.source == str(tmp_path / "moved_soup" / "tokenizer.json")
   assert emb.tokenizer.encode("w5 w17 w99", add_bos=True, add_eos=True) == want
   # A run trained on the packaged tokenizer (meta "") is scored with it.
   run = save(tmp_path / "run", random_params(rng, cfg), cfg)

@@ -822,8 +822,8 @@ def checkpoint_tokenizer(meta: dict[str, Any], directory: str | os.PathLike[str]
   """The tokenizer a checkpoint was trained or imported with (never another one).
 
   `meta["tokenizer"]` names it: a file path, or "" for the packaged default (what embed2's trainer
-  and soups write for a run on it). An import (`embed2.convert`, meta holds "source") always
-  carries its own copy in its folder; a path that moved is looked up there.
+  and soups write for a run on it). An import (`embed2.convert`, meta holds "source") and a soup
+  (meta holds "soup") carry their own copy in their folder; a path that moved is looked up there.
 
   Args:
     meta: the checkpoint's meta.
@@ -848,7 +848,7 @@ def checkpoint_tokenizer(meta: dict[str, Any], directory: str | os.PathLike[str]
   path = pathlib.Path(name)
   if not path.is_file():
     moved = directory / path.name
-    if "source" in meta and moved.is_file():
+    if ("source" in meta or "soup" in meta) and moved.is_file():  # imports and soups carry a copy
       path = moved
     else:
       raise FileNotFoundError(
