@@ -693,16 +693,11 @@ def _sentence_bert_max_length(model_dir: Path, cfg: ModelConfig, model_max_lengt
 
 
 # Texts the converter tokenizes both ways (transformers, embed2) before it writes a tokenizer.
-PROBE_TEXTS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "def f(x, *, y=2):\n    \"\"\"Adds.\"\"\"\n    return x + y  # 12345\n\n\tclass A: pass\n",
-    "  leading and trailing spaces  ",
-    "Grüße aus Zürich, déjà vu, naïve café — “quotes” 世界 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 🦜🚀 ꯍ",
-    "mixed\r\nline\x0bendings\n\n\n", "", " ", "a", "2024-01-31 12:00:59.5s",
-    "see <start_of_image>, then<end_of_image><soft_token> <bos> <eos> <pad> <unk> <timestamp>",
-    "<start_of_image<start_of_image>>><<image_soft_token> </s> [CLS] <mask>",
-    "▁ ▁▁  \u00a0\u2003\u200b\ufeff tabs\t\tand  \n  newlines",
-)
+
+
+def _probe_texts(prompts: dict[str, str]) -> list[str]:
+  """The texts a tokenizer read or written here is checked on: tokenizer.PROBE_TEXTS and the prompts."""
+  return list(tok_lib.PROBE_TEXTS) + [p + t for p in prompts.values() for t in ("", tok_lib.PROBE_TEXTS[0])]
 
 
 def _hf_tokenizer(folder: Path, cfg: ModelConfig, prompts: dict[str, str]) -> SourceTokenizer:
@@ -733,7 +728,7 @@ def _hf_tokenizer(folder: Path, cfg: ModelConfig, prompts: dict[str, str]) -> So
   if ours.base_vocab_size > cfg.vocab_size:
     raise ValueError(f"the tokenizer in {folder} has {ours.base_vocab_size} ids but the model's vocab_size is "
                      f"{cfg.vocab_size}; is it this model's tokenizer?")
-  probes = list(PROBE_TEXTS) + [p + t for p in prompts.values() for t in ("", PROBE_TEXTS[0])]
+  probes = _probe_texts(prompts)
   for t in probes:
     want = list(hf(t, verbose=False)["input_ids"])
     got = ours.encode(t, add_bos=True, add_eos=True)
@@ -1181,7 +1176,7 @@ def _check_exported_tokenizer(folder: Path, tokenizer: tok_lib.Tokenizer, prompt
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError:
     transformers = None
-  probes = list(PROBE_TEXTS) + [p + t for p in prompts.values() for t in ("", PROBE_TEXTS[0])]
+  probes = _probe_texts(prompts)
   try:
     if transformers is not None:
       hf = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

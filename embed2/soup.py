@@ -187,11 +187,6 @@ def first_tree_mismatch(want: Mapping[str, tuple], have: Mapping[str, tuple]) ->
   return None
 
 
-def _tokenizer_content(tok: tok_lib.Tokenizer) -> tuple:
-  """What makes two tokenizers one: their kind and serialized model, wherever their files are."""
-  return type(tok).__name__, {k: v for k, v in tok.__getstate__().items() if k != "source"}
-
-
 def check_compatible(ingredients: Sequence[Ingredient]) -> None:
   """Refuses ingredients whose architecture, parameter tree or tokenizer differs from the first one's.
 
@@ -219,9 +214,8 @@ def check_compatible(ingredients: Sequence[Ingredient]) -> None:
     if diff:
       raise ValueError(f"soup ingredient {ing.path} has a different parameter tree from {ref.path}: "
                        f"{diff}; only checkpoints of one architecture can be averaged")
-  ref_tok = _tokenizer_content(ref.tokenizer)
   for ing in ingredients[1:]:
-    if _tokenizer_content(ing.tokenizer) != ref_tok:
+    if not tok_lib.same_tokenizer(ing.tokenizer, ref.tokenizer):
       raise ValueError(
           f"soup ingredient {ing.path} was made with the tokenizer {ing.tokenizer.source} and "
           f"{ref.path} with another one, {ref.tokenizer.source}; only checkpoints of one tokenizer can "

@@ -19,6 +19,7 @@ from flax import nnx
 
 from embed2 import convert
 from embed2 import sharding
+from embed2.data import tokenizer as tokenizer_lib
 from embed2.data.tokenizer import DEFAULT_MODEL_PATH, Tokenizer
 from embed2.inference import Embedder
 from embed2.model import EmbeddingModel, ModelConfig
@@ -379,7 +380,7 @@ def test_round_trip_is_bit_exact(tmp_path, causal, rng):
   assert meta["tokenizer"] == str(tmp_path / "back" / "tokenizer.json")
   back_tok, default = Tokenizer.from_file(meta["tokenizer"]), Tokenizer.default()
   assert back_tok.vocab_size == default.vocab_size
-  for t in convert.PROBE_TEXTS:
+  for t in tokenizer_lib.PROBE_TEXTS:
     assert back_tok.encode(t, add_bos=True, add_eos=True) == default.encode(t, add_bos=True, add_eos=True)
   if not causal:  # bfloat16 storage: the float32 values rounded to nearest, restored into float32
     convert.convert_hf(tmp_path / "st", tmp_path / "bf16", dtype="bfloat16")
@@ -620,7 +621,7 @@ def test_import_of_tokenizer_json_only_gives_the_ids_of_transformers(st_today, r
   assert meta["tokenizer"] == str(out / "tokenizer.json") and meta["tokenizer_kind"] == "tokenizers"
   hf = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
   ours = Tokenizer.from_file(meta["tokenizer"])
-  texts = _sentences(words, rng.integers(1, 40, 30), rng=rng) + list(convert.PROBE_TEXTS)
+  texts = _sentences(words, rng.integers(1, 40, 30), rng=rng) + list(tokenizer_lib.PROBE_TEXTS)
   for t in texts:
     assert ours.encode(t, add_bos=True, add_eos=True) == hf(t)["input_ids"], t
   emb = Embedder.from_checkpoint(out, batch_size=8)
@@ -698,7 +699,7 @@ def test_export_writes_the_checkpoints_own_sentencepiece_tokenizer(tmp_path, rng
   words = ("read write the file socket server thread lock queue parse json decode encode path copy "
            "déjà vu 世界 🦜 <start_of_image> <bos> def f(x):\n\treturn x + 1  # 2024").split(" ")
   texts = [" ".join(rng.choice(words, int(n))) for n in rng.integers(1, 15, 8)]
-  texts += [" ".join(rng.choice(words, 60)) for _ in range(2)] + list(convert.PROBE_TEXTS[:4])
+  texts += [" ".join(rng.choice(words, 60)) for _ in range(2)] + list(tokenizer_lib.PROBE_TEXTS[:4])
   emb = Embedder.from_checkpoint(tmp_path / "ckpt", batch_size=8)
   hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "st"), local_files_only=True)
   with warnings.catch_warnings():

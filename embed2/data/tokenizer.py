@@ -818,6 +818,33 @@ def sentencepiece_to_hf(tok: SentencePieceTokenizer, *, model_max_length: int | 
 # ------------------------------------------------------------------------------- checkpoints
 
 
+# Texts on which two tokenizers of different kinds must give the same ids to count as one tokenizer
+# (`same_tokenizer`), and on which the converter checks what it reads and writes against transformers.
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "def f(x, *, y=2):\n    \"\"\"Adds.\"\"\"\n    return x + y  # 12345\n\n\tclass A: pass\n",
+    "  leading and trailing spaces  ",
+    "Grüße aus Zürich, déjà vu, naïve café — “quotes” 世界 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 🦜🚀 ꯍ",
+    "mixed\r\nline\x0bendings\n\n\n", "", " ", "a", "2024-01-31 12:00:59.5s",
+    "see <start_of_image>, then<end_of_image><soft_token> <bos> <eos> <pad> <unk> <timestamp>",
+    "<start_of_image<start_of_image>>><<image_soft_token> </s> [CLS] <mask>",
+    "▁ ▁▁  \u00a0\u2003\u200b\ufeff tabs\t\tand  \n  newlines",
+)
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+  """Whether `a` and `b` are one tokenizer, wherever their files are.
+
+  Of one kind: the same serialized model. Across kinds (a sentencepiece model and its tokenizer.json
+  conversion): the same vocabulary size and the same ids on PROBE_TEXTS.
+  """
+  def content(t):
+    return {k: v for k, v in t.__getstate__().items() if k != "source"}
+  if type(a) is type(b):
+    return content(a) == content(b)
+  return a.vocab_size == b.vocab_size and all(a.encode(t) == b.encode(t) for t in PROBE_TEXTS)
+
+
 def checkpoint_tokenizer(meta: dict[str, Any], directory: str | os.PathLike[str]) -> Tokenizer:
   """The tokenizer a checkpoint was trained or imported with (never another one).
 

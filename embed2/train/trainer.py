@@ -253,17 +253,6 @@ def check_workdir_compatible(config, meta: dict[str, Any], workdir) -> None:
 
 # ------------------------------------------------------------------------- tokenizer
 
-# Two tokenizers that give the same ids for these (and have the same vocabulary size) are taken to be
-# the same: a sentencepiece model and its tokenizer.json conversion, or one file in two places.
-_PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b  # sum",
-                "naïve café – 東京タワー 🙂 1,234,567.89", "  leading spaces\tand tabs\n\nnew lines ",
-                "<start_of_image> 'quoted' \"double\" (brackets) [x] {y}")
-
-
-def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-  return a.vocab_size == b.vocab_size and all(a.encode(t) == b.encode(t) for t in _PROBE_TEXTS)
-
-
 def resolve_tokenizer(config) -> tuple[Tokenizer, str]:
   """The run's tokenizer, and the path its checkpoints record ("" = the packaged default).
 
@@ -285,7 +274,7 @@ def resolve_tokenizer(config) -> tuple[Tokenizer, str]:
   if not given:
     return own, own_path
   tok = Tokenizer.from_file(given)
-  if not same_tokenizer(tok, own):
+  if not tokenizer_lib.same_tokenizer(tok, own):
     raise ValueError(
         f"config.tokenizer={given} is not the tokenizer of config.init_from={init} "
         f"({own_path or 'the packaged default'}): their ids differ. Set config.tokenizer='' to train with "
@@ -464,7 +453,7 @@ def train(config, workdir: str, data: Mapping[str, TaskData], *,
     if latest is not None:
       meta = reader.read_meta(latest)
       check_workdir_compatible(config, meta, workdir)
-      if (meta.get("tokenizer") or "") != tokenizer_path and not same_tokenizer(
+      if (meta.get("tokenizer") or "") != tokenizer_path and not tokenizer_lib.same_tokenizer(
           tokenizer_lib.checkpoint_tokenizer(meta, workdir / "checkpoints"), tokenizer):
         raise ValueError(
             f"workdir {workdir} was trained with the tokenizer {meta.get('tokenizer') or 'packaged with embed2'}, "
@@ -533,11 +522,6 @@ def _run_stages(config, workdir, data, mesh, rules, num_groups, tokenizer, check
     # write it from the restored parameters, which are the ones the stage ended with.
     export_stage(workdir, config, trainee, config.stages[start_stage].name, latest)
     start_stage, start_stage_step = start_stage + 1, 0
-  for si in range(start_stage if meta else 0):
-    if not _export_step(workdir, config.stages[si].name):
-      logging.warning("the export of finished stage %s (%s) is missing and cannot be rebuilt from the "
-                      "latest checkpoint; a soup variant starting from it will fail",
-                      config.stages[si].name, stage_export_path(workdir, config.stages[si].name))
   skipped_total = int(meta.get("skipped_total", 0)) if meta else 0
   records = _RecordSkips(config, meta)
   kill = faults.KillSwitch(int(config.get("debug_kill_at_step", -1)))
