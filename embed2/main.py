@@ -39,9 +39,7 @@ def resolve_tasks(config) -> dict[str, trainer.TaskData]:
   `config.max_skipped_fraction` of a split: the same limit the trainer puts on undecodable records.
   """
   from data_pipelines import tasks as task_defs  # pylint: disable=g-import-not-at-top
-  max_skipped = float(config.get("max_skipped_fraction", 0.01))
-  if not 0.0 <= max_skipped <= 1.0:
-    raise ValueError(f"config.max_skipped_fraction={max_skipped} must be in [0, 1]")
+  max_skipped = trainer.max_skipped_fraction(config)
   data = {}
   for name, tc in config.tasks.items():
     source = tc.get("source", name)

@@ -544,11 +544,11 @@ def _with_own_tokenizer(out: epath.Path, meta: dict[str, Any]) -> dict[str, Any]
   src = epath.Path(name)
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
+    # Written before the soup's checkpoint, which is what makes the soup: a kill in between leaves no
+    # soup, and the remade one writes the copy again (epath: also on object stores).
     for f in [src] + [src.parent / c for c in _TOKENIZER_COMPANIONS if src.suffix == ".json"]:
-      if f.exists() and f.resolve() != (out / f.name).resolve():
-        tmp = out / f".{f.name}.tmp-{os.getpid()}"
-        tmp.write_bytes(f.read_bytes())
-        os.replace(os.fspath(tmp), os.fspath(out / f.name))
+      if f.exists() and os.fspath(f) != os.fspath(out / f.name):
+        (out / f.name).write_bytes(f.read_bytes())
   _sync("embed2_soup_tokenizer")
   return {**meta, "tokenizer": str(out / src.name)}
 

@@ -340,6 +340,15 @@ def stage_iterator(config, stage, data: Mapping[str, TaskData], tokenizer, num_g
 # ------------------------------------------------------------------------------ loop
 
 
+def max_skipped_fraction(config) -> float:
+  """`config.max_skipped_fraction`: the share of records that may be skipped, for any cause (media files
+  missing when a real dataset is built, records the pipeline cannot decode)."""
+  value = float(config.get("max_skipped_fraction", 0.01))
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"config.max_skipped_fraction={value} must be in [0, 1]")
+  return value
+
+
 class _RecordSkips:
   """Counts the records the data pipeline skipped (media it could not decode) and stops the run when
   they exceed `config.max_skipped_fraction` of the records read (judged once `config.
@@ -350,10 +359,8 @@ class _RecordSkips:
   """
 
   def __init__(self, config, meta):
-    self.max_fraction = float(config.get("max_skipped_fraction", 0.01))
+    self.max_fraction = max_skipped_fraction(config)
     self.grace = int(config.get("skipped_grace_records", 200))
-    if not 0.0 <= self.max_fraction <= 1.0:
-      raise ValueError(f"config.max_skipped_fraction={self.max_fraction} must be in [0, 1]")
     self.check_every = max(int(config.get("log_every", 1)), 1)
     self.skipped = int(meta.get("records_skipped", 0)) if meta else 0
     self.read = int(meta.get("records_read", 0)) if meta else 0
