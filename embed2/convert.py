@@ -111,7 +111,7 @@ from embed2.data import tokenizer as tok_lib
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.model.presets import PRESETS
 from embed2.model.vision import VisionConfig, VisionEncoder
-from embed2.train import checkpoint as ckpt_lib
+from embed2 import checkpoint as ckpt_lib
 
 DTYPES = ("float32", "bfloat16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -78,7 +78,7 @@ def main(argv: Sequence[str]) -> dict:
     raise SystemExit(f"--dims={args.dims!r} must be comma-separated integers, e.g. --dims=64,256")
 
   from embed2.inference import Embedder
-  from embed2.train import checkpoint as ckpt_lib
+  from embed2 import checkpoint as ckpt_lib
 
   start = time.perf_counter()
   directory, step = ckpt_lib.resolve_checkpoint_path(args.checkpoint)

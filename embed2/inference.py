@@ -261,7 +261,7 @@ class Embedder:
     Raises:
       ValueError / FileNotFoundError: the checkpoint names no tokenizer, or its tokenizer is missing.
     """
-    from embed2.train import checkpoint as ckpt_lib  # only this entry point needs orbax
+    from embed2 import checkpoint as ckpt_lib  # only this entry point needs orbax
 
     directory, step = ckpt_lib.resolve_checkpoint_path(path)
     meta = ckpt_lib.Checkpointer(directory, read_only=True).read_meta(step)

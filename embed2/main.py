@@ -124,7 +124,7 @@ def run_soup(config, workdir, data, eval_fn) -> dict[str, Any]:
                        weights=config.soup.get("weights") or None, overwrite=True)
   results = {}
   if eval_fn is not None:
-    from embed2.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    from embed2 import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     from embed2.model import EmbeddingModel, ModelConfig  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
     for name, path in list(ingredients.items()) + [("soup", out)]:

@@ -17,7 +17,7 @@ computed per parameter in float32 and written in the ingredients' dtype. The met
             start from the best and add each next one only if the uniform soup with it scores at least
             as well as the soup without it. The selected ingredients are averaged uniformly.
 
-An ingredient is any checkpoint `embed2.train.checkpoint.resolve_checkpoint_path` accepts: a step
+An ingredient is any checkpoint `embed2.checkpoint.resolve_checkpoint_path` accepts: a step
 directory, a checkpoints directory (its latest finished step) or a workdir. Before anything is restored,
 every ingredient is checked against the first: same architecture (the meta's model config, ignoring
 fields that do not change the parameters) and the same parameter tree (paths, shapes, dtypes, read from
@@ -63,7 +63,7 @@ from flax import nnx
 from embed2 import sharding
 from embed2.data import tokenizer as tok_lib
 from embed2.model import EmbeddingModel, ModelConfig
-from embed2.train import checkpoint as ckpt_lib
+from embed2 import checkpoint as ckpt_lib
 
 METHODS = ("uniform", "weighted", "greedy")
 
@@ -163,7 +163,7 @@ def open_ingredient(path: str | os.PathLike) -> Ingredient:
   meta = ck.read_meta(step)
   if "model_config" not in meta:
     raise ValueError(f"soup ingredient {path}: the meta of {directory / str(step)} has no model_config; "
-                     "it was not written by embed2.train.checkpoint")
+                     "it was not written by embed2.checkpoint")
   # Orbax's metadata file: paths, shapes and dtypes of every array, without reading any array.
   md = ocp.StandardCheckpointHandler().metadata(directory / str(step) / "params")
   tree = {k: (tuple(int(s) for s in v.shape), np.dtype(v.dtype).name)

@@ -24,7 +24,7 @@ from embed2.data.tokenizer import DEFAULT_MODEL_PATH, Tokenizer
 from embed2.inference import Embedder
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.model.vision import VisionConfig, VisionEncoder
-from embed2.train import checkpoint as ckpt_lib
+from embed2 import checkpoint as ckpt_lib
 
 # Conversions in the parity tests place tensors on one device: on the 8 simulated devices Orbax
 # writes replicated arrays slice by slice, compiling a small program per shape (seconds per save).

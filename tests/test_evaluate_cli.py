@@ -15,7 +15,7 @@ from embed2 import evaluate, export
 from embed2.eval import suites
 from embed2.inference import Embedder, MissingFrontendError
 from embed2.model import EmbeddingModel, ModelConfig
-from embed2.train.checkpoint import Checkpointer
+from embed2.checkpoint import Checkpointer
 
 TASK_STRINGS = {"code_search": "task: code retrieval | query: ",  # configs/demo.py's names
                 "stdlib_doc_retrieval": "task: search result | query: "}

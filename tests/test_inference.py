@@ -14,7 +14,7 @@ from embed2.data import tokenizer as tokenizer_lib
 from embed2.data.tokenizer import Tokenizer
 from embed2.inference import Audio, Embedder, Image, InvalidTextError, MissingFrontendError, Text, Video
 from embed2.model import EmbeddingModel, ModelConfig
-from embed2.train.checkpoint import Checkpointer
+from embed2.checkpoint import Checkpointer
 
 TASK = "search"
 TASK_STRING = "task: search result | query: "

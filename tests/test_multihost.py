@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from embed2.train import checkpoint as ckpt_lib
+from embed2 import checkpoint as ckpt_lib
 from embed2.train.metrics_writer import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -353,7 +353,7 @@ def test_sharded_media_batch_equals_single_device(tok, cfg, model):
 def test_a_text_checkpoint_and_gemma_vision_weights_start_a_multimodal_model(tmp_path, tok):
   from embed2.model import vision
   from embed2.model.frontends import ViTImageFrontend
-  from embed2.train import checkpoint as ckpt_lib
+  from embed2 import checkpoint as ckpt_lib
   from embed2.train import trainer
 
   text_cfg = ModelConfig.from_name("tiny", vocab_size=tok.vocab_size)

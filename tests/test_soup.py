@@ -11,7 +11,7 @@ from flax import nnx
 
 from embed2 import sharding, soup
 from embed2.model import EmbeddingModel, ModelConfig
-from embed2.train.checkpoint import Checkpointer, load_model_params
+from embed2.checkpoint import Checkpointer, load_model_params
 
 
 

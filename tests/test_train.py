@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from embed2.train import checkpoint as ckpt_lib
+from embed2 import checkpoint as ckpt_lib
 from embed2.train import trainer
 from embed2.train.metrics_writer import read_metrics
 from embed2.main import resolve_tasks

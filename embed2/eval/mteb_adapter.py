@@ -116,7 +116,7 @@ class MtebEncoder:
   def from_checkpoint(cls, path: str, *, dim: int | None = None,
                       prompts: Mapping[str, str] | None = None, **embedder_kwargs) -> "MtebEncoder":
     from embed2.inference import Embedder
-    from embed2.train import checkpoint as ckpt_lib
+    from embed2 import checkpoint as ckpt_lib
 
     directory, step = ckpt_lib.resolve_checkpoint_path(path)
     embedder = Embedder.from_checkpoint(path, **embedder_kwargs)

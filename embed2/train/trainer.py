@@ -47,7 +47,7 @@ from embed2.data import pipeline
 from embed2.data import tokenizer as tokenizer_lib
 from embed2.data.tokenizer import Tokenizer
 from embed2.model import EmbeddingModel, ModelConfig
-from embed2.train import checkpoint as ckpt_lib
+from embed2 import checkpoint as ckpt_lib
 from embed2.train import faults
 from embed2.train import optim
 from embed2.train import step as step_lib
