@@ -26,7 +26,8 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from embed2.model import ModelConfig
+from embed2 import sharding
+from embed2.model import EmbeddingModel, ModelConfig
 from embed2.model.presets import MEDIA_FIELDS
 
 # The frontends: each is both the EmbeddingModel attribute and the ModelConfig field that switches it on.
@@ -160,6 +161,54 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> tuple[epath.Path, int]:
     raise FileNotFoundError(f"no finished checkpoint under {path} (unfinished temporary directories are "
                             "ignored)")
   return p, step
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[epath.Path, int, dict[str, Any]]:
+  """(checkpoints directory, step, meta) of a checkpoint `resolve_checkpoint_path` accepts.
+
+  Raises:
+    FileNotFoundError: nothing finished there.
+    ValueError: the meta has no model config (not written by embed2's trainer, soup or import).
+  """
+  directory, step = resolve_checkpoint_path(path)
+  meta = Checkpointer(directory, read_only=True).read_meta(step)
+  if "model_config" not in meta:
+    raise ValueError(f"checkpoint {directory}/{step} has no model_config in its meta; it was not "
+                     "written by embed2's trainer, soup or import")
+  return directory, step, meta
+
+
+def load_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None,
+               dtype: str | None = None) -> tuple[EmbeddingModel, dict[str, Any]]:
+  """The model a checkpoint holds (a training run's, a soup, an import), placed on `mesh`.
+
+  The model is built abstractly from the checkpoint's own config (shapes and shardings, no values) and
+  the restore fills it shard by shard: no device ever holds more than its shard, so a model too large
+  for one device loads onto a mesh that holds it.
+
+  Args:
+    path: a checkpoints directory (latest step), a step directory, or a workdir.
+    mesh: default a data-parallel mesh over all devices.
+    rules: logical-axis rules; default `sharding.DEFAULT_RULES`.
+    dtype: compute dtype override ("float32" / "bfloat16"); parameters keep the checkpoint's dtype.
+
+  Returns:
+    (model, meta).
+  """
+  directory, step, meta = read_checkpoint(path)
+  cfg = ModelConfig.from_dict(meta["model_config"])
+  if dtype is not None:
+    cfg = cfg.replace(dtype=dtype)
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
+  model = sharding.abstract_sharded(lambda: EmbeddingModel(cfg, rules=rules, rngs=nnx.Rngs(0)), mesh,
+                                    rules)
+  load_model_params(model, directory / str(step))
+  unfilled = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+              if not isinstance(x, jax.Array)]
+  if unfilled:
+    raise ValueError(f"checkpoint {directory}/{step} did not provide {unfilled}")
+  return model, meta
 
 
 def load_model_params(model, path: str | os.PathLike) -> dict[str, Any]:

@@ -57,12 +57,14 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from embed2 import checkpoint as ckpt_lib
 from embed2 import sharding
 from embed2.data import interleave
 from embed2.data import packing
 from embed2.data import pipeline
 from embed2.data import segments
-from embed2.data.segments import Audio, Image, MediaError, MissingFrontendError, Text, Video
+from embed2.data.segments import (Audio, Image, MediaError, MissingFrontendError, Text, Video,  # pylint: disable=unused-import
+                                  missing_frontend)
 from embed2.data import tokenizer as tok_lib
 from embed2.data.tokenizer import InvalidTextError, Tokenizer  # pylint: disable=unused-import
 from embed2.eval import metrics
@@ -70,15 +72,6 @@ from embed2.eval.retrieval import truncate  # re-exported: the public MRL cut
 from embed2.model import EmbeddingModel, ModelConfig
 
 OVERFLOW_POLICIES = ("truncate", "error")
-
-
-# ------------------------------------------------------------------------------------------ items
-
-
-def missing_frontend(modality: str) -> MissingFrontendError:
-  return MissingFrontendError(
-      f"this model has no {modality} frontend (set config.model.image_frontend / audio_frontend when "
-      "training one); pass inputs of the modalities it reads (Embedder.modalities)")
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -261,33 +254,10 @@ class Embedder:
     Raises:
       ValueError / FileNotFoundError: the checkpoint names no tokenizer, or its tokenizer is missing.
     """
-    from embed2 import checkpoint as ckpt_lib  # only this entry point needs orbax
-
-    directory, step = ckpt_lib.resolve_checkpoint_path(path)
-    meta = ckpt_lib.Checkpointer(directory, read_only=True).read_meta(step)
-    if "model_config" not in meta:
-      raise ValueError(f"checkpoint {directory}/{step} has no model_config in its meta; it was not "
-                       "written by embed2's trainer, soup or import")
-    cfg = ModelConfig.from_dict(meta["model_config"])
+    directory, step, meta = ckpt_lib.read_checkpoint(path)
     tokenizer = tok_lib.checkpoint_tokenizer(meta, directory)  # before any restore: fail fast
-    if dtype is not None:
-      cfg = cfg.replace(dtype=dtype)
-    mesh = mesh if mesh is not None else sharding.make_mesh()
-    rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
-    # An abstract model (shapes and shardings, no values) that the restore fills in: nothing is
-    # initialised only to be overwritten, and no device holds more than its shard.
-    abstract = nnx.eval_shape(lambda: EmbeddingModel(cfg, rules=rules, rngs=nnx.Rngs(0)))
-    graphdef, abs_state = nnx.split(abstract)
-    shardings = sharding.param_shardings(abs_state, mesh, rules)
-    abs_state = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abs_state,
-        shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    model = nnx.merge(graphdef, abs_state)
-    ckpt_lib.load_model_params(model, os.fspath(directory / str(step)))
-    unfilled = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(
-        nnx.state(model)) if not isinstance(x, jax.Array)]
-    if unfilled:
-      raise ValueError(f"checkpoint {directory}/{step} did not provide {unfilled}")
+    model, meta = ckpt_lib.load_model(directory / str(step), mesh=mesh, rules=rules, dtype=dtype)
+    cfg = model.cfg
     if meta.get("max_seq_length"):
       kwargs.setdefault("max_length", min(int(meta["max_seq_length"]), cfg.max_length))
     logging.info("Embedder: loaded step %d from %s (tokenizer %s)", step, directory, tokenizer.source)

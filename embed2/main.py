@@ -21,7 +21,13 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from data_pipelines import tasks as task_defs
+from embed2 import checkpoint as ckpt_lib
 from embed2 import distributed
+from embed2 import sharding
+from embed2 import soup as soup_lib
+from embed2.eval import suites
+from embed2.evaluate import format_table
 from embed2.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).")
@@ -38,7 +44,6 @@ def resolve_tasks(config) -> dict[str, trainer.TaskData]:
   Real datasets skip (and count) examples whose media file is missing, up to
   `config.max_skipped_fraction` of a split: the same limit the trainer puts on undecodable records.
   """
-  from data_pipelines import tasks as task_defs  # pylint: disable=g-import-not-at-top
   max_skipped = trainer.max_skipped_fraction(config)
   data = {}
   for name, tc in config.tasks.items():
@@ -58,7 +63,6 @@ def make_eval_fn(config, workdir):
   suite = config.get("eval_suite")
   if not suite:
     return None
-  from embed2.eval import suites  # pylint: disable=g-import-not-at-top
 
   tokenizer, _ = trainer.resolve_tokenizer(config)  # the one the run trains with
   evaluator = suites.SuiteEvaluator(suite, tokenizer=tokenizer,
@@ -103,7 +107,6 @@ def variant_config(config, variant, workdir):
 
 def run_soup(config, workdir, data, eval_fn) -> dict[str, Any]:
   """Fine-tunes each variant of `config.soup.variants`, soups them with the main run, evaluates all."""
-  from embed2 import soup as soup_lib  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   ingredients = {config.stages[-1].name: workdir / "checkpoints"}
   for variant in config.soup.variants:
@@ -124,12 +127,12 @@ def run_soup(config, workdir, data, eval_fn) -> dict[str, Any]:
                        weights=config.soup.get("weights") or None, overwrite=True)
   results = {}
   if eval_fn is not None:
-    from embed2 import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-    from embed2.model import EmbeddingModel, ModelConfig  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
+    # Each model loads onto the run's own mesh, shard by shard (a soup of a 4B model fits where its
+    # training run did).
+    mesh = sharding.make_mesh(dict(config.mesh))
+    rules = tuple(tuple(r) for r in config.sharding_rules)
     for name, path in list(ingredients.items()) + [("soup", out)]:
-      model = EmbeddingModel(ModelConfig.from_dict(config.model.to_dict()), rngs=nnx.Rngs(0))
-      ckpt_lib.load_model_params(model, str(path))
+      model, _ = ckpt_lib.load_model(path, mesh=mesh, rules=rules)
       results[name] = unprefixed(eval_fn(model, 0, f"soup_{name}"))
     if jax.process_index() == 0:
       (workdir / "eval" / "soup.json").write_text(json.dumps(results, indent=1, sort_keys=True))
@@ -161,7 +164,6 @@ def run(config, workdir: str) -> dict[str, Any]:
     logging.info("preempted at step %d; re-run the same command to resume", result.global_step)
     return summary
   if eval_fn is not None:
-    from embed2.evaluate import format_table  # pylint: disable=g-import-not-at-top
     final = result.last_eval or eval_fn(result.trainee.model, result.global_step, "final")
     summary["eval"] = final
     if jax.process_index() == 0:

@@ -141,6 +141,18 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules) -> Any:
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def abstract_sharded(factory, mesh: Mesh, rules):
+  """`factory()` (an nnx.Module) traced abstractly: no memory, every leaf a jax.ShapeDtypeStruct that
+  carries the sharding the rules give it on `mesh`. A checkpoint restore fills it in shard by shard
+  (`embed2.checkpoint.load_model`), so nothing is initialised only to be overwritten."""
+  graphdef, abs_state = nnx.split(nnx.eval_shape(factory))
+  shardings = param_shardings(abs_state, mesh, rules)
+  abs_state = jax.tree.map(
+      lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abs_state,
+      shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, abs_state)
+
+
 def create_sharded(factory, mesh: Mesh, rules):
   """Builds `factory()` (an nnx.Module) with every parameter created already sharded on `mesh`.
 

@@ -280,13 +280,14 @@ class _Target:
   def __init__(self, ingredient: Ingredient, mesh, rules):
     self.mesh = mesh
     cfg = ingredient.model_config
-    abstract = nnx.eval_shape(lambda: EmbeddingModel(cfg, rules=rules, rngs=nnx.Rngs(0)))
+    abstract = sharding.abstract_sharded(lambda: EmbeddingModel(cfg, rules=rules, rngs=nnx.Rngs(0)),
+                                         mesh, rules)
     self.graphdef, state = nnx.split(abstract)
     params = nnx.state(abstract, nnx.Param)
     if len(jax.tree.leaves(state)) != len(jax.tree.leaves(params)):
       raise ValueError("the model holds state other than parameters; embed2.soup only knows how to "
                        "build a scoring model from parameters")
-    shapes = nnx.to_pure_dict(params)
+    shapes = nnx.to_pure_dict(params)  # ShapeDtypeStructs with the target shardings
     # The model built from the config must have the checkpoint's paths and shapes. Dtypes are taken
     # from the checkpoint, so that nothing is cast on restore.
     diff = first_tree_mismatch({k: (tuple(v.shape), "") for k, v in _flat_paths(shapes).items()},
@@ -294,12 +295,10 @@ class _Target:
     if diff:
       raise ValueError(f"checkpoint {ingredient.path} does not match the model its own model_config "
                        f"builds: {diff}")
-    shardings = nnx.to_pure_dict(sharding.param_shardings(params, mesh, rules))
     path_str = lambda path: "/".join(_key_str(k) for k in path)
     self.abstract = jax.tree_util.tree_map_with_path(
-        lambda p, x, s: jax.ShapeDtypeStruct(x.shape, np.dtype(ingredient.tree[path_str(p)][1]),
-                                             sharding=s),
-        shapes, shardings)
+        lambda p, x: jax.ShapeDtypeStruct(x.shape, np.dtype(ingredient.tree[path_str(p)][1]),
+                                          sharding=x.sharding), shapes)
     self._shapes = shapes
     self._state = state
     self.model: EmbeddingModel | None = None

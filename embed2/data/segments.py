@@ -29,6 +29,13 @@ class MissingFrontendError(ValueError):
   """The model cannot read this modality (it has no frontend for it)."""
 
 
+def missing_frontend(modality: str) -> MissingFrontendError:
+  """The error for an input of `modality` given to a model without its frontend."""
+  return MissingFrontendError(
+      f"this model has no {modality} frontend (set config.model.image_frontend / audio_frontend when "
+      "training one); pass inputs of the modalities it reads (Embedder.modalities)")
+
+
 def _check_source(item, sources: tuple[str, ...]) -> None:
   given = [s for s in sources if getattr(item, s) is not None]
   if len(given) != 1:

@@ -52,8 +52,8 @@ from embed2.eval import bm25 as bm25_lib
 from embed2.eval import metrics
 from embed2.eval import retrieval
 from embed2.data import segments
+from embed2.data.segments import Image, Video, missing_frontend
 from embed2.data.tokenizer import check_text
-from embed2.inference import Image, Video, missing_frontend
 
 DATA_DIR_ENV = "EMBED2_DATA_DIR"
 
