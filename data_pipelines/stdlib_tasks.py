@@ -32,6 +32,8 @@ Usage:
   from data_pipelines import stdlib_tasks
   train = stdlib_tasks.load_task("code_search", "train")   # list[dict]
   stdlib_tasks.task_counts()   # {"code_search": {"train": ..., "eval": ...}, ...}
+
+  python -m data_pipelines.stdlib_tasks   # the mining statistics (`task_stats()`) as JSON
 """
 from __future__ import annotations
 
@@ -41,13 +43,16 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import json
 import os
 import re
 import sysconfig
 import time
 import tokenize
 import warnings
-from typing import Any
+from typing import Any, Sequence
+
+from absl import app
 
 TASK_NAMES = ("code_search", "doc_retrieval", "module_classification")
 SPLITS = ("train", "eval")
@@ -572,7 +577,13 @@ def task_counts(*, stdlib_dir: str | None = None,
   return {name: {s: len(tasks[name][s]) for s in SPLITS} for name in TASK_NAMES}
 
 
-if __name__ == "__main__":
-  import json
+def main(argv: Sequence[str]) -> None:
+  """Prints `task_stats()` (without the failed files' paths) as JSON."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}: this program takes none")
   print(json.dumps({k: v for k, v in task_stats().items() if k != "files_failed_paths"},
                    indent=1, default=str))
+
+
+if __name__ == "__main__":
+  app.run(main)

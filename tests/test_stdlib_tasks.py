@@ -1,9 +1,11 @@
 """Stdlib-mined tasks: schema, honest module split, dedup, determinism, counted drops, signal."""
 import collections
+import json
 import textwrap
 
 import numpy as np
 import pytest
+from absl import app
 
 from data_pipelines import stdlib_tasks, tasks
 from embed2.eval import bm25, metrics
@@ -60,6 +62,16 @@ def test_stats_account_for_every_example(mined):
         == c["train"] + c["eval"] == sum(len(v) for v in mined.tasks[name].values())
     assert c["candidates"] - c.get("dropped_short_query", 0) >= c["mined"]
   assert mined.stats["files_found"] > 300 and mined.stats["files_failed"] == 0
+
+
+def test_main_prints_the_stats(mined, capsys):
+  """`python -m data_pipelines.stdlib_tasks`: the mining statistics as JSON, and no arguments."""
+  stdlib_tasks.main(["stdlib_tasks"])
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["code_search"] == mined.stats["code_search"]
+  assert printed["files_found"] == mined.stats["files_found"] and "files_failed_paths" not in printed
+  with pytest.raises(app.UsageError, match="unexpected arguments"):
+    stdlib_tasks.main(["stdlib_tasks", "code_search"])
 
 
 def test_code_search_positive_is_code_without_docstring(mined):
