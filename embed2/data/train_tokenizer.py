@@ -16,20 +16,20 @@ indentation survives a round trip), and the modality boundary tokens of
 Run:
   python -m embed2.data.train_tokenizer --out=embed2/assets/tokenizer.model
 """
-import argparse
 import ast
 import collections.abc
 import io
 import os
 import pathlib
-import sys
 import sysconfig
 import textwrap
 import time
 import tokenize
 
 import sentencepiece as spm
+from absl import flags
 
+from embed2 import cli
 from embed2.data import tokenizer as tokenizer_lib
 
 # Directories skipped under the stdlib: third-party packages (site-packages is
@@ -253,17 +253,23 @@ def train(
   return model.getvalue()
 
 
-def main(argv: collections.abc.Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", required=True, help="where to write tokenizer.model")
-  parser.add_argument("--vocab_size", type=int, default=8192)
-  parser.add_argument("--model_type", default="bpe", choices=("bpe", "unigram"))
-  parser.add_argument("--max_chars", type=int, default=12_000_000,
-                      help="corpus size bound (characters); bounds training time")
-  parser.add_argument("--max_files", type=int, default=None)
-  parser.add_argument("--no_code", action="store_true",
-                      help="train on docstrings and comments only")
-  args = parser.parse_args(argv)
+FLAGS = flags.FlagValues()  # this program's own flags (embed2/cli.py says why)
+flags.DEFINE_string("out", None, "where to write tokenizer.model", flag_values=FLAGS)
+flags.DEFINE_integer("vocab_size", 8192, "pieces in the model, special tokens included",
+                     flag_values=FLAGS)
+flags.DEFINE_enum("model_type", "bpe", ("bpe", "unigram"), "sentencepiece model type",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("max_chars", 12_000_000, "corpus size bound (characters); bounds training time",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("max_files", None, "read at most this many stdlib files (default: all)",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("no_code", False, "train on docstrings and comments only", flag_values=FLAGS)
+flags.mark_flag_as_required("out", flag_values=FLAGS)
+
+
+def main(argv: collections.abc.Sequence[str]) -> None:
+  """Trains and writes the model: the command line `argv` (after the program name)."""
+  args = cli.parse(FLAGS, argv)
 
   start = time.perf_counter()
   corpus = stdlib_corpus(
@@ -286,4 +292,4 @@ def main(argv: collections.abc.Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main, FLAGS)

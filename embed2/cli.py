@@ -1,0 +1,91 @@
+"""The command line of embed2's programs: absl flags, one `flags.FlagValues` per program.
+
+A program (`python -m embed2.export`, `embed2.evaluate`, `embed2.soup`, `embed2.bench.*`, ...) defines
+its flags at module level on its own FlagValues, parses them in `main(argv)`, and hands `main` to
+`cli.run`, which is absl's `app.run`:
+
+  FLAGS = flags.FlagValues()
+  flags.DEFINE_string("out", "", "JSON file to write", flag_values=FLAGS)
+
+  def main(argv: Sequence[str]) -> dict:
+    args = cli.parse(FLAGS, argv)  # argv: the command line after the program name
+    ... args.out ...
+
+  if __name__ == "__main__":
+    cli.run(main, FLAGS)
+
+Why not absl's global `flags.FLAGS` (which `embed2.main` uses, its flags being defined nowhere else):
+the programs are imported together (the test suite, a notebook), and the global registry refuses one
+name (`--checkpoint`, `--out`, `--batch_size`) defined by two modules. Tests call `main(argv)` in
+process, through the same parsing as the command line. Flags are absl's: `--name=value` or
+`--name value`, booleans `--name` / `--noname` / `--name=false`, `--flagfile=FILE`.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any, Callable, Sequence
+
+from absl import app, flags
+
+_HELP = ("-h", "--help", "--helpshort", "--helpfull")
+
+
+def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, positional: str = ""
+          ) -> types.SimpleNamespace:
+  """Parses `argv`, the command line after the program name, into a program's flags.
+
+  Args:
+    flag_values: the program's FlagValues (its module-level FLAGS).
+    argv: flags and, where the program takes them, positional arguments, in any order.
+    positional: the attribute the positional arguments go under (a list of at least one); "" refuses
+      positional arguments.
+
+  Returns:
+    one attribute per flag, its value (the default where `argv` does not give it, also on a second
+    call), and `positional`'s list when asked for.
+
+  Raises:
+    app.UsageError: an unknown flag, a bad value, a required flag missing, a positional argument too
+      many or too few; the message names it.
+  """
+  if flag_values.is_parsed():
+    flag_values.unparse_flags()  # a second call starts from the defaults, not the last call's values
+  try:
+    rest = flag_values(["program", *argv])[1:]
+  except flags.Error as e:
+    raise app.UsageError(f"{e} (--help lists the flags)") from None
+  values = flag_values.flag_values_dict()
+  if positional:
+    if not rest:
+      raise app.UsageError(f"give at least one {positional} argument after the flags")
+    values[positional] = rest
+  elif rest:
+    raise app.UsageError(f"unexpected arguments {rest}: this program takes flags only "
+                         "(--name=value)")
+  return types.SimpleNamespace(**values)
+
+
+def run(main: Callable[[list[str]], Any], flag_values: flags.FlagValues) -> None:
+  """`if __name__ == "__main__": cli.run(main, FLAGS)`: absl's app.run around `main(sys.argv[1:])`.
+
+  app.run sets up absl logging and prints the usage (the module docstring) with the message of an
+  app.UsageError, exiting 1. `--help` prints the docstring and the program's flags and exits 0.
+  What `main` returns (a JSON document, for callers in process) is not the exit status.
+  """
+
+  def parse_argv(argv: list[str]) -> list[str]:
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    if any(a in _HELP for a in args):
+      doc = sys.modules["__main__"].__doc__ or ""
+      flag_help = flag_values.get_help(prefix="  ", include_special_flags=False).strip("\n")
+      sys.stdout.write(f"{doc.rstrip()}\n\nflags:\n{flag_help}\n")
+      sys.exit(0)
+    flags.FLAGS(argv[:1])  # absl's own flags (logging) at their defaults: app.run needs them parsed
+    return argv[1:]
+
+  def run_main(argv: list[str]) -> None:
+    main(argv)
+
+  app.run(run_main, flags_parser=parse_argv)
