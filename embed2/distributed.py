@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class StartupError(RuntimeError):
@@ -106,7 +107,6 @@ def allgather_json(obj: Any) -> list[Any]:
   """Every process's JSON-serialisable `obj`, in process order (a host-level all-gather)."""
   if jax.process_count() == 1:
     return [obj]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int32))
   padded = np.zeros(int(np.max(lengths)), np.uint8)

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from embed2.eval import bm25
 from embed2.eval import metrics as metrics_lib
 from embed2.eval import retrieval
 from embed2.inference import Audio, Image, MissingFrontendError, Text, Video
@@ -284,7 +285,6 @@ def mrl_curve(q_qd: np.ndarray, corpus_nd: np.ndarray, relevance: metrics_lib.Re
 def bm25_scores(queries: Sequence[str], corpus: Sequence[str], relevance: metrics_lib.Relevance,
                 names: Sequence[str] = ("recall@1", "ndcg@10")) -> dict[str, float]:
   """The lexical BM25 baseline on the same retrieval problem: {metric name: value}."""
-  from embed2.eval import bm25  # pylint: disable=g-import-not-at-top
   ks = sorted({int(n.split("@")[1]) for n in names if "@" in n} | {1, 10})
   _, ranked = bm25.BM25(corpus).topk(queries, max(ks))
   m = metrics_lib.retrieval_metrics(ranked, relevance, ks, num_docs=len(corpus))
@@ -347,7 +347,7 @@ def eval_keys(rows: Sequence[Mapping[str, Any]], metric: str = "ndcg@10") -> lis
 
 
 def _plt():
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # the notebook extra; only the plots need it  # pylint: disable=g-import-not-at-top
   return plt
 
 
