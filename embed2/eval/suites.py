@@ -32,8 +32,9 @@ lexical baseline, "<task>/recall@1/chance" (the expected R@1 of a random ranking
 for tasks that report it, and "mean/<metric>/dim_<d>" over the
 suite's retrieval tasks.
 
-The demo suite's loader is the one place this library reads the offline task data of `data_pipelines`,
-the way the entry point resolves task names (see DESIGN.md).
+`data_pipelines` is imported only inside the demo suite's loaders: they are the one place this library
+reads the offline task data, the way the entry point resolves task names (DESIGN.md: embed2 imports
+data_pipelines only where a task name is resolved, so importing embed2 never imports the data side).
 """
 
 from __future__ import annotations
@@ -47,9 +48,6 @@ import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
-
-from data_pipelines import stdlib_tasks
-from data_pipelines import tasks as task_lib
 
 from embed2.eval import bm25 as bm25_lib
 from embed2.eval import metrics
@@ -166,6 +164,7 @@ class Suite:
 def load_demo(data_dir: pathlib.Path | None = None) -> list[Task]:
   """The offline stdlib eval split (data_dir is unused: the data is mined from this Python)."""
   del data_dir
+  from data_pipelines import stdlib_tasks  # the demo's task data: see the module docstring
   tasks: list[Task] = []
   for name, config_task in DEMO_TASKS.items():
     examples = stdlib_tasks.load_task(name, "eval")
@@ -185,6 +184,7 @@ def load_demo(data_dir: pathlib.Path | None = None) -> list[Task]:
 def load_demo_media() -> list[Task]:
   """The generated multimodal eval splits (`DEMO_MEDIA_TASKS`), built on demand and held out from
   training by content (see data_pipelines.media_tasks)."""
+  from data_pipelines import tasks as task_lib  # the demo's task data: see the module docstring
   out: list[Task] = []
   for name, (source, reverse, config_task) in DEMO_MEDIA_TASKS.items():
     examples = task_lib.build_task(source, "eval")
