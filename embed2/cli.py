@@ -31,9 +31,10 @@ from absl import app, flags
 
 _HELP = ("-h", "--help", "--helpshort", "--helpfull")
 
+Args = types.SimpleNamespace  # what `parse` returns: one attribute per flag (and the positional list)
 
-def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, positional: str = ""
-          ) -> types.SimpleNamespace:
+
+def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, positional: str = "") -> Args:
   """Parses `argv`, the command line after the program name, into a program's flags.
 
   Args:
@@ -64,7 +65,7 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, positional: str
   elif rest:
     raise app.UsageError(f"unexpected arguments {rest}: this program takes flags only "
                          "(--name=value)")
-  return types.SimpleNamespace(**values)
+  return Args(**values)
 
 
 def run(main: Callable[[list[str]], Any], flag_values: flags.FlagValues) -> None:

@@ -11,7 +11,8 @@ measured: a CPU has no datasheet figure that XLA can reach.
 
 Output: each program prints a table (`format_table`) and writes one JSON file (`write_json`) whose
 `host` entry (`host_info`) says where it ran: jax version, device kind, CPU count, and the
-nvidia-smi device name on a GPU.
+nvidia-smi device name on a GPU. `program_flags` starts each program's flags (--out, --toy) and
+`run_and_write` is every program's `main` once they are parsed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from absl import flags
 
 # Dense (no structured sparsity) peak FLOP/s per chip, from the vendors' datasheets.
 # "float32" is what a float32 matmul runs at under jax's default precision: TF32 on NVIDIA Ampere and
@@ -244,3 +246,29 @@ def write_json(path: str, result: Mapping[str, Any]) -> dict[str, Any]:
     json.dump(data, f, indent=2)
   print(f"wrote {path}")
   return data
+
+
+def program_flags(name: str, *, toy: bool = True) -> flags.FlagValues:
+  """A benchmark program's own FlagValues (embed2/cli.py says why one per program), holding the flags
+  every program has: --out (default bench_out/NAME.json) and, when `toy`, --toy (the program picks
+  the tiny sizes)."""
+  flag_values = flags.FlagValues()
+  flags.DEFINE_string("out", f"bench_out/{name}.json", "JSON output path", flag_values=flag_values)
+  if toy:
+    flags.DEFINE_bool("toy", False, "tiny sizes for a smoke run (tests)", flag_values=flag_values)
+  return flag_values
+
+
+def run_and_write(args: Any, run: Callable[[Any], Mapping[str, Any]],
+                  report: Callable[[Mapping[str, Any]], str] | None = None) -> dict[str, Any]:
+  """A benchmark program once its flags are parsed: measures (`run(args)`), prints the table
+  (`report(result)`; a program that prints its rows as it measures has none) and writes the result to
+  `args.out` as JSON.
+
+  Returns:
+    The JSON-able copy that was written.
+  """
+  result = run(args)
+  if report is not None:
+    print(report(result))
+  return write_json(args.out, result)

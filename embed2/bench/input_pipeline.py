@@ -25,11 +25,12 @@ media with `--config=tiny`, or with `--config_arg=media=false`) is reported as "
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any, Sequence
 
+from absl import flags
 
+from embed2 import cli
 from embed2.bench import common
 from embed2.bench import train_step as ts
 
@@ -49,17 +50,17 @@ def load_config(name: str, arg: str = ""):
   return trainer.normalize(get(arg or None))
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default="demo", choices=CONFIGS,
-                  help="configs/demo.py (stdlib tasks) or configs/tiny.py (generated tasks)")
-  ap.add_argument("--config_arg", default="", help="the config's knobs, e.g. 'batch=128,layers=2'")
-  ap.add_argument("--streams", default="", help="comma-separated stream names (default: all)")
-  ap.add_argument("--batches", type=int, default=20, help="timed next() calls per stream")
-  ap.add_argument("--steps", type=int, default=5, help="timed train-step rounds")
-  ap.add_argument("--toy", action="store_true", help="tiny sizes for a smoke run (tests)")
-  ap.add_argument("--out", default="bench_out/input_pipeline.json", help="JSON output path")
-  args = ap.parse_args(argv)
+FLAGS = common.program_flags("input_pipeline")  # --out, --toy, and this program's own:
+flags.DEFINE_enum("config", "demo", CONFIGS,
+                  "configs/demo.py (stdlib tasks) or configs/tiny.py (generated tasks)", flag_values=FLAGS)
+flags.DEFINE_string("config_arg", "", "the config's knobs, e.g. 'batch=128,layers=2'", flag_values=FLAGS)
+flags.DEFINE_string("streams", "", "comma-separated stream names (default: all)", flag_values=FLAGS)
+flags.DEFINE_integer("batches", 20, "timed next() calls per stream", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 5, "timed train-step rounds", flag_values=FLAGS)
+
+
+def _args(argv: Sequence[str]) -> cli.Args:
+  args = cli.parse(FLAGS, argv)
   if args.toy:
     args.batches, args.steps = 3, 1
     args.config_arg = args.config_arg or "layers=1,batch=16"
@@ -101,7 +102,7 @@ def streams(config, data, tokenizer, num_groups: int, wanted: Sequence[str] = ()
   return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: cli.Args) -> dict[str, Any]:
   """Measures every stream's pipeline and train step; returns the JSON-able results."""
   from embed2 import sharding  # pylint: disable=g-import-not-at-top
   from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
@@ -207,12 +208,10 @@ def report(result: dict[str, Any]) -> str:
           f"{host['jax']}; lowest pipeline/step ratio per modality: {mins}")
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  args = _parse(argv)
-  result = run(args)
-  print(report(result))
-  return common.write_json(args.out, result)
+def main(argv: Sequence[str]) -> dict[str, Any]:
+  """The command line after the program name -> the JSON document written to --out."""
+  return common.run_and_write(_args(argv), run, report)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

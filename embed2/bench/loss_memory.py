@@ -19,32 +19,32 @@ quadratically (single device) or as B_local * B (sharded). Writes JSON to --out.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Any, Sequence
 
+from absl import flags
+
+from embed2 import cli
 from embed2.bench import common
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--batches", default="1024,2048,4096,8192,16384,32768,65536",
-                  help="comma-separated global batch sizes")
-  ap.add_argument("--dim", type=int, default=768, help="embedding dim d")
-  ap.add_argument("--mrl_dims", default="", help="comma-separated MRL prefixes (default: d only)")
-  ap.add_argument("--num_negatives", type=int, default=0, help="hard negatives K per query")
-  ap.add_argument("--symmetric", action="store_true", help="add the target->query direction")
-  ap.add_argument("--kind", default="softmax", choices=("softmax", "sigmoid"))
-  ap.add_argument("--block_size", type=int, default=1024, help="targets per block (blockwise)")
-  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                  help="embedding dtype (logits are float32 either way)")
-  ap.add_argument("--max_dense_batch", type=int, default=65536,
-                  help="skip the dense variants above this global batch (compile time only)")
-  ap.add_argument("--host_devices", type=int, default=0,
-                  help="simulate this many CPU devices (only if jax has not started yet)")
-  ap.add_argument("--out", default="bench_out/loss_memory.json", help="JSON output path")
-  return ap.parse_args(argv)
+FLAGS = common.program_flags("loss_memory", toy=False)  # --out, and this program's own:
+flags.DEFINE_string("batches", "1024,2048,4096,8192,16384,32768,65536",
+                    "comma-separated global batch sizes", flag_values=FLAGS)
+flags.DEFINE_integer("dim", 768, "embedding dim d", flag_values=FLAGS)
+flags.DEFINE_string("mrl_dims", "", "comma-separated MRL prefixes (default: d only)", flag_values=FLAGS)
+flags.DEFINE_integer("num_negatives", 0, "hard negatives K per query", flag_values=FLAGS)
+flags.DEFINE_bool("symmetric", False, "add the target->query direction", flag_values=FLAGS)
+flags.DEFINE_enum("kind", "softmax", ("softmax", "sigmoid"), "loss kind", flag_values=FLAGS)
+flags.DEFINE_integer("block_size", 1024, "targets per block (blockwise)", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "bfloat16", ("bfloat16", "float32"),
+                  "embedding dtype (logits are float32 either way)", flag_values=FLAGS)
+flags.DEFINE_integer("max_dense_batch", 65536,
+                     "skip the dense variants above this global batch (compile time only)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("host_devices", 0, "simulate this many CPU devices (only if jax has not started yet)",
+                     flag_values=FLAGS)
 
 
 def _measure(fn, *args) -> dict[str, Any]:
@@ -57,12 +57,12 @@ def _measure(fn, *args) -> dict[str, Any]:
           "compile_s": round(seconds, 3)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: cli.Args) -> dict[str, Any]:
   """Compiles every variant; returns the JSON-able results."""
   if args.host_devices:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-      os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.host_devices}"
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in xla_flags:
+      os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={args.host_devices}"
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
@@ -133,10 +133,10 @@ def _print_row(row: dict[str, Any], first: bool) -> None:
   print(f"{row['global_batch']:>9} " + " ".join(f"{v:>18}" for v in vals), flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  args = _parse(argv)
-  return common.write_json(args.out, run(args))
+def main(argv: Sequence[str]) -> dict[str, Any]:
+  """The command line after the program name -> the JSON document written to --out."""
+  return common.run_and_write(cli.parse(FLAGS, argv), run)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

@@ -36,7 +36,6 @@ of this process), and steps/s. Writes JSON to --out.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import platform
@@ -44,7 +43,9 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+from absl import flags
 
+from embed2 import cli
 from embed2.bench import common
 from embed2.bench import input_pipeline
 from embed2.data import packing
@@ -62,35 +63,35 @@ _WORDS = ("the of and to in is for on that with as by at from this are be or an 
           "learning network layer attention pooling loss negative positive").split()
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--examples_per_group", type=int, default=256, help="B_g")
-  ap.add_argument("--groups", type=int, default=4, help="G (pipeline part)")
-  ap.add_argument("--segments", type=int, default=16, help="S")
-  ap.add_argument("--query_len", type=int, default=128)
-  ap.add_argument("--positive_len", type=int, default=512)
-  ap.add_argument("--negative_len", type=int, default=512)
-  ap.add_argument("--num_negatives", type=int, default=1, help="K")
-  ap.add_argument("--steps", type=int, default=40, help="group batches (packing "
-                  "part) / steps (pipeline part) measured")
-  ap.add_argument("--max_misses", type=int, default=64)
-  ap.add_argument("--lookahead", type=int, default=64, help="W of the packed variant")
-  ap.add_argument("--slack", type=float, default=1.0, help="suggest_rows slack")
-  ap.add_argument("--tokenizer", default="default", choices=("default", "bytes"))
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--config", default="demo", choices=input_pipeline.CONFIGS + ("none",),
-                  help="config of the config part (none: skip it)")
-  ap.add_argument("--config_arg", default="", help="the config's knobs, e.g. 'batch=128'")
-  ap.add_argument("--config_batches", type=int, default=60,
-                  help="batches per stream (config part); the lookahead window reaches its steady "
-                  "state (the tuples it keeps passing over pile up in it) after a few dozen")
-  ap.add_argument("--streams", default="", help="comma-separated stream names of the config part "
-                  "(default: all)")
-  ap.add_argument("--toy", action="store_true",
-                  help="tiny sizes for a smoke run (tests)")
-  ap.add_argument("--out", default="bench_out/packing.json",
-                  help="JSON output path")
-  args = ap.parse_args(argv)
+FLAGS = common.program_flags("packing")  # --out, --toy, and this program's own:
+flags.DEFINE_integer("examples_per_group", 256, "B_g", flag_values=FLAGS)
+flags.DEFINE_integer("groups", 4, "G (pipeline part)", flag_values=FLAGS)
+flags.DEFINE_integer("segments", 16, "S", flag_values=FLAGS)
+flags.DEFINE_integer("query_len", 128, "L of the query side", flag_values=FLAGS)
+flags.DEFINE_integer("positive_len", 512, "L of the positive side", flag_values=FLAGS)
+flags.DEFINE_integer("negative_len", 512, "L of the negative side", flag_values=FLAGS)
+flags.DEFINE_integer("num_negatives", 1, "K", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 40, "group batches (packing part) / steps (pipeline part) measured",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("max_misses", 64, "the packer's max_misses", flag_values=FLAGS)
+flags.DEFINE_integer("lookahead", 64, "W of the packed variant", flag_values=FLAGS)
+flags.DEFINE_float("slack", 1.0, "suggest_rows slack", flag_values=FLAGS)
+flags.DEFINE_enum("tokenizer", "default", ("default", "bytes"), "tokenizer of the pipeline part",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the generated tuples", flag_values=FLAGS)
+flags.DEFINE_enum("config", "demo", input_pipeline.CONFIGS + ("none",),
+                  "config of the config part (none: skip it)", flag_values=FLAGS)
+flags.DEFINE_string("config_arg", "", "the config's knobs, e.g. 'batch=128'", flag_values=FLAGS)
+flags.DEFINE_integer("config_batches", 60,
+                     "batches per stream (config part); the lookahead window reaches its steady state "
+                     "(the tuples it keeps passing over pile up in it) after a few dozen",
+                     flag_values=FLAGS)
+flags.DEFINE_string("streams", "", "comma-separated stream names of the config part (default: all)",
+                    flag_values=FLAGS)
+
+
+def _args(argv: Sequence[str]) -> cli.Args:
+  args = cli.parse(FLAGS, argv)
   if args.toy:
     args.examples_per_group, args.groups, args.steps = 16, 2, 4
     args.config_batches = 2
@@ -315,7 +316,7 @@ def _bench_config(args) -> dict[str, Any]:
   return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: cli.Args) -> dict[str, Any]:
   """Runs the parts; returns the JSON-able results."""
   rng = np.random.default_rng(args.seed)
   out = {
@@ -360,12 +361,10 @@ def _table(results: dict[str, Any]) -> str:
   return text
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  args = _parse(argv)
-  results = run(args)
-  print(_table(results))
-  return common.write_json(args.out, results)
+def main(argv: Sequence[str]) -> dict[str, Any]:
+  """The command line after the program name -> the JSON document written to --out."""
+  return common.run_and_write(_args(argv), run, _table)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

@@ -42,45 +42,48 @@ Loss share: 1 - t(trivial_loss) / t(packed), the median over paired rounds; and 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from absl import flags
 
+from embed2 import cli
 from embed2.bench import common
+from embed2.model import presets
 
 LENGTH_MIXES = ("mix", "demo", "full")
 _SAMPLE = 1024  # tuples the packed rows are suggested from (pipeline.ROWS_SAMPLE_SIZE)
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-  from embed2.model import presets  # pylint: disable=g-import-not-at-top
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--preset", default="small", choices=sorted(presets.PRESETS))
-  ap.add_argument("--layers", type=int, default=0, help="num_layers override (0 = the preset's)")
-  ap.add_argument("--vocab", type=int, default=0, help="vocab_size override (0 = the preset's)")
-  ap.add_argument("--batch", type=int, default=32, help="B: examples per step (global)")
-  ap.add_argument("--seq", type=int, default=128, help="L: tokens per row, every side")
-  ap.add_argument("--segments", type=int, default=8, help="S: examples per packed row at most")
-  ap.add_argument("--num_negatives", type=int, default=0, help="K: hard negatives per example")
-  ap.add_argument("--lengths", default="mix", choices=LENGTH_MIXES)
-  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--remat", default="none", choices=("none", "full", "dots"))
-  ap.add_argument("--attention_impl", default="xla",
-                  choices=("xla", "dot_product_attention", "cudnn"))
-  ap.add_argument("--block_size", type=int, default=1024, help="blockwise loss block size")
-  ap.add_argument("--steps", type=int, default=5, help="timed rounds (every variant once a round)")
-  ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-  ap.add_argument("--no_padded", action="store_true", help="skip the padded baseline")
-  ap.add_argument("--no_loss_share", action="store_true", help="skip the trivial-loss variant")
-  ap.add_argument("--peak_flops", type=float, default=0.0,
-                  help="peak FLOP/s per device (default: datasheet table / measured on CPU)")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--toy", action="store_true", help="tiny sizes for a smoke run (tests)")
-  ap.add_argument("--out", default="bench_out/train_step.json", help="JSON output path")
-  args = ap.parse_args(argv)
+FLAGS = common.program_flags("train_step")  # --out, --toy, and this program's own:
+flags.DEFINE_enum("preset", "small", sorted(presets.PRESETS), "model preset", flag_values=FLAGS)
+flags.DEFINE_integer("layers", 0, "num_layers override (0 = the preset's)", flag_values=FLAGS)
+flags.DEFINE_integer("vocab", 0, "vocab_size override (0 = the preset's)", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 32, "B: examples per step (global)", flag_values=FLAGS)
+flags.DEFINE_integer("seq", 128, "L: tokens per row, every side", flag_values=FLAGS)
+flags.DEFINE_integer("segments", 8, "S: examples per packed row at most", flag_values=FLAGS)
+flags.DEFINE_integer("num_negatives", 0, "K: hard negatives per example", flag_values=FLAGS)
+flags.DEFINE_enum("lengths", "mix", LENGTH_MIXES, "length mix (module docstring)", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "compute dtype", flag_values=FLAGS)
+flags.DEFINE_enum("remat", "none", ("none", "full", "dots"), "rematerialisation policy",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("attention_impl", "xla", ("xla", "dot_product_attention", "cudnn"),
+                  "attention implementation", flag_values=FLAGS)
+flags.DEFINE_integer("block_size", 1024, "blockwise loss block size", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 5, "timed rounds (every variant once a round)", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 1, "untimed rounds first", flag_values=FLAGS)
+flags.DEFINE_bool("no_padded", False, "skip the padded baseline", flag_values=FLAGS)
+flags.DEFINE_bool("no_loss_share", False, "skip the trivial-loss variant", flag_values=FLAGS)
+flags.DEFINE_float("peak_flops", 0.0,
+                   "peak FLOP/s per device (default: datasheet table / measured on CPU)",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the generated batches", flag_values=FLAGS)
+
+
+def _args(argv: Sequence[str]) -> cli.Args:
+  args = cli.parse(FLAGS, argv)
   if args.toy:
     args.preset, args.layers, args.batch, args.seq, args.segments = "tiny", 1, 16, 32, 4
     args.steps, args.warmup = 2, 1
@@ -352,7 +355,7 @@ def build(args):
   return cfg, loss_cfg, mesh, trainee
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: cli.Args) -> dict[str, Any]:
   """Builds the variants, times them round-robin; returns the JSON-able results."""
   import jax  # pylint: disable=g-import-not-at-top
   from embed2 import losses  # pylint: disable=g-import-not-at-top
@@ -475,12 +478,10 @@ def report(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  args = _parse(argv)
-  result = run(args)
-  print(report(result))
-  return common.write_json(args.out, result)
+def main(argv: Sequence[str]) -> dict[str, Any]:
+  """The command line after the program name -> the JSON document written to --out."""
+  return common.run_and_write(_args(argv), run, report)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)

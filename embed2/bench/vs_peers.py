@@ -42,46 +42,49 @@ JSON gives the ratio against torch's fastest setting (`speedup_vs_fastest_torch`
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+from absl import flags
 
+from embed2 import cli
 from embed2.bench import common
 from embed2.bench import train_step as ts
 
 _SPECIAL = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--layers", type=int, default=4, help="blocks of the embeddinggemma-300m shape")
-  ap.add_argument("--vocab", type=int, default=32768, help="vocabulary size (preset: 262144)")
-  ap.add_argument("--texts", type=int, default=128, help="inputs per inference round")
-  ap.add_argument("--words", type=float, default=40, help="median words per text (log-normal)")
-  ap.add_argument("--max_len", type=int, default=128, help="tokens per input at most (bos/eos incl.)")
-  ap.add_argument("--batch_size", type=int, default=32, help="inference batch, both tools")
-  ap.add_argument("--bucket_step", type=int, default=0,
-                  help="Embedder length buckets every this many tokens (0 = its default 32, 64, ...)")
-  ap.add_argument("--repeats", type=int, default=5, help="timed inference rounds")
-  ap.add_argument("--train_batch", type=int, default=8, help="B of the train step")
-  ap.add_argument("--train_seq", type=int, default=64, help="L of the train step")
-  ap.add_argument("--train_repeats", type=int, default=5, help="timed train rounds")
-  ap.add_argument("--no_train", action="store_true", help="skip the train-step comparison")
-  ap.add_argument("--temperature", type=float, default=0.05)
-  ap.add_argument("--lr", type=float, default=1e-4)
-  ap.add_argument("--weight_decay", type=float, default=0.01)
-  ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = os.cpu_count())")
-  ap.add_argument("--torch_threads_also", default="1",
-                  help="comma-separated other torch thread counts timed as extra contenders ('' = none)")
-  ap.add_argument("--tol", type=float, default=1e-4, help="max abs difference allowed (float32)")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--toy", action="store_true", help="tiny sizes for a smoke run (tests)")
-  ap.add_argument("--out", default="bench_out/vs_peers.json", help="JSON output path")
-  args = ap.parse_args(argv)
+FLAGS = common.program_flags("vs_peers")  # --out, --toy, and this program's own:
+flags.DEFINE_integer("layers", 4, "blocks of the embeddinggemma-300m shape", flag_values=FLAGS)
+flags.DEFINE_integer("vocab", 32768, "vocabulary size (preset: 262144)", flag_values=FLAGS)
+flags.DEFINE_integer("texts", 128, "inputs per inference round", flag_values=FLAGS)
+flags.DEFINE_float("words", 40, "median words per text (log-normal)", flag_values=FLAGS)
+flags.DEFINE_integer("max_len", 128, "tokens per input at most (bos/eos incl.)", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 32, "inference batch, both tools", flag_values=FLAGS)
+flags.DEFINE_integer("bucket_step", 0,
+                     "Embedder length buckets every this many tokens (0 = its default 32, 64, ...)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 5, "timed inference rounds", flag_values=FLAGS)
+flags.DEFINE_integer("train_batch", 8, "B of the train step", flag_values=FLAGS)
+flags.DEFINE_integer("train_seq", 64, "L of the train step", flag_values=FLAGS)
+flags.DEFINE_integer("train_repeats", 5, "timed train rounds", flag_values=FLAGS)
+flags.DEFINE_bool("no_train", False, "skip the train-step comparison", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.05, "loss temperature, both tools", flag_values=FLAGS)
+flags.DEFINE_float("lr", 1e-4, "AdamW learning rate, both tools", flag_values=FLAGS)
+flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay (matrices), both tools", flag_values=FLAGS)
+flags.DEFINE_integer("threads", 0, "torch threads (0 = os.cpu_count())", flag_values=FLAGS)
+flags.DEFINE_string("torch_threads_also", "1",
+                    "comma-separated other torch thread counts timed as extra contenders ('' = none)",
+                    flag_values=FLAGS)
+flags.DEFINE_float("tol", 1e-4, "max abs difference allowed (float32)", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the weights and texts", flag_values=FLAGS)
+
+
+def _args(argv: Sequence[str]) -> cli.Args:
+  args = cli.parse(FLAGS, argv)
   if args.toy:
     args.texts, args.words, args.max_len, args.batch_size, args.repeats = 16, 8, 32, 8, 1
     args.train_batch, args.train_seq, args.train_repeats = 8, 16, 1
@@ -401,7 +404,7 @@ def bench_train(args, st, embedder, vocab, rng) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ run
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: cli.Args) -> dict[str, Any]:
   """Builds both models from one random folder, compares inference and training; JSON-able results."""
   import sentence_transformers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -464,12 +467,10 @@ def report(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  args = _parse(argv)
-  result = run(args)
-  print(report(result))
-  return common.write_json(args.out, result)
+def main(argv: Sequence[str]) -> dict[str, Any]:
+  """The command line after the program name -> the JSON document written to --out."""
+  return common.run_and_write(_args(argv), run, report)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)
