@@ -13,6 +13,8 @@ This entry point is the one place where `embed2` reads `data_pipelines`: it reso
 from __future__ import annotations
 
 import json
+import logging as pylogging
+import os
 import sys
 from typing import Any
 
@@ -36,6 +38,28 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 _INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 120, "Seconds to wait for the coordinator.")
+
+# Where embed2's own log lines come from (its stages, checkpoints, evaluations, data warnings).
+_OWN_CODE = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (ckpt_lib, task_defs))
+
+
+class LibrariesAtWarning(pylogging.Filter):
+  """Passes WARNING and above from anyone, and INFO / DEBUG only from embed2 and data_pipelines.
+
+  Orbax logs through absl's own logger, like embed2, so a logger's name cannot tell them apart; the
+  file a record comes from can (absl and the standard library both record the caller's path).
+  """
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or record.pathname.startswith(_OWN_CODE)
+
+
+def quiet_libraries() -> None:
+  """Libraries (orbax, jax, grain, tensorboardX, ...) log at WARNING: the terminal keeps the progress
+  bar, embed2's lines (a stage, a checkpoint, an evaluation) and the tables. Idempotent."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, LibrariesAtWarning) for f in handler.filters):
+    handler.addFilter(LibrariesAtWarning())
 
 
 def resolve_tasks(config) -> dict[str, trainer.TaskData]:
@@ -73,10 +97,23 @@ def make_eval_fn(config, workdir):
     if jax.process_index() == 0:
       out = epath.Path(workdir) / "eval"
       out.mkdir(parents=True, exist_ok=True)
-      (out / f"step_{step}_{stage}.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+      path = out / f"step_{step}_{stage}.json"
+      path.write_text(json.dumps(results, indent=1, sort_keys=True))
+      logging.info("evaluation at step %d (%s): %s; all %d scores in %s", step, stage,
+                   headline(unprefixed(results)), len(results), path)
     return results
 
   return eval_fn
+
+
+def headline(results: dict[str, float], metric: str = "ndcg@10") -> str:
+  """"task metric value, ..." at the full MRL dim, for one log line (BM25 and means left out)."""
+  keys = [k for k in results if f"/{metric}/dim_" in k and not k.startswith(("bm25", "mean"))]
+  if not keys:
+    return "no " + metric
+  full = max(int(k.rsplit("dim_", 1)[1]) for k in keys)
+  return f"{metric} at dim {full}: " + ", ".join(
+      f"{k.split('/')[0]} {results[k]:.3f}" for k in sorted(keys) if k.endswith(f"/dim_{full}"))
 
 
 def unprefixed(results: dict[str, float]) -> dict[str, float]:
@@ -180,6 +217,8 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required, e.g. "
                          "python -m embed2.main --config=configs/demo.py --workdir=/tmp/embed2_demo")
+  if not flags.FLAGS["verbosity"].present:  # --verbosity=0 (-v 0) or more shows every library's INFO too
+    quiet_libraries()
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=_INIT_TIMEOUT.value)

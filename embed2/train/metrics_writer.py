@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from typing import Any
 
+from absl import logging
 from etils import epath
+
+# TensorBoard's tag alphabet; tensorboardX renames any other character to '_' with a log line each time.
+_NOT_IN_TAGS = re.compile(r"[^-/\w.]")
+
+
+def tb_tag(name: str) -> str:
+  """A metric name as a legal TensorBoard tag: '@' -> '_at_' ('ndcg@10' -> 'ndcg_at_10'), any other
+  character TensorBoard refuses -> '_'. metrics.jsonl keeps the names as they are."""
+  return _NOT_IN_TAGS.sub("_", name.replace("@", "_at_")).lstrip("/")
 
 
 class MetricsWriter:
@@ -45,13 +56,14 @@ class MetricsWriter:
     if self._tb is not None:
       for k, v in values.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-          self._tb.add_scalar(k, v, step)
+          self._tb.add_scalar(tb_tag(k), v, step)
       self._tb.flush()
 
   def progress_start(self, stage: str, done: int, total: int) -> None:
     if not self.enabled:
       return
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    logging.info("stage %s: %s", stage, f"resumed at step {done} of {total}" if done else f"{total} steps")
     self._bar = tqdm(total=total, initial=done, desc=f"stage {stage}", unit="step",
                      disable=not self._progress, dynamic_ncols=True)
 
