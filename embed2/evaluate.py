@@ -1,4 +1,4 @@
-"""Evaluates a checkpoint on a benchmark suite: prints a table, writes JSON.
+r"""Evaluates a checkpoint on a benchmark suite: prints a table, writes JSON.
 
   python -m embed2.evaluate --checkpoint=/tmp/demo/checkpoints --suite=demo
   python -m embed2.evaluate --checkpoint=DIR --suite=mteb_code --data_dir=/data --dims=128,768 \
@@ -15,12 +15,14 @@ JSON written to --out:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from typing import Mapping, Sequence
+
+from absl import flags
+
+from embed2 import cli
 
 
 def format_table(results: Mapping[str, float]) -> str:
@@ -46,23 +48,24 @@ def format_table(results: Mapping[str, float]) -> str:
   return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m embed2.evaluate", description=__doc__.split("\n")[0])
-  p.add_argument("--checkpoint", help="checkpoints dir, step dir or workdir")
-  p.add_argument("--suite", required=True, help="suite name (see embed2/eval/suites.py); 'list' lists")
-  p.add_argument("--dims", default="", help="comma-separated MRL dims; default all trained dims")
-  p.add_argument("--out", default="", help="JSON file to write")
-  p.add_argument("--data_dir", default="", help="data folder (default $EMBED2_DATA_DIR or ~/embed2_data)")
-  p.add_argument("--batch_size", type=int, default=32)
-  p.add_argument("--max_length", type=int, default=0, help="tokens per input; 0 = the model's")
-  p.add_argument("--dtype", default="", help="compute dtype override: float32 / bfloat16")
-  p.add_argument("--no_bm25", action="store_true", help="skip the BM25 baseline")
-  return p.parse_args(list(argv))
+FLAGS = flags.FlagValues()  # this program's own flags (embed2/cli.py says why)
+flags.DEFINE_string("checkpoint", None, "checkpoints dir, step dir or workdir", flag_values=FLAGS)
+flags.DEFINE_string("suite", None, "suite name (see embed2/eval/suites.py); 'list' lists",
+                    flag_values=FLAGS)
+flags.DEFINE_string("dims", "", "comma-separated MRL dims; default all trained dims", flag_values=FLAGS)
+flags.DEFINE_string("out", "", "JSON file to write", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", "", "data folder (default $EMBED2_DATA_DIR or ~/embed2_data)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 32, "inputs per forward pass", flag_values=FLAGS)
+flags.DEFINE_integer("max_length", 0, "tokens per input; 0 = the model's", flag_values=FLAGS)
+flags.DEFINE_string("dtype", "", "compute dtype override: float32 / bfloat16", flag_values=FLAGS)
+flags.DEFINE_bool("no_bm25", False, "skip the BM25 baseline", flag_values=FLAGS)
+flags.mark_flag_as_required("suite", flag_values=FLAGS)
 
 
 def main(argv: Sequence[str]) -> dict:
-  """Runs the command; returns the JSON document it writes."""
-  args = parse_args(argv)
+  """Runs the command line `argv` (after the program name); returns the JSON document it writes."""
+  args = cli.parse(FLAGS, argv)
   from embed2.eval import suites  # after argument parsing: `--help` should not wait for jax
 
   if args.suite == "list":
@@ -102,4 +105,4 @@ def main(argv: Sequence[str]) -> dict:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main, FLAGS)

@@ -1,4 +1,4 @@
-"""Embeds a corpus file with a checkpoint and writes the vectors to .npy (and .parquet).
+r"""Embeds a corpus file with a checkpoint and writes the vectors to .npy (and .parquet).
 
   python -m embed2.export --checkpoint=/tmp/demo/checkpoints --input=docs.jsonl --output=/tmp/docs \
       [--field=text] [--id_field=id] [--dim=256] [--task=NAME --query] [--batch_size=64]
@@ -14,19 +14,19 @@ chunks of --chunk, so the corpus need not fit in memory; a tqdm bar shows progre
 
 By default inputs are embedded as documents (no task string; an imported sentence-transformers
 model's document prompt); `--query --task=NAME` embeds them as queries of a trained task instead.
-A .jsonl text that is not valid Unicode (a `\\ud800` escape) is refused naming its file:line.
+A .jsonl text that is not valid Unicode (a `\ud800` escape) is refused naming its file:line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from typing import Iterator, Sequence
 
 import numpy as np
+from absl import flags
 
+from embed2 import cli
 from embed2.data.tokenizer import check_text
 
 
@@ -134,22 +134,27 @@ def export_embeddings(embedder, input_path: str, output_prefix: str, *, field: s
   return {"count": total, "dim": dim, "npy": npy_path, "parquet": pq_path}
 
 
+FLAGS = flags.FlagValues()  # this program's own flags (embed2/cli.py says why)
+flags.DEFINE_string("checkpoint", None, "checkpoints dir, step dir or workdir", flag_values=FLAGS)
+flags.DEFINE_string("input", None, ".jsonl or plain text file", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "output path prefix (.npy / .parquet added)", flag_values=FLAGS)
+flags.DEFINE_string("field", "text", "the .jsonl field that holds the text", flag_values=FLAGS)
+flags.DEFINE_string("id_field", "id", "the .jsonl field that holds the id", flag_values=FLAGS)
+flags.DEFINE_integer("dim", 0, "MRL dim; 0 = the full embedding", flag_values=FLAGS)
+flags.DEFINE_string("task", "", "task name whose task string queries get", flag_values=FLAGS)
+flags.DEFINE_bool("query", False, "embed inputs as queries (default documents)", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 32, "inputs per forward pass", flag_values=FLAGS)
+flags.DEFINE_integer("max_length", 0, "tokens per input; 0 = the model's", flag_values=FLAGS)
+flags.DEFINE_enum("on_overflow", "truncate", ("truncate", "error"),
+                  "what an input longer than --max_length does", flag_values=FLAGS)
+flags.DEFINE_integer("chunk", 1024, "inputs read and embedded at a time", flag_values=FLAGS)
+flags.DEFINE_bool("no_parquet", False, "write the .npy only", flag_values=FLAGS)
+flags.mark_flags_as_required(["checkpoint", "input", "output"], flag_values=FLAGS)
+
+
 def main(argv: Sequence[str]) -> dict:
-  p = argparse.ArgumentParser(prog="python -m embed2.export", description=__doc__.split("\n")[0])
-  p.add_argument("--checkpoint", required=True, help="checkpoints dir, step dir or workdir")
-  p.add_argument("--input", required=True, help=".jsonl or plain text file")
-  p.add_argument("--output", required=True, help="output path prefix (.npy / .parquet added)")
-  p.add_argument("--field", default="text")
-  p.add_argument("--id_field", default="id")
-  p.add_argument("--dim", type=int, default=0, help="MRL dim; 0 = the full embedding")
-  p.add_argument("--task", default="", help="task name whose task string queries get")
-  p.add_argument("--query", action="store_true", help="embed inputs as queries (default documents)")
-  p.add_argument("--batch_size", type=int, default=32)
-  p.add_argument("--max_length", type=int, default=0, help="tokens per input; 0 = the model's")
-  p.add_argument("--on_overflow", default="truncate", choices=("truncate", "error"))
-  p.add_argument("--chunk", type=int, default=1024, help="inputs read and embedded at a time")
-  p.add_argument("--no_parquet", action="store_true")
-  args = p.parse_args(list(argv))
+  """The command line after the program name -> the summary it prints ({"count", "dim", "npy", ...})."""
+  args = cli.parse(FLAGS, argv)
 
   from embed2.inference import Embedder
 
@@ -164,4 +169,4 @@ def main(argv: Sequence[str]) -> dict:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main, FLAGS)

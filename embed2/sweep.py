@@ -12,10 +12,16 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file, optionally with :arg.")
+from embed2 import cli
+
+# This program's own flags (embed2/cli.py says why): embed2.main's global --config is another flag.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("config", None, "Config file, optionally with :arg.", flag_values=FLAGS)
+flags.mark_flag_as_required("config", flag_values=FLAGS)
 
 
 def load_sweep(path: str) -> list[dict]:
@@ -38,14 +44,15 @@ def member_name(overrides: dict) -> str:
   return re.sub(r"[^A-Za-z0-9_.,=-]+", "_", name)
 
 
-def main(argv):
-  del argv
-  if not _CONFIG.value:
-    raise app.UsageError("--config is required")
-  for m in load_sweep(_CONFIG.value):
+def main(argv: Sequence[str]) -> list[dict]:
+  """Prints the members of the command line's (`argv`, after the program name) sweep; returns them."""
+  args = cli.parse(FLAGS, argv)
+  members = load_sweep(args.config)
+  for m in members:
     fields = [member_name(m)] + [f"--config.{k}={v}" for k, v in m.items()]
     sys.stdout.write("\t".join(fields) + "\n")
+  return members
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, FLAGS)

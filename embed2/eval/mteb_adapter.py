@@ -28,12 +28,13 @@ document prompt, for a checkpoint imported from EmbeddingGemma.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from absl import flags
+
+from embed2 import cli
 
 # EmbeddingGemma's prompts (its sentence-transformers config), queries and symmetric tasks.
 _GEMMA_QUERY_PROMPTS = {
@@ -200,17 +201,21 @@ class MtebEncoder:
       return ModelMeta.create_empty()
 
 
+FLAGS = flags.FlagValues()  # this program's own flags (embed2/cli.py says why)
+flags.DEFINE_string("checkpoint", None, "checkpoints dir, step dir or workdir", flag_values=FLAGS)
+flags.DEFINE_string("tasks", None, "comma-separated MTEB task names", flag_values=FLAGS)
+flags.DEFINE_integer("dim", 0, "MRL dim; 0 = the full embedding", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 32, "inputs per forward pass", flag_values=FLAGS)
+flags.DEFINE_string("out", "", "mteb results cache folder", flag_values=FLAGS)
+flags.mark_flags_as_required(["checkpoint", "tasks"], flag_values=FLAGS)
+
+
 def main(argv: Sequence[str]) -> dict:
-  p = argparse.ArgumentParser(prog="python -m embed2.eval.mteb_adapter",
-                              description="Runs MTEB tasks on an embed2 checkpoint (needs mteb).")
-  p.add_argument("--checkpoint", required=True)
-  p.add_argument("--tasks", required=True, help="comma-separated MTEB task names")
-  p.add_argument("--dim", type=int, default=0)
-  p.add_argument("--batch_size", type=int, default=32)
-  p.add_argument("--out", default="", help="mteb results cache folder")
-  args = p.parse_args(list(argv))
+  """Runs MTEB tasks on an embed2 checkpoint (needs mteb): the command line `argv` (after the program
+  name) -> {task name: main score}."""
+  args = cli.parse(FLAGS, argv)
   try:
-    import mteb
+    import mteb  # optional dependency, needed by this command only
   except ImportError:
     raise SystemExit("this command needs the mteb package: pip install mteb") from None
   encoder = MtebEncoder.from_checkpoint(args.checkpoint, dim=args.dim or None,
@@ -224,4 +229,4 @@ def main(argv: Sequence[str]) -> dict:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main, FLAGS)

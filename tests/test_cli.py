@@ -1,0 +1,82 @@
+"""embed2/cli.py: every program's flags are its own absl FlagValues, parsed by main(argv) in process
+or under app.run from the command line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import app, flags
+
+from embed2 import cli, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def program_flags():
+  fv = flags.FlagValues()
+  flags.DEFINE_string("out", None, "where", flag_values=fv)
+  flags.DEFINE_integer("steps", 5, "how many", flag_values=fv)
+  flags.DEFINE_bool("no_train", False, "skip training", flag_values=fv)
+  flags.DEFINE_enum("kind", "a", ("a", "b"), "which", flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+  return fv
+
+
+def test_parse_values_defaults_and_a_second_call(program_flags):
+  args = cli.parse(program_flags, ["--out=x", "--steps", "7", "--no_train", "--kind=b"])
+  assert vars(args) == {"out": "x", "steps": 7, "no_train": True, "kind": "b"}
+  # A second parse starts from the defaults, not from the first call's values.
+  assert vars(cli.parse(program_flags, ["--out=y"])) == {"out": "y", "steps": 5, "no_train": False,
+                                                         "kind": "a"}
+  assert cli.parse(program_flags, ["--out=y", "--nono_train"]).no_train is False
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--steps=3"], "--out must have a value"),
+    (["--out=x", "--bogus=1"], "Unknown command line flag 'bogus'"),
+    (["--out=x", "--steps=many"], "steps"),
+    (["--out=x", "--kind=c"], "kind"),
+    (["--out=x", "stray"], r"unexpected arguments \['stray'\]"),
+])
+def test_parse_refuses_naming_the_flag(program_flags, argv, match):
+  with pytest.raises(app.UsageError, match=match):
+    cli.parse(program_flags, argv)
+
+
+def test_positional_arguments(program_flags):
+  args = cli.parse(program_flags, ["A", "--out=x", "B"], positional="checkpoints")
+  assert args.checkpoints == ["A", "B"] and args.out == "x"
+  with pytest.raises(app.UsageError, match="at least one checkpoints"):
+    cli.parse(program_flags, ["--out=x"], positional="checkpoints")
+
+
+def test_programs_import_together():
+  """Every program's flags are its own: importing them in one process defines no flag twice (embed2.main
+  and embed2.sweep both have a --config; so do export, evaluate and mteb_adapter a --checkpoint)."""
+  code = ("import embed2.main, embed2.sweep, embed2.export, embed2.evaluate, embed2.soup, "
+          "embed2.eval.mteb_adapter, embed2.data.train_tokenizer, embed2.bench.packing")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_sweep_main_prints_members(capsys):
+  members = sweep.main([f"--config={REPO}/configs/demo.py"])
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == len(members) == 6
+  assert lines[0].split("\t")[1:] == [f"--config.{k}={v}" for k, v in members[0].items()]
+
+
+def test_command_line_help_and_usage_error():
+  """Under app.run: --help prints the docstring and the program's flags (exit 0); a bad flag prints
+  the usage and the message (exit 1)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = lambda *a: subprocess.run([sys.executable, "-m", "embed2.sweep", *a], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=300)
+  helped = run("--help")
+  assert helped.returncode == 0 and "Prints the members of a config's sweep" in helped.stdout
+  assert "--config: Config file" in helped.stdout
+  bad = run("--config=configs/demo.py", "--seeds=3")
+  assert bad.returncode == 1 and "Unknown command line flag 'seeds'" in bad.stderr
