@@ -63,6 +63,50 @@ def fixture_rng():
   return make
 
 
+@pytest.fixture(scope="session")
+def random_tiny_model():
+  """random_tiny_model(rng) -> an EmbeddingModel of the tiny preset on the shipped tokenizer's vocab
+  (8192), every parameter (norm scales too) drawn from N(0, 0.3) by the numpy Generator `rng`.
+
+  Built abstractly and filled from numpy: an eager nnx init compiles op by op (seconds).
+  """
+  # Imported here, not above: jax must start after the environment set at the top of this file, and
+  # only the tests that build a model need it.
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from embed2.model import EmbeddingModel, ModelConfig  # pylint: disable=g-import-not-at-top
+
+  def make(rng: np.random.Generator):
+    cfg = ModelConfig.from_name("tiny", vocab_size=8192)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: EmbeddingModel(cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape).astype(x.dtype)), state))
+
+  return make
+
+
+@pytest.fixture(scope="session")
+def save_random_checkpoint(random_tiny_model):
+  """save_random_checkpoint(directory, rng, *, step, task_strings) -> the model it saved: a
+  `random_tiny_model(rng)` written as the embed2 checkpoint DIRECTORY/STEP (params and a meta naming
+  the package tokenizer and `task_strings`)."""
+  # Imported here for random_tiny_model's reason.
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from embed2.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+
+  def save(directory, rng: np.random.Generator, *, step: int, task_strings: dict[str, str]):
+    model = random_tiny_model(rng)
+    ck = Checkpointer(directory)
+    ck.save(step, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True,
+            meta={"model_config": model.cfg.to_dict(), "tokenizer": "",
+                  "task_strings": dict(task_strings)})
+    ck.wait()
+    return model
+
+  return save
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
   """Adds the seeds a failed test drew from (its own and its fixtures') to its report."""

@@ -5,40 +5,22 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from embed2 import evaluate, export
 from embed2.eval import suites
 from embed2.inference import Embedder, MissingFrontendError
-from embed2.model import EmbeddingModel, ModelConfig
-from embed2.checkpoint import Checkpointer
 
 TASK_STRINGS = {"code_search": "task: code retrieval | query: ",  # configs/demo.py's names
                 "stdlib_doc_retrieval": "task: search result | query: "}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def random_model(seed):
-  cfg = ModelConfig.from_name("tiny", vocab_size=8192)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: EmbeddingModel(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-  return nnx.merge(graphdef, jax.tree.map(
-      lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape).astype(x.dtype)), state))
-
-
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory, request, fixture_rng):
-  rng = fixture_rng(request)
-  model = random_model(int(rng.integers(1 << 30)))
+def ckpt_dir(tmp_path_factory, request, fixture_rng, save_random_checkpoint):
   d = tmp_path_factory.mktemp("workdir") / "checkpoints"
-  ck = Checkpointer(d)
-  ck.save(7, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True,
-          meta={"model_config": model.cfg.to_dict(), "tokenizer": "", "task_strings": TASK_STRINGS})
-  ck.wait()
+  save_random_checkpoint(d, fixture_rng(request), step=7, task_strings=TASK_STRINGS)
   return d
 
 

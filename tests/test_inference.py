@@ -2,8 +2,6 @@
 
 import warnings
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,7 +11,6 @@ from embed2.data import packing, pipeline
 from embed2.data import tokenizer as tokenizer_lib
 from embed2.data.tokenizer import Tokenizer
 from embed2.inference import Audio, Embedder, Image, InvalidTextError, MissingFrontendError, Text, Video
-from embed2.model import EmbeddingModel, ModelConfig
 from embed2.checkpoint import Checkpointer
 
 TASK = "search"
@@ -26,28 +23,10 @@ def sentence(rng, n_words):
   return " ".join(rng.choice(WORDS, n_words))
 
 
-def random_model(seed):
-  """The tiny preset on the shipped tokenizer's vocab, every parameter random (norm scales too).
-
-  Built abstractly and filled from numpy: an eager nnx init compiles op by op (seconds).
-  """
-  cfg = ModelConfig.from_name("tiny", vocab_size=8192)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: EmbeddingModel(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-  return nnx.merge(graphdef, jax.tree.map(
-      lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape).astype(x.dtype)), state))
-
-
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory, request, fixture_rng):
-  rng = fixture_rng(request)
-  model = random_model(int(rng.integers(1 << 30)))
+def ckpt_dir(tmp_path_factory, request, fixture_rng, save_random_checkpoint):
   d = tmp_path_factory.mktemp("ckpt")
-  ck = Checkpointer(d)
-  ck.save(3, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True,
-          meta={"model_config": model.cfg.to_dict(), "tokenizer": "",
-                "task_strings": {TASK: TASK_STRING, "empty": ""}})
-  ck.wait()
+  save_random_checkpoint(d, fixture_rng(request), step=3, task_strings={TASK: TASK_STRING, "empty": ""})
   return d
 
 
@@ -57,10 +36,9 @@ def embedder(ckpt_dir):
 
 
 @pytest.fixture(scope="module")
-def local_embedder(request, fixture_rng):
+def local_embedder(request, fixture_rng, random_tiny_model):
   """Single device, small buckets: for counting compilations."""
-  rng = fixture_rng(request)
-  return Embedder(random_model(int(rng.integers(1 << 30))), Tokenizer.default(),
+  return Embedder(random_tiny_model(fixture_rng(request)), Tokenizer.default(),
                   task_strings={TASK: TASK_STRING}, batch_size=4, buckets=(16, 32, 64),
                   max_length=64)
 

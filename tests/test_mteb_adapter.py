@@ -1,35 +1,24 @@
 """MtebEncoder: prompt priority, both encode interfaces, and (when mteb is installed) a real
 `mteb.evaluate` run on mteb's in-memory mock tasks."""
 
+import sys
 import types
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from absl import app
 
 from embed2.data.tokenizer import Tokenizer
 from embed2.eval import mteb_adapter
 from embed2.eval.mteb_adapter import DEFAULT_PROMPTS, EMBEDDINGGEMMA_PROMPTS, MtebEncoder
 from embed2.inference import Embedder, MissingFrontendError
-from embed2.model import EmbeddingModel, ModelConfig
 
 TRAINED = {"stdlib_doc_retrieval": "task: docs | query: "}
 
 
-def random_model(seed):
-  cfg = ModelConfig.from_name("tiny", vocab_size=8192)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: EmbeddingModel(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-  return nnx.merge(graphdef, jax.tree.map(
-      lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape).astype(x.dtype)), state))
-
-
 @pytest.fixture(scope="module")
-def embedder(request, fixture_rng):
-  rng = fixture_rng(request)
-  return Embedder(random_model(int(rng.integers(1 << 30))), Tokenizer.default(),
+def embedder(request, fixture_rng, random_tiny_model):
+  return Embedder(random_tiny_model(fixture_rng(request)), Tokenizer.default(),
                   task_strings=TRAINED, batch_size=8, max_length=64, buckets=(32, 64))
 
 
@@ -116,3 +105,15 @@ def test_mteb_evaluate_mock_tasks(embedder):
   assert any(t == "MockSTSTask" and p == "sts: " for t, _, p in seen)
   meta_ = enc.mteb_model_meta
   assert meta_.embed_dim == 16
+
+
+def test_command_line_flags(monkeypatch):
+  """`python -m embed2.eval.mteb_adapter`: both flags required; without mteb a message says how to
+  install it (checked before any checkpoint is read)."""
+  with pytest.raises(app.UsageError, match="--tasks must have a value"):
+    mteb_adapter.main(["--checkpoint=/nowhere"])
+  with pytest.raises(app.UsageError, match="Unknown command line flag 'task'"):
+    mteb_adapter.main(["--checkpoint=/nowhere", "--task=SciFact"])
+  monkeypatch.setitem(sys.modules, "mteb", None)  # `import mteb` raises ImportError
+  with pytest.raises(SystemExit, match="pip install mteb"):
+    mteb_adapter.main(["--checkpoint=/nowhere", "--tasks=SciFact", "--dim=16"])
