@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
+# Attention kernels (embed2.model.attention): xla is the O(L^2) reference; blockwise (any backend),
+# splash (TPU) and pallas_gpu (GPU) are O(L) in memory; auto picks by backend and row length.
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash", "pallas_gpu", "dot_product_attention", "cudnn")
 IMAGE_FRONTENDS = ("none", "patch", "vit")
 AUDIO_FRONTENDS = ("none", "conv")
 IMAGE_RESIZE = ("pad", "crop", "squash")

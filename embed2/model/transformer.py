@@ -81,9 +81,10 @@ class Attention(nnx.Module):
     self.rope_scale = cfg.rope_global_scale if is_global else 1.0
     self.scale = float(cfg.query_pre_attn_scalar or hd) ** -0.5
     self.impl = cfg.attention_impl
+    self.causal = cfg.causal
     self.rules = rules
 
-  def __call__(self, x_bld, positions_bl, mask_b1ll):
+  def __call__(self, x_bld, segment_ids_bl, positions_bl):
     dt = x_bld.dtype
     q = jnp.einsum("bld,dhk->blhk", x_bld, self.q[...].astype(dt))
     k = jnp.einsum("bld,dhk->blhk", x_bld, self.k[...].astype(dt))
@@ -91,7 +92,8 @@ class Attention(nnx.Module):
     q = sharding.constrain(q, ("act_batch", "act_len", "act_heads", None), self.rules)
     q = rope(self.q_norm(q), positions_bl, base=self.rope_base, scale=self.rope_scale)
     k = rope(self.k_norm(k), positions_bl, base=self.rope_base, scale=self.rope_scale)
-    out = attention.attend(q, k, v, mask_b1ll, scale=self.scale, impl=self.impl)
+    out = attention.attend(q, k, v, segment_ids_bl, positions_bl, causal=self.causal,
+                           window=self.window, scale=self.scale, impl=self.impl, rules=self.rules)
     return jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(dt))
 
 
@@ -125,8 +127,9 @@ class Block(nnx.Module):
     self.post_ffw_norm = norm()
     self.is_global = is_global
 
-  def __call__(self, x_bld, positions_bl, mask_b1ll):
-    x_bld = x_bld + self.post_attn_norm(self.attn(self.pre_attn_norm(x_bld), positions_bl, mask_b1ll))
+  def __call__(self, x_bld, segment_ids_bl, positions_bl):
+    x_bld = x_bld + self.post_attn_norm(self.attn(self.pre_attn_norm(x_bld), segment_ids_bl,
+                                                  positions_bl))
     return x_bld + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x_bld)))
 
 
@@ -173,16 +176,11 @@ class Transformer(nnx.Module):
     if soft_tokens_bld is not None:
       x = jnp.where(soft_mask_bl[:, :, None], soft_tokens_bld.astype(dtype), x)
     x = sharding.constrain(x, ("act_batch", "act_len", "act_embed"), self.rules)
-    masks = {}
-    for is_global in (False, True):
-      window = None if is_global else cfg.sliding_window
-      if window is not None and window >= tokens_bl.shape[1]:
-        window = None  # the window covers the whole row; skip the extra compare
-      masks[is_global] = attention.make_mask(segment_ids_bl, positions_bl, causal=cfg.causal,
-                                             window=window)
+    # Each layer's attention builds its mask from the segment ids and positions (blockwise kernels
+    # block by block, the xla path as one (B, 1, L, L) array; embed2.model.attention).
     for block in self.blocks:
       call = _remat(type(block).__call__, cfg.remat)
-      x = call(block, x, positions_bl, masks[block.is_global])
+      x = call(block, x, segment_ids_bl, positions_bl)
       x = sharding.constrain(x, ("act_batch", "act_len", "act_embed"), self.rules)
     return self.final_norm(x)
 
