@@ -27,7 +27,7 @@ import sys
 import types
 from typing import Any, Callable, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _HELP = ("-h", "--help", "--helpshort", "--helpfull")
 
@@ -71,9 +71,9 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, positional: str
 def run(main: Callable[[list[str]], Any], flag_values: flags.FlagValues) -> None:
   """`if __name__ == "__main__": cli.run(main, FLAGS)`: absl's app.run around `main(sys.argv[1:])`.
 
-  app.run sets up absl logging and prints the usage (the module docstring) with the message of an
-  app.UsageError, exiting 1. `--help` prints the docstring and the program's flags and exits 0.
-  What `main` returns (a JSON document, for callers in process) is not the exit status.
+  app.run sets up absl logging (here at WARNING) and prints the usage (the module docstring) with the
+  message of an app.UsageError, exiting 1. `--help` prints the docstring and the program's flags and
+  exits 0. What `main` returns (a JSON document, for callers in process) is not the exit status.
   """
 
   def parse_argv(argv: list[str]) -> list[str]:
@@ -87,6 +87,9 @@ def run(main: Callable[[list[str]], Any], flag_values: flags.FlagValues) -> None
     return argv[1:]
 
   def run_main(argv: list[str]) -> None:
+    # app.run turns absl's INFO on; these programs log warnings only, as they did before app.run ran
+    # them (libraries such as orbax log every checkpoint read at INFO).
+    logging.set_verbosity(logging.WARNING)
     main(argv)
 
   app.run(run_main, flags_parser=parse_argv)

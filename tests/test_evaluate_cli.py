@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -120,6 +121,7 @@ def test_cli_subprocess_on_beir_stand_in(ckpt_dir, tmp_path, rng):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "CosQA" in proc.stdout and "ndcg@10" in proc.stdout
+  assert not re.search(r"^I\d{4} ", proc.stderr, re.M), proc.stderr[-3000:]  # absl INFO lines: none
   m = json.loads(out.read_text())["metrics"]
   # Identical texts embed identically: a perfect ranking at every dim, and BM25 finds them too.
   for dim in (16, 32, 64):
