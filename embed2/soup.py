@@ -42,7 +42,6 @@ moves with its own. A suite scorer embeds with that tokenizer.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import functools
@@ -56,10 +55,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
+from absl import flags, logging
 from etils import epath
 from flax import nnx
 
+from embed2 import cli
 from embed2 import sharding
 from embed2.data import tokenizer as tok_lib
 from embed2.model import EmbeddingModel, ModelConfig
@@ -656,26 +656,27 @@ def _parse_mesh(s: str) -> dict[str, int]:
   return out
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("checkpoints", nargs="+", help="step dirs, checkpoints dirs or workdirs")
-  ap.add_argument("--out", required=True, help="directory for the soup checkpoint and soup.json")
-  ap.add_argument("--method", default="uniform", choices=METHODS)
-  ap.add_argument("--weights", default=None, help="comma-separated, one per checkpoint (weighted); "
-                  "normalised to sum 1")
-  ap.add_argument("--suite", default=None, help="evaluation suite that scores ingredients and the soup")
-  ap.add_argument("--metric", default=None, help="suite metric greedy selects by, e.g. "
-                  "code_search/ndcg@10/dim_256")
-  ap.add_argument("--dims", default=None, help="comma-separated MRL dims to evaluate (default: all)")
-  ap.add_argument("--data_dir", default=None, help="evaluation data (default: $EMBED2_DATA_DIR or "
-                  "~/embed2_data)")
-  ap.add_argument("--mesh", default="fsdp=-1", help="mesh axis sizes, e.g. data=2,fsdp=-1")
-  ap.add_argument("--step", type=int, default=0, help="step number of the soup checkpoint")
-  ap.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
-  return ap.parse_args(argv)
+FLAGS = flags.FlagValues()  # this program's own flags (embed2/cli.py says why)
+flags.DEFINE_string("out", None, "directory for the soup checkpoint and soup.json", flag_values=FLAGS)
+flags.DEFINE_enum("method", "uniform", METHODS, "how the ingredients are weighted (module docstring)",
+                  flag_values=FLAGS)
+flags.DEFINE_string("weights", None, "comma-separated, one per checkpoint (weighted); normalised to sum 1",
+                    flag_values=FLAGS)
+flags.DEFINE_string("suite", None, "evaluation suite that scores ingredients and the soup",
+                    flag_values=FLAGS)
+flags.DEFINE_string("metric", None, "suite metric greedy selects by, e.g. code_search/ndcg@10/dim_256",
+                    flag_values=FLAGS)
+flags.DEFINE_string("dims", None, "comma-separated MRL dims to evaluate (default: all)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "evaluation data (default: $EMBED2_DATA_DIR or ~/embed2_data)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("mesh", "fsdp=-1", "mesh axis sizes, e.g. data=2,fsdp=-1", flag_values=FLAGS)
+flags.DEFINE_integer("step", 0, "step number of the soup checkpoint", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "replace a checkpoint already in --out", flag_values=FLAGS)
+flags.mark_flag_as_required("out", flag_values=FLAGS)
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
+def _run(args: cli.Args) -> dict[str, Any]:
   if args.method == "greedy" and not args.suite:
     raise ValueError("--method=greedy needs --suite (and --metric) to score the candidates")
   if args.metric and not args.suite:
@@ -693,8 +694,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                    overwrite=args.overwrite)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  args = _parse(argv)
+def main(argv: Sequence[str]) -> dict[str, Any]:
+  """The command line after the program name (flags, then the ingredients: step dirs, checkpoints
+  dirs or workdirs) -> the soup's record (soup.json)."""
+  args = cli.parse(FLAGS, argv, positional="checkpoints")
   try:
     record = _run(args)
   except (ValueError, FileNotFoundError, FileExistsError) as e:  # refusals: the message says the fix
@@ -709,4 +712,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, FLAGS)
