@@ -38,6 +38,14 @@ def _fingerprint(side):
   return ("l", tuple(_fingerprint(p) for p in side))
 
 
+def _checked_examples(build, train_limit: int, *, every: int = 1):
+  """The examples a content check reads: the whole eval split (what models are scored on) and the
+  first `train_limit` train examples; every `every`-th of each."""
+  for split in mt.SPLITS:
+    task = build(split)
+    yield from (task[i] for i in range(0, len(task) if split == "eval" else train_limit, every))
+
+
 def _assert_same_side(a, b):
   assert _fingerprint(a) == _fingerprint(b)
 
@@ -141,16 +149,13 @@ def _check_example(name, ex):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_types_shapes_ranges(name):
-  for split in mt.SPLITS:
-    task = mt.MEDIA_TASKS[name](split)
-    for i in range(0, len(task) if split == "eval" else 300, 3):
-      ex = task[i]
-      assert set(ex) == {"query", "positive", "negatives", "query_id", "positive_id", "group"}
-      _check_example(name, ex)
-      assert 0 <= ex["query_id"] < 2 ** 31 and 0 <= ex["positive_id"] < 2 ** 31
-      assert all(mt.content_id_of(n) != ex["positive_id"] for n in ex["negatives"])
-      if isinstance(ex["positive"], str):
-        assert ex["positive_id"] == stdlib_tasks.content_id(ex["positive"])
+  for ex in _checked_examples(mt.MEDIA_TASKS[name], 300, every=3):
+    assert set(ex) == {"query", "positive", "negatives", "query_id", "positive_id", "group"}
+    _check_example(name, ex)
+    assert 0 <= ex["query_id"] < 2 ** 31 and 0 <= ex["positive_id"] < 2 ** 31
+    assert all(mt.content_id_of(n) != ex["positive_id"] for n in ex["negatives"])
+    if isinstance(ex["positive"], str):
+      assert ex["positive_id"] == stdlib_tasks.content_id(ex["positive"])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -279,30 +284,24 @@ def _check_scene_drawn(p, scene):
 
 
 def test_shapes_caption_image_matches_caption():
-  for split in mt.SPLITS:
-    task = mt.shapes_caption(split)
-    for i in range(0, len(task) if split == "eval" else 400):
-      ex = task[i]
-      scene = SCENE_OF_CAPTION[ex["query"]]
-      _check_scene_drawn(ex["positive"].pixels, scene)
-      for neg in ex["negatives"]:  # a hard negative: the same drawing, one attribute changed
-        assert neg.pixels.shape == ex["positive"].pixels.shape
-        assert (_background(neg.pixels) == _background(ex["positive"].pixels)).all()
+  for ex in _checked_examples(mt.shapes_caption, 400):
+    scene = SCENE_OF_CAPTION[ex["query"]]
+    _check_scene_drawn(ex["positive"].pixels, scene)
+    for neg in ex["negatives"]:  # a hard negative: the same drawing, one attribute changed
+      assert neg.pixels.shape == ex["positive"].pixels.shape
+      assert (_background(neg.pixels) == _background(ex["positive"].pixels)).all()
 
 
 def test_image_edit_target_applies_instruction():
-  for split in mt.SPLITS:
-    task = mt.image_edit(split)
-    for i in range(0, len(task) if split == "eval" else 300):
-      ex = task[i]
-      base = SCENE_OF_CAPTION[ex["group"]]
-      image, instruction = ex["query"]
-      _check_scene_drawn(image.pixels, base)
-      targets = [e.apply(base) for e in mt.edits_of(base) if e.instruction(base) == instruction]
-      assert len(targets) == 1, instruction
-      _check_scene_drawn(ex["positive"].pixels, targets[0])
-      _assert_same_side(ex["negatives"][0], image)  # the original is the first hard negative
-      assert (_background(ex["positive"].pixels) == _background(image.pixels)).all()
+  for ex in _checked_examples(mt.image_edit, 300):
+    base = SCENE_OF_CAPTION[ex["group"]]
+    image, instruction = ex["query"]
+    _check_scene_drawn(image.pixels, base)
+    targets = [e.apply(base) for e in mt.edits_of(base) if e.instruction(base) == instruction]
+    assert len(targets) == 1, instruction
+    _check_scene_drawn(ex["positive"].pixels, targets[0])
+    _assert_same_side(ex["negatives"][0], image)  # the original is the first hard negative
+    assert (_background(ex["positive"].pixels) == _background(image.pixels)).all()
   # Eval: all edits of one original share its drawing, so only the instruction tells them apart.
   task = mt.image_edit("eval")
   originals, edits = {}, {}
@@ -421,76 +420,67 @@ def test_neighbours_are_the_one_field_changes_in_order():
 def test_tone_spelling_audio_spells_the_word():
   letters = np.array(list(mt.LETTER_HZ.values()))
   names = list(mt.LETTER_HZ)
-  for split in mt.SPLITS:
-    task = mt.tone_spelling(split)
-    for i in range(0, len(task) if split == "eval" else 200, 2):
-      ex = task[i]
-      word = ex["positive"].removeprefix("word: ")
-      wave = ex["query"].samples
-      runs = _runs(wave, 0.15 * np.abs(wave).max())
-      assert len(runs) == len(word), (word, runs)
-      heard = ""
-      for a, b in runs:
-        assert abs((b - a) / SR - mt.LETTER_S) < 0.02
-        f = _peak_hz(wave[a:b])
-        cents = 1200 * np.abs(np.log2(f / letters))
-        assert cents.min() < 30  # within the +-20-cent detune (4 semitones = 400 cents apart)
-        heard += names[int(np.argmin(cents))]
-      assert heard == word
+  for ex in _checked_examples(mt.tone_spelling, 200, every=2):
+    word = ex["positive"].removeprefix("word: ")
+    wave = ex["query"].samples
+    runs = _runs(wave, 0.15 * np.abs(wave).max())
+    assert len(runs) == len(word), (word, runs)
+    heard = ""
+    for a, b in runs:
+      assert abs((b - a) / SR - mt.LETTER_S) < 0.02
+      f = _peak_hz(wave[a:b])
+      cents = 1200 * np.abs(np.log2(f / letters))
+      assert cents.min() < 30  # within the +-20-cent detune (4 semitones = 400 cents apart)
+      heard += names[int(np.argmin(cents))]
+    assert heard == word
 
 
 def test_tone_description_audio_matches_description():
-  for split in mt.SPLITS:
-    task = mt.tone_description(split)
-    for i in range(0, len(task) if split == "eval" else 200, 2):
-      ex = task[i]
-      seq = TONES_OF_DESCRIPTION[ex["positive"]]
-      wave = ex["query"].samples
-      runs = _runs(wave, 0.15 * np.abs(wave).max())
-      assert len(runs) == seq.count, (seq, runs)
-      tone_s, gap_s = mt.TEMPOS[seq.tempo]
-      for (a, b), nxt in zip(runs, runs[1:] + [None]):
-        assert abs((b - a) / SR - tone_s) < 0.02
-        if nxt is not None:
-          assert abs((nxt[0] - b) / SR - gap_s) < 0.02
-      freqs = np.array([_peak_hz(wave[a:b]) for a, b in runs])
-      semis = 12 * np.log2(freqs / mt.REGISTERS[seq.register])
-      centre = (semis.max() + semis.min()) / 2
-      assert abs(centre) < 0.35  # detune is at most 0.3 semitone
-      np.testing.assert_allclose(semis - centre, seq.semitones(), atol=0.1)
-      # Buzzy: the second harmonic carries energy; pure: it does not.
-      a, b = runs[0]
-      spec = np.abs(np.fft.rfft(wave[a:b] * np.hanning(b - a), 16 * SR))
-      f_k = np.arange(spec.size) / 16
-      ratio = spec[np.abs(f_k - 2 * freqs[0]) < 10].max() / spec.max()
-      assert (ratio > 0.3) if seq.timbre == "buzzy" else (ratio < 0.02)
+  for ex in _checked_examples(mt.tone_description, 200, every=2):
+    seq = TONES_OF_DESCRIPTION[ex["positive"]]
+    wave = ex["query"].samples
+    runs = _runs(wave, 0.15 * np.abs(wave).max())
+    assert len(runs) == seq.count, (seq, runs)
+    tone_s, gap_s = mt.TEMPOS[seq.tempo]
+    for (a, b), nxt in zip(runs, runs[1:] + [None]):
+      assert abs((b - a) / SR - tone_s) < 0.02
+      if nxt is not None:
+        assert abs((nxt[0] - b) / SR - gap_s) < 0.02
+    freqs = np.array([_peak_hz(wave[a:b]) for a, b in runs])
+    semis = 12 * np.log2(freqs / mt.REGISTERS[seq.register])
+    centre = (semis.max() + semis.min()) / 2
+    assert abs(centre) < 0.35  # detune is at most 0.3 semitone
+    np.testing.assert_allclose(semis - centre, seq.semitones(), atol=0.1)
+    # Buzzy: the second harmonic carries energy; pure: it does not.
+    a, b = runs[0]
+    spec = np.abs(np.fft.rfft(wave[a:b] * np.hanning(b - a), 16 * SR))
+    f_k = np.arange(spec.size) / 16
+    ratio = spec[np.abs(f_k - 2 * freqs[0]) < 10].max() / spec.max()
+    assert (ratio > 0.3) if seq.timbre == "buzzy" else (ratio < 0.02)
 
 
 def test_moving_shapes_video_matches_description():
-  for split in mt.SPLITS:
-    task = mt.moving_shapes(split)
-    for i in range(0, len(task) if split == "eval" else 300):
-      ex = task[i]
-      scene = VIDEO_OF_DESCRIPTION[ex["positive"]]
-      frames = ex["query"].frames
-      xy = []
-      for f in frames:
-        mask = np.all(f == mt.COLOURS[scene.colour], axis=-1)
-        assert ndimage.label(mask)[1] == 1 and mask.sum() > 40
-        ys, xs = np.nonzero(mask)
-        xy.append((xs.mean(), ys.mean()))
-      dx, dy = np.diff(np.array(xy), axis=0).T
-      expect_x, expect_y = mt._MOTION_XY[scene.motion]
-      for d, e in ((dx, expect_x), (dy, expect_y)):
-        # Along the motion: > 1 px a frame; across it: only rasterisation wobble.
-        assert np.all(d > 1.0) if e > 0 else np.all(d < -1.0) if e < 0 else np.all(np.abs(d) < 0.5)
-      if scene.motion == "standing still":
-        assert (frames == frames[:1]).all()
-      audio = ex["query"].audio
-      assert (audio is None) == (scene.sound == "")
-      if audio is not None:
-        beep_hz = mt.SOUNDS[scene.sound]
-        assert abs(_peak_hz(audio.samples) - beep_hz) < 3.0
+  for ex in _checked_examples(mt.moving_shapes, 300):
+    scene = VIDEO_OF_DESCRIPTION[ex["positive"]]
+    frames = ex["query"].frames
+    xy = []
+    for f in frames:
+      mask = np.all(f == mt.COLOURS[scene.colour], axis=-1)
+      assert ndimage.label(mask)[1] == 1 and mask.sum() > 40
+      ys, xs = np.nonzero(mask)
+      xy.append((xs.mean(), ys.mean()))
+    dx, dy = np.diff(np.array(xy), axis=0).T
+    expect_x, expect_y = mt._MOTION_XY[scene.motion]
+    for d, e in ((dx, expect_x), (dy, expect_y)):
+      # Along the motion: > 1 px a frame; across it: only rasterisation wobble.
+      assert np.all(d > 1.0) if e > 0 else np.all(d < -1.0) if e < 0 else np.all(np.abs(d) < 0.5)
+    if scene.motion == "standing still":
+      assert (frames == frames[:1]).all()
+    audio = ex["query"].audio
+    assert (audio is None) == (scene.sound == "")
+    if audio is not None:
+      beep_hz = mt.SOUNDS[scene.sound]
+      assert abs(_peak_hz(audio.samples) - beep_hz) < 3.0
 
 
 # ------------------------------------------------------------------------------------------------
