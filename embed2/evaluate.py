@@ -22,7 +22,10 @@ from typing import Mapping, Sequence
 
 from absl import flags
 
+from embed2 import checkpoint as ckpt_lib
 from embed2 import cli
+from embed2.eval import suites
+from embed2.inference import Embedder
 
 
 def format_table(results: Mapping[str, float]) -> str:
@@ -63,11 +66,36 @@ flags.DEFINE_bool("no_bm25", False, "skip the BM25 baseline", flag_values=FLAGS)
 flags.mark_flag_as_required("suite", flag_values=FLAGS)
 
 
+class SuiteEvaluator:
+  """`evaluator(model, global_step, stage_name) -> scalars`: the `eval_fn` of `trainer.train`.
+
+  The Embedder is built on the first call and kept (its compiled buckets with it; `embedder`); it
+  reads the model's current parameters at every call. Keys are prefixed "eval/<suite>/".
+  """
+
+  def __init__(self, suite: str | suites.Suite, *, tokenizer, task_strings: Mapping[str, str],
+               dims: Sequence[int] | None = None, data_dir: str | os.PathLike | None = None,
+               **embedder_kwargs):
+    self.suite = suites.get_suite(suite)
+    self.tokenizer = tokenizer
+    self.task_strings = dict(task_strings)
+    self.dims = dims
+    self.data_dir = data_dir
+    self.embedder_kwargs = embedder_kwargs
+    self.embedder = None
+
+  def __call__(self, model, global_step: int, stage_name: str) -> dict[str, float]:
+    del global_step, stage_name
+    if self.embedder is None or self.embedder.model is not model:
+      self.embedder = Embedder(model, self.tokenizer, task_strings=self.task_strings,
+                               **self.embedder_kwargs)
+    res = suites.evaluate_suite(self.embedder, self.suite, self.dims, data_dir=self.data_dir)
+    return {f"eval/{self.suite.name}/{k}": v for k, v in res.items()}
+
+
 def main(argv: Sequence[str]) -> dict:
   """Runs the command line `argv` (after the program name); returns the JSON document it writes."""
   args = cli.parse(FLAGS, argv)
-  from embed2.eval import suites  # after argument parsing: `--help` should not wait for jax
-
   if args.suite == "list":
     for name, s in suites.SUITES.items():
       print(f"{name:<16} {'+'.join(s.modalities):<12} {s.description}")
@@ -79,9 +107,6 @@ def main(argv: Sequence[str]) -> dict:
     dims = tuple(int(d) for d in args.dims.split(",") if d.strip()) or None
   except ValueError:
     raise SystemExit(f"--dims={args.dims!r} must be comma-separated integers, e.g. --dims=64,256")
-
-  from embed2.inference import Embedder
-  from embed2 import checkpoint as ckpt_lib
 
   start = time.perf_counter()
   directory, step = ckpt_lib.resolve_checkpoint_path(args.checkpoint)

@@ -25,9 +25,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from absl import flags
+from tqdm import tqdm
 
 from embed2 import cli
 from embed2.data.tokenizer import check_text
+from embed2.inference import Embedder
 
 
 def _read(path: str, field: str, id_field: str) -> Iterator[tuple[str, str]]:
@@ -76,8 +78,6 @@ def export_embeddings(embedder, input_path: str, output_prefix: str, *, field: s
   Returns:
     {"count": N, "dim": dim, "npy": path, "parquet": path or None}.
   """
-  from tqdm import tqdm
-
   if not os.path.isfile(input_path):
     raise FileNotFoundError(f"--input={input_path} is not a file")
   dim = embedder.check_dim(dim)  # validate before reading anything
@@ -90,8 +90,8 @@ def export_embeddings(embedder, input_path: str, output_prefix: str, *, field: s
   writer, pq_path, pa = None, None, None
   if parquet:
     try:
-      import pyarrow as pa
-      import pyarrow.parquet as pq
+      import pyarrow as pa  # optional: without it only the .npy is written
+      import pyarrow.parquet as pq  # (the same)
     except ImportError:
       pa = None
     if pa is not None:
@@ -155,9 +155,6 @@ flags.mark_flags_as_required(["checkpoint", "input", "output"], flag_values=FLAG
 def main(argv: Sequence[str]) -> dict:
   """The command line after the program name -> the summary it prints ({"count", "dim", "npy", ...})."""
   args = cli.parse(FLAGS, argv)
-
-  from embed2.inference import Embedder
-
   embedder = Embedder.from_checkpoint(args.checkpoint, batch_size=args.batch_size,
                                       max_length=args.max_length or None,
                                       on_overflow=args.on_overflow)

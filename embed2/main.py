@@ -26,10 +26,9 @@ from ml_collections import config_flags
 from data_pipelines import tasks as task_defs
 from embed2 import checkpoint as ckpt_lib
 from embed2 import distributed
+from embed2 import evaluate
 from embed2 import sharding
 from embed2 import soup as soup_lib
-from embed2.eval import suites
-from embed2.evaluate import format_table
 from embed2.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).")
@@ -89,7 +88,7 @@ def make_eval_fn(config, workdir):
     return None
 
   tokenizer, _ = trainer.resolve_tokenizer(config)  # the one the run trains with
-  evaluator = suites.SuiteEvaluator(suite, tokenizer=tokenizer,
+  evaluator = evaluate.SuiteEvaluator(suite, tokenizer=tokenizer,
                                     task_strings={n: t.get("task_string", "") for n, t in config.tasks.items()})
 
   def eval_fn(model, step, stage):
@@ -205,7 +204,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     summary["eval"] = final
     if jax.process_index() == 0:
       (epath.Path(workdir) / "eval" / "final.json").write_text(json.dumps(final, indent=1, sort_keys=True))
-      print(format_table(unprefixed(final)))
+      print(evaluate.format_table(unprefixed(final)))
   if config.get("soup") and config.soup.get("variants"):
     summary["soup"] = run_soup(config, workdir, data, eval_fn)
   return summary

@@ -56,7 +56,7 @@ def test_programs_import_together():
   """Every program's flags are its own: importing them in one process defines no flag twice (embed2.main
   and embed2.sweep both have a --config; so do export, evaluate and mteb_adapter a --checkpoint)."""
   code = ("import embed2.main, embed2.sweep, embed2.export, embed2.evaluate, embed2.soup, "
-          "embed2.eval.mteb_adapter, embed2.data.train_tokenizer, embed2.bench.packing")
+          "embed2.mteb_adapter, embed2.data.train_tokenizer, embed2.bench.packing")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-2000:]

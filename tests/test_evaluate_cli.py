@@ -78,8 +78,8 @@ def test_demo_queries_get_the_trained_task_strings(embedder):
 
 def test_suite_evaluator_keeps_its_compiled_embedder(embedder, tmp_path, rng):
   perfect_beir(rng, tmp_path / "mteb_retrieval" / "SciFact")
-  eval_fn = suites.make_eval_fn("mteb_retrieval", tokenizer=embedder.tokenizer,
-                                task_strings=embedder.task_strings, dims=(16,), data_dir=tmp_path)
+  eval_fn = evaluate.SuiteEvaluator("mteb_retrieval", tokenizer=embedder.tokenizer,
+                                    task_strings=embedder.task_strings, dims=(16,), data_dir=tmp_path)
   first = eval_fn(embedder.model, 10, "ft")
   n = eval_fn.embedder.num_compilations
   second = eval_fn(embedder.model, 20, "ft")

@@ -9,8 +9,8 @@ import pytest
 from absl import app
 
 from embed2.data.tokenizer import Tokenizer
-from embed2.eval import mteb_adapter
-from embed2.eval.mteb_adapter import DEFAULT_PROMPTS, EMBEDDINGGEMMA_PROMPTS, MtebEncoder
+from embed2 import mteb_adapter
+from embed2.mteb_adapter import DEFAULT_PROMPTS, EMBEDDINGGEMMA_PROMPTS, MtebEncoder
 from embed2.inference import Embedder, MissingFrontendError
 
 TRAINED = {"stdlib_doc_retrieval": "task: docs | query: "}
@@ -108,7 +108,7 @@ def test_mteb_evaluate_mock_tasks(embedder):
 
 
 def test_command_line_flags(monkeypatch):
-  """`python -m embed2.eval.mteb_adapter`: both flags required; without mteb a message says how to
+  """`python -m embed2.mteb_adapter`: both flags required; without mteb a message says how to
   install it (checked before any checkpoint is read)."""
   with pytest.raises(app.UsageError, match="--tasks must have a value"):
     mteb_adapter.main(["--checkpoint=/nowhere"])

@@ -22,7 +22,7 @@ Suites (the `SUITES` dict; each entry's `load` builds its tasks from `data_dir`)
   mteb_code       MTEB-format (BEIR layout) retrieval tasks under `<data_dir>/<suite>/<Task>/`:
   mteb_retrieval    corpus.jsonl {"_id", "title", "text"}, queries.jsonl {"_id", "text"},
                     qrels/test.tsv (query-id, corpus-id, score; a header line). nDCG@10, R@10, MRR@10.
-                  (`python -m embed2.eval.mteb_adapter` runs the official MTEB harness instead.)
+                  (`python -m embed2.mteb_adapter` runs the official MTEB harness instead.)
 
 Image and video suites need the model's image frontend; evaluating them with a model that has none
 raises `MissingFrontendError` ("this model has no image frontend") before any data is read.
@@ -455,36 +455,3 @@ def evaluate_suite(embedder, suite: str | Suite, dims: Sequence[int] | None = No
     out.update(retrieval.mean_over_tasks(
         {k: v for k, v in out.items() if not k.endswith("/bm25")}, retrieval_names))
   return out
-
-
-class SuiteEvaluator:
-  """`evaluator(model, global_step, stage_name) -> scalars`: the `eval_fn` of `trainer.train`.
-
-  The Embedder is built on the first call and kept (its compiled buckets with it; `embedder`); it
-  reads the model's current parameters at every call. Keys are prefixed "eval/<suite>/".
-  """
-
-  def __init__(self, suite: str | Suite, *, tokenizer, task_strings: Mapping[str, str],
-               dims: Sequence[int] | None = None, data_dir: str | os.PathLike | None = None,
-               **embedder_kwargs):
-    self.suite = get_suite(suite)
-    self.tokenizer = tokenizer
-    self.task_strings = dict(task_strings)
-    self.dims = dims
-    self.data_dir = data_dir
-    self.embedder_kwargs = embedder_kwargs
-    self.embedder = None
-
-  def __call__(self, model, global_step: int, stage_name: str) -> dict[str, float]:
-    del global_step, stage_name
-    if self.embedder is None or self.embedder.model is not model:
-      from embed2.inference import Embedder
-      self.embedder = Embedder(model, self.tokenizer, task_strings=self.task_strings,
-                               **self.embedder_kwargs)
-    res = evaluate_suite(self.embedder, self.suite, self.dims, data_dir=self.data_dir)
-    return {f"eval/{self.suite.name}/{k}": v for k, v in res.items()}
-
-
-def make_eval_fn(suite: str | Suite, **kwargs) -> SuiteEvaluator:
-  """`SuiteEvaluator(suite, **kwargs)`, for `trainer.train(..., eval_fn=...)`."""
-  return SuiteEvaluator(suite, **kwargs)

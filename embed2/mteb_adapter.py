@@ -1,11 +1,11 @@
 """An embed2 checkpoint as an `mteb` encoder, so the official MTEB benchmarks can run on it.
 
   import mteb
-  from embed2.eval.mteb_adapter import MtebEncoder
+  from embed2.mteb_adapter import MtebEncoder
   encoder = MtebEncoder.from_checkpoint("/tmp/run/checkpoints", dim=256)
   results = mteb.evaluate(encoder, mteb.get_tasks(tasks=["SciFact", "STS12"]))
 
-  python -m embed2.eval.mteb_adapter --checkpoint=DIR --tasks=SciFact,STS12 [--dim=256]
+  python -m embed2.mteb_adapter --checkpoint=DIR --tasks=SciFact,STS12 [--dim=256]
 
 `mteb` is optional (`pip install mteb`; it downloads the task data from the Hugging Face hub, so it
 needs the network). This module imports it only when asked to. `encode` accepts both interfaces:
@@ -34,7 +34,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from absl import flags
 
+from embed2 import checkpoint as ckpt_lib
 from embed2 import cli
+from embed2.data.segments import missing_frontend
+from embed2.inference import Embedder
 
 # EmbeddingGemma's prompts (its sentence-transformers config), queries and symmetric tasks.
 _GEMMA_QUERY_PROMPTS = {
@@ -72,7 +75,6 @@ def _texts(inputs: Any) -> list[str]:
     elif isinstance(item, Mapping):
       if "text" not in item:
         media = [k for k in ("image", "audio", "video") if k in item]
-        from embed2.inference import missing_frontend
         if media:
           raise missing_frontend(media[0])
         raise ValueError(f"mteb batch has no 'text' column (columns: {sorted(item)})")
@@ -88,7 +90,7 @@ def _task_type(task_name: str | None) -> str | None:
   if not task_name:
     return None
   try:
-    import mteb
+    import mteb  # optional dependency: task types come from its metadata
     return mteb.get_task(task_name).metadata.type
   except Exception:  # mteb missing, or an unknown / custom task: task-type prompts do not apply
     return None
@@ -116,9 +118,6 @@ class MtebEncoder:
   @classmethod
   def from_checkpoint(cls, path: str, *, dim: int | None = None,
                       prompts: Mapping[str, str] | None = None, **embedder_kwargs) -> "MtebEncoder":
-    from embed2.inference import Embedder
-    from embed2 import checkpoint as ckpt_lib
-
     directory, step = ckpt_lib.resolve_checkpoint_path(path)
     embedder = Embedder.from_checkpoint(path, **embedder_kwargs)
     return cls(embedder, dim=dim, prompts=prompts, name=f"embed2/{directory.parent.name or 'model'}",
@@ -165,7 +164,7 @@ class MtebEncoder:
   def similarity(self, embeddings1, embeddings2):
     """Cosine similarity matrix (Q, N) (a torch tensor when mteb is installed, as it expects)."""
     try:
-      from mteb.similarity_functions import cos_sim
+      from mteb.similarity_functions import cos_sim  # optional dependency (mteb >= 2 asks for it)
     except ImportError:
       a = np.asarray(embeddings1, np.float32)
       b = np.asarray(embeddings2, np.float32)
@@ -177,7 +176,7 @@ class MtebEncoder:
   def similarity_pairwise(self, embeddings1, embeddings2):
     """Cosine similarity of each pair (N,)."""
     try:
-      from mteb.similarity_functions import pairwise_cos_sim
+      from mteb.similarity_functions import pairwise_cos_sim  # optional dependency (mteb >= 2 asks for it)
     except ImportError:
       a = np.asarray(embeddings1, np.float32)
       b = np.asarray(embeddings2, np.float32)
@@ -189,7 +188,7 @@ class MtebEncoder:
   def mteb_model_meta(self):
     """mteb's ModelMeta for this checkpoint (None when mteb is not installed)."""
     try:
-      from mteb.models import ModelMeta
+      from mteb.models import ModelMeta  # optional dependency (mteb >= 2 asks for it)
     except ImportError:
       return None
     try:
