@@ -68,6 +68,39 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], *, positional: str
   return Args(**values)
 
 
+class _MeshParser(flags.ArgumentParser):
+  """`data=2,fsdp=-1` -> {"data": 2, "fsdp": -1}: mesh axis sizes for `sharding.make_mesh`."""
+
+  syntactic_help = "axis=size pairs, e.g. data=2,fsdp=-1"
+
+  def parse(self, argument: str | dict[str, int]) -> dict[str, int]:
+    if isinstance(argument, dict):
+      return argument
+    axes = {}
+    for item in filter(None, argument.split(",")):
+      axis, eq, size = item.partition("=")
+      if not eq or not size.strip().lstrip("-").isdigit():
+        raise ValueError(f"expected {self.syntactic_help}")
+      axes[axis.strip()] = int(size)
+    return axes
+
+  def flag_type(self) -> str:
+    return "mesh"
+
+
+class _MeshSerializer(flags.ArgumentSerializer):
+
+  def serialize(self, value: dict[str, int]) -> str:
+    return ",".join(f"{axis}={size}" for axis, size in value.items())
+
+
+def DEFINE_mesh(name: str, default: str, help: str, *, flag_values: flags.FlagValues):  # pylint: disable=invalid-name
+  """A flag of mesh axis sizes (`--mesh=data=2,fsdp=-1`); its value is the dict `sharding.make_mesh`
+  takes. A malformed value is refused when parsed, naming the flag."""
+  return flags.DEFINE(_MeshParser(), name, default, help, flag_values=flag_values,
+                      serializer=_MeshSerializer())
+
+
 def run(main: Callable[[list[str]], Any], flag_values: flags.FlagValues) -> None:
   """`if __name__ == "__main__": cli.run(main, FLAGS)`: absl's app.run around `main(sys.argv[1:])`.
 

@@ -80,3 +80,13 @@ def test_command_line_help_and_usage_error():
   assert "--config: Config file" in helped.stdout
   bad = run("--config=configs/demo.py", "--seeds=3")
   assert bad.returncode == 1 and "Unknown command line flag 'seeds'" in bad.stderr
+
+
+def test_mesh_flag():
+  fv = flags.FlagValues()
+  cli.DEFINE_mesh("mesh", "fsdp=-1", "mesh axis sizes", flag_values=fv)
+  assert cli.parse(fv, []).mesh == {"fsdp": -1}
+  assert cli.parse(fv, ["--mesh=data=2, fsdp=-1"]).mesh == {"data": 2, "fsdp": -1}
+  for bad in ("data", "data=two", "data=2;fsdp=1"):
+    with pytest.raises(app.UsageError, match=f"flag --mesh={bad}: expected axis=size pairs"):
+      cli.parse(fv, [f"--mesh={bad}"])
