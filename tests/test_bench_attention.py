@@ -30,8 +30,7 @@ def test_hlo_dot_flops_counts_loops_and_branches():
 
 def test_bench_runs_and_writes_json(tmp_path):
   out = tmp_path / "sub" / "attention.json"
-  result = bench.run(lengths=[64, 128], impls=["xla", "blockwise", "splash"], preset="tiny",
-                     block_q=16, block_k=16, throughput_max_length=64, repeats=1, out=str(out))
+  result = bench.main(["--toy", "--impls=xla,blockwise,splash", f"--out={out}"])
   with open(out) as f:
     data = json.load(f)
   assert data == json.loads(json.dumps(result))

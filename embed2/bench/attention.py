@@ -2,7 +2,7 @@
 
     python -m embed2.bench.attention                                  # gemma3-1b heads, L = 1k ... 32k
     python -m embed2.bench.attention --lengths=1024,2048 --throughput_max_length=2048
-    python -m embed2.bench.attention --toy --out=/tmp/attention.json  # seconds; what the test runs
+    python -m embed2.bench.attention --toy --out=/tmp/attention.json  # seconds: what the test runs
 
 One attention call of one layer, batch 1 (so every figure is per example per layer): q (1, L, H, hd),
 k / v (1, L, K, hd) with the head shape of --preset (gemma3-1b: H = 4, K = 1, hd = 256, window 512),
@@ -40,26 +40,26 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from embed2 import cli
 from embed2.bench import common
 from embed2.model import attention as attention_lib
 from embed2.model import presets
 
-_LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768"],
-                             "row lengths L")
-_IMPLS = flags.DEFINE_list("impls", ["xla", "blockwise", "splash", "pallas_gpu"],
-                           "kernels (those whose backend is absent are skipped)")
-_PRESET = flags.DEFINE_enum("preset", "gemma3-1b", sorted(presets.PRESETS),
-                            "heads, head dim, window and scale from this preset")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "q / k / v dtype")
-_BLOCK_Q = flags.DEFINE_integer("block_q", attention_lib.BLOCK_Q, "blockwise query tile")
-_BLOCK_K = flags.DEFINE_integer("block_k", attention_lib.BLOCK_K, "blockwise key tile")
-_THROUGHPUT_MAX = flags.DEFINE_integer("throughput_max_length", 8192,
-                                       "time the kernels up to this L (0 = never)")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "timed calls per (kernel, layer, L)")
-_TOY = flags.DEFINE_bool("toy", False, "tiny sizes for a smoke run (tests)")
-_OUT = flags.DEFINE_string("out", "bench_out/attention.json", "JSON output path")
+FLAGS = common.program_flags("attention")  # --out, --toy, and this program's own:
+flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768"], "row lengths L",
+                  flag_values=FLAGS)
+flags.DEFINE_list("impls", ["xla", "blockwise", "splash", "pallas_gpu"],
+                  "kernels (those whose backend is absent are listed as skipped)", flag_values=FLAGS)
+flags.DEFINE_enum("preset", "gemma3-1b", sorted(presets.PRESETS),
+                  "heads, head dim, window and scale from this preset", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "q / k / v dtype", flag_values=FLAGS)
+flags.DEFINE_integer("block_q", attention_lib.BLOCK_Q, "blockwise query tile", flag_values=FLAGS)
+flags.DEFINE_integer("block_k", attention_lib.BLOCK_K, "blockwise key tile", flag_values=FLAGS)
+flags.DEFINE_integer("throughput_max_length", 8192, "time the kernels up to this L (0 = never)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 3, "timed calls per (kernel, layer, L)", flag_values=FLAGS)
 
 # Which backend each accelerator kernel needs (the others run everywhere).
 _NEEDS = {"splash": "tpu", "pallas_gpu": "gpu"}
@@ -267,18 +267,17 @@ def run(*, lengths: Sequence[int], impls: Sequence[str], preset: str = "gemma3-1
   return common.write_json(out, result)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  kwargs = dict(lengths=[int(x) for x in _LENGTHS.value], impls=list(_IMPLS.value),
-                preset=_PRESET.value, dtype=_DTYPE.value, block_q=_BLOCK_Q.value,
-                block_k=_BLOCK_K.value, throughput_max_length=_THROUGHPUT_MAX.value,
-                repeats=_REPEATS.value, out=_OUT.value)
-  if _TOY.value:
-    kwargs.update(lengths=[64, 128], preset="tiny", block_q=16, block_k=16,
-                  throughput_max_length=128, repeats=1)
-  run(**kwargs)
+def main(argv: Sequence[str]) -> dict[str, Any]:
+  """The command line after the program name -> the JSON document written to --out."""
+  args = cli.parse(FLAGS, argv)
+  kwargs = dict(lengths=[int(x) for x in args.lengths], impls=list(args.impls), preset=args.preset,
+                dtype=args.dtype, block_q=args.block_q, block_k=args.block_k,
+                throughput_max_length=args.throughput_max_length, repeats=args.repeats, out=args.out)
+  if args.toy:
+    kwargs.update(lengths=[64, 128], preset="tiny", block_q=16, block_k=16, throughput_max_length=64,
+                  repeats=1)
+  return run(**kwargs)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, FLAGS)

@@ -69,7 +69,7 @@ flags.DEFINE_enum("lengths", "mix", LENGTH_MIXES, "length mix (module docstring)
 flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "compute dtype", flag_values=FLAGS)
 flags.DEFINE_enum("remat", "none", ("none", "full", "dots"), "rematerialisation policy",
                   flag_values=FLAGS)
-flags.DEFINE_enum("attention_impl", "xla", ("xla", "dot_product_attention", "cudnn"),
+flags.DEFINE_enum("attention_impl", "xla", presets.ATTENTION_IMPLS,
                   "attention implementation", flag_values=FLAGS)
 flags.DEFINE_integer("block_size", 1024, "blockwise loss block size", flag_values=FLAGS)
 flags.DEFINE_integer("steps", 5, "timed rounds (every variant once a round)", flag_values=FLAGS)
