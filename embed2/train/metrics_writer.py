@@ -15,6 +15,8 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 # TensorBoard's tag alphabet; tensorboardX renames any other character to '_' with a log line each time.
 _NOT_IN_TAGS = re.compile(r"[^-/\w.]")
@@ -40,7 +42,6 @@ class MetricsWriter:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._file = open(self.path, "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, values: dict[str, Any]) -> None:
@@ -62,7 +63,6 @@ class MetricsWriter:
   def progress_start(self, stage: str, done: int, total: int) -> None:
     if not self.enabled:
       return
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     logging.info("stage %s: %s", stage, f"resumed at step {done} of {total}" if done else f"{total} steps")
     self._bar = tqdm(total=total, initial=done, desc=f"stage {stage}", unit="step",
                      disable=not self._progress, dynamic_ncols=True)
