@@ -646,16 +646,6 @@ def suite_scorer(suite: str, *, meta: Mapping[str, Any], directory: str | os.Pat
   return score
 
 
-def _parse_mesh(s: str) -> dict[str, int]:
-  out = {}
-  for item in filter(None, s.split(",")):
-    k, eq, v = item.partition("=")
-    if not eq:
-      raise ValueError(f"--mesh={s!r}: expected axis=size pairs, e.g. --mesh=data=2,fsdp=-1")
-    out[k.strip()] = int(v)
-  return out
-
-
 FLAGS = flags.FlagValues()  # this program's own flags (embed2/cli.py says why)
 flags.DEFINE_string("out", None, "directory for the soup checkpoint and soup.json", flag_values=FLAGS)
 flags.DEFINE_enum("method", "uniform", METHODS, "how the ingredients are weighted (module docstring)",
@@ -670,7 +660,7 @@ flags.DEFINE_string("dims", None, "comma-separated MRL dims to evaluate (default
                     flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "evaluation data (default: $EMBED2_DATA_DIR or ~/embed2_data)",
                     flag_values=FLAGS)
-flags.DEFINE_string("mesh", "fsdp=-1", "mesh axis sizes, e.g. data=2,fsdp=-1", flag_values=FLAGS)
+cli.DEFINE_mesh("mesh", "fsdp=-1", "mesh axis sizes", flag_values=FLAGS)
 flags.DEFINE_integer("step", 0, "step number of the soup checkpoint", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "replace a checkpoint already in --out", flag_values=FLAGS)
 flags.mark_flag_as_required("out", flag_values=FLAGS)
@@ -688,7 +678,7 @@ def _run(args: cli.Args) -> dict[str, Any]:
     dims = [int(d) for d in args.dims.split(",")] if args.dims else None
     score_fn = suite_scorer(args.suite, meta=first.meta, directory=first.directory, dims=dims,
                             data_dir=args.data_dir)
-  mesh = sharding.make_mesh(_parse_mesh(args.mesh))
+  mesh = sharding.make_mesh(args.mesh)
   return make_soup(args.checkpoints, out=args.out, method=args.method, weights=weights,
                    score_fn=score_fn, metric=args.metric, mesh=mesh, step=args.step,
                    overwrite=args.overwrite)

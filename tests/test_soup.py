@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import app
 from flax import nnx
 
 from embed2 import sharding, soup
@@ -316,7 +317,7 @@ def test_sharded_soup_equals_one_device(sharded_ckpts, mesh_shape, rng):
 def test_cli_weighted(ckpts, tmp_path, capsys):
   cfg, paths, params = ckpts
   soup.main([f"--out={tmp_path / 'soup'}", "--method=weighted", "--weights=3,1", "--step=7",
-             paths[0], paths[1]])
+             "--mesh=data=1,fsdp=-1", paths[0], paths[1]])
   got, meta = restored(tmp_path / "soup", cfg)
   want = jax.tree.map(lambda a, b: 0.75 * a.astype(np.float64) + 0.25 * b, params[0], params[1])
   jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=2e-6, atol=2e-7), got, want)
@@ -325,6 +326,10 @@ def test_cli_weighted(ckpts, tmp_path, capsys):
   assert "0.7500" in printed and "0.2500" in printed and str(tmp_path / "soup" / "7") in printed
   with pytest.raises(SystemExit, match="needs --suite"):
     soup.main([f"--out={tmp_path / 'g'}", "--method=greedy", paths[0]])
+  with pytest.raises(app.UsageError, match="flag --mesh=data2: expected axis=size pairs"):
+    soup.main([f"--out={tmp_path / 'g'}", "--mesh=data2", paths[0]])
+  with pytest.raises(app.UsageError, match="at least one checkpoints"):
+    soup.main([f"--out={tmp_path / 'g'}"])
 
 
 # ------------------------------------------------------------------------------- tokenizers
