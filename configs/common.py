@@ -33,7 +33,9 @@ def parse_arg(arg: str | None, **defaults):
 
 
 def model(preset: str, **overrides) -> config_dict.ConfigDict:
-  """`config.model`: a preset name plus field overrides (see embed2.model.presets.ModelConfig)."""
+  """`config.model`: a preset name plus field overrides (see embed2.model.presets.ModelConfig); the
+  frontends and media preprocessing go in `media=dict(...)` (`MediaConfig` fields), which the command
+  line reaches as `--config.model.media.image_size=...`."""
   return config_dict.ConfigDict(dict(preset=preset, **overrides))
 
 
@@ -80,3 +82,40 @@ def paper_stages(*, pft_steps: int, ft_steps: int, lr: float, pft_batch: int, pf
                   final_lr_ratio=0.1, weight_decay=0.01)
   ft.freeze = ()
   return [pft, ft]
+
+
+def converted_gemma(k: config_dict.ConfigDict, model_cfg: config_dict.ConfigDict,
+                    stages: list[config_dict.ConfigDict], *, save_every: int,
+                    keep: int = 3) -> config_dict.ConfigDict:
+  """A run that starts from a checkpoint `embed2.convert` wrote (`k.ckpt`), trains and evaluates with
+  that checkpoint's own tokenizer, on the stdlib tasks at base batch `k.batch`, and ends with a soup of
+  the run and a second-seed variant: the Gemma configs' shared body.
+
+  Args:
+    k: the config's knobs: ckpt, batch, seed, and the mesh sizes data / fsdp / tensor.
+    model_cfg: `config.model` (see `model`).
+    stages: `config.stages` (see `paper_stages`).
+    save_every: steps between checkpoints, and between evaluations.
+    keep: checkpoints kept.
+  """
+  c = config_dict.ConfigDict()
+  c.seed = k.seed
+  c.model = model_cfg
+  c.mesh = mesh(k.data, k.fsdp, k.tensor)
+  c.sharding_rules = sharding_rules()
+  c.init_from = k.ckpt
+  c.tokenizer = ""  # "": the tokenizer of config.init_from (the import carries its own)
+  c.loss = dict(kind="softmax", temperature=0.05, learnable_temperature=True, symmetric=False,
+                blockwise=True, block_size=1024)
+  c.tasks = stdlib_tasks(k.batch)
+  c.stages = stages
+  c.checkpoint = dict(every=save_every, keep=keep, async_save=True)
+  c.log_every = 10
+  c.eval_every = save_every
+  c.eval_suite = "demo"
+  c.max_consecutive_skips = 5
+  # Records skipped (media files missing at build, undecodable in training): at most this share.
+  c.max_skipped_fraction = 0.01
+  c.data_groups = 0  # pack groups of the global batch; 0 = the number of data shards of the mesh
+  c.soup = dict(method="uniform", variants=[dict(name="seed1", seed=k.seed + 1)])
+  return c

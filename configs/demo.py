@@ -29,7 +29,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.seed = k.seed
   c.model = common.model("small", num_layers=k.layers, model_dim=k.dim, head_dim=k.dim // 4,
                          mlp_dim=3 * k.dim, head_dims=(k.dim,), mrl_dims=(k.dim // 4, k.dim // 2, k.dim),
-                         max_length=256, max_segments=8, **(MEDIA_MODEL if k.media else {}))
+                         max_length=256, max_segments=8)
+  if k.media:
+    c.model.media = MEDIA
   c.mesh = common.mesh()
   c.sharding_rules = common.sharding_rules()
   c.tokenizer = ""  # "" = the tokenizer shipped in embed2/assets
@@ -90,11 +92,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   return c
 
 
-# The media frontends and preprocessing of the demo model (embed2.model.presets.ModelConfig fields).
-MEDIA_MODEL = dict(image_frontend="patch", image_size=32, patch_size=8, image_tokens=16,
-                   audio_frontend="conv", sample_rate=8000, n_mels=32, n_fft=256, hop_length=80,
-                   audio_chunk_frames=100, max_audio_chunks=2, audio_conv_dim=128, video_fps=2.0,
-                   video_max_frames=4)
+# The media frontends and preprocessing of the demo model (`config.model.media`: the fields of
+# embed2.model.presets.MediaConfig).
+MEDIA = dict(image_frontend="patch", image_size=32, patch_size=8, image_tokens=16, audio_frontend="conv",
+             sample_rate=8000, n_mels=32, n_fft=256, hop_length=80, audio_chunk_frames=100,
+             max_audio_chunks=2, audio_conv_dim=128, video_fps=2.0, video_max_frames=4)
 # Sampling rates of the media tasks (PFT share of examples, FT share of steps), half of the mixture.
 MEDIA_RATES = dict(t2i=0.1, i2t=0.1, a2t=0.08, v2t=0.08, edit=0.07, spell=0.07)
 # Longest query of the mixture: a video (4 frames x ~24 tokens + up to 2 s of audio) + task string.

@@ -27,34 +27,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   k = common.parse_arg(arg, ckpt="/ckpt/embeddinggemma-300m", pft_steps=500, ft_steps=1000, batch=128,
                        lr=2e-5, seed=0, max_length=512, data=-1, fsdp=1, tensor=1, dtype="bfloat16",
                        remat="dots")
-  c = config_dict.ConfigDict()
-  c.seed = k.seed
   # sliding_window=257: transformers' bidirectional window for the checkpoint's 512 (|i - j| <= 256);
   # see embed2.convert. The checkpoint's architecture must match this one for init_from to load it.
-  c.model = common.model("embeddinggemma-300m", sliding_window=257, max_length=k.max_length,
-                         max_segments=8, dtype=k.dtype, remat=k.remat)
-  c.mesh = common.mesh(k.data, k.fsdp, k.tensor)
-  c.sharding_rules = common.sharding_rules()
-  c.init_from = k.ckpt
-  c.tokenizer = ""  # "": the tokenizer of config.init_from (the import carries its own)
-  c.loss = dict(kind="softmax", temperature=0.05, learnable_temperature=True, symmetric=False,
-                blockwise=True, block_size=1024)
-
-  b = k.batch
-  c.tasks = common.stdlib_tasks(b)
-  c.stages = common.paper_stages(pft_steps=k.pft_steps, ft_steps=k.ft_steps, lr=k.lr,
-                                 pft_batch=4 * b, pft_warmup_frac=0.1, pft_final_lr_ratio=0.5, ft_lr=k.lr / 2)
-
-  c.checkpoint = dict(every=250, keep=3, async_save=True)
-  c.log_every = 10
-  c.eval_every = 250
-  c.eval_suite = "demo"
-  c.max_consecutive_skips = 5
-  # Records skipped (media files missing at build, undecodable in training): at most this share.
-  c.max_skipped_fraction = 0.01
-  c.data_groups = 0
-  c.soup = dict(method="uniform", variants=[dict(name="seed1", seed=k.seed + 1)])
-  return c
+  model = common.model("embeddinggemma-300m", sliding_window=257, max_length=k.max_length,
+                       max_segments=8, dtype=k.dtype, remat=k.remat)
+  stages = common.paper_stages(pft_steps=k.pft_steps, ft_steps=k.ft_steps, lr=k.lr, pft_batch=4 * k.batch,
+                               pft_warmup_frac=0.1, pft_final_lr_ratio=0.5, ft_lr=k.lr / 2)
+  return common.converted_gemma(k, model, stages, save_every=250)
 
 
 def sweep(arg: str | None = None) -> list[dict]:

@@ -23,32 +23,11 @@ from configs import common
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   k = common.parse_arg(arg, ckpt="/ckpt/gemma3-1b", pft_steps=2000, ft_steps=1000, batch=128, lr=1e-4,
                        seed=0, max_length=512, data=-1, fsdp=1, tensor=1, dtype="bfloat16", remat="dots")
-  c = config_dict.ConfigDict()
-  c.seed = k.seed
-  c.model = common.model("gemma3-1b", causal=False, mrl_dims=(128, 256, 512, 1152), max_length=k.max_length,
-                         max_segments=8, dtype=k.dtype, remat=k.remat)
-  c.mesh = common.mesh(k.data, k.fsdp, k.tensor)
-  c.sharding_rules = common.sharding_rules()
-  c.init_from = k.ckpt
-  c.tokenizer = ""  # "": the tokenizer of config.init_from (the import carries its own)
-  c.loss = dict(kind="softmax", temperature=0.05, learnable_temperature=True, symmetric=False,
-                blockwise=True, block_size=1024)
-
-  b = k.batch
-  c.tasks = common.stdlib_tasks(b)
-  c.stages = common.paper_stages(pft_steps=k.pft_steps, ft_steps=k.ft_steps, lr=k.lr,
-                                 pft_batch=8 * b, pft_warmup_frac=0.05, pft_final_lr_ratio=0.1, ft_lr=k.lr / 5)
-
-  c.checkpoint = dict(every=500, keep=3, async_save=True)
-  c.log_every = 10
-  c.eval_every = 500
-  c.eval_suite = "demo"
-  c.max_consecutive_skips = 5
-  # Records skipped (media files missing at build, undecodable in training): at most this share.
-  c.max_skipped_fraction = 0.01
-  c.data_groups = 0
-  c.soup = dict(method="uniform", variants=[dict(name="seed1", seed=k.seed + 1)])
-  return c
+  model = common.model("gemma3-1b", causal=False, mrl_dims=(128, 256, 512, 1152), max_length=k.max_length,
+                       max_segments=8, dtype=k.dtype, remat=k.remat)
+  stages = common.paper_stages(pft_steps=k.pft_steps, ft_steps=k.ft_steps, lr=k.lr, pft_batch=8 * k.batch,
+                               pft_warmup_frac=0.05, pft_final_lr_ratio=0.1, ft_lr=k.lr / 5)
+  return common.converted_gemma(k, model, stages, save_every=500)
 
 
 def sweep(arg: str | None = None) -> list[dict]:

@@ -10,7 +10,7 @@ batch, per-task batch sizes), then a soup of the FT run and a second-seed varian
 Gemma's own tokenizer (the run's: config.tokenizer is empty). Parameters are sharded over `fsdp` (all devices by default; the 4B model and
 its AdamW state do not fit one device's memory replicated).
 
-The model's image frontend is Gemma 3's own (`image_frontend="vit"`: SigLIP So400m/14 at 896 px, 256
+The model's image frontend is Gemma 3's own (`media.image_frontend="vit"`: SigLIP So400m/14 at 896 px, 256
 soft tokens per image), initialised from the converted weights (`config.vision_init_from`); the language
 model comes from `init_from`. The tasks here are the offline text/code suite
 (data_pipelines/stdlib_tasks.py); image tasks (e.g. `coco_captions`, `flickr30k` from
@@ -26,36 +26,16 @@ from embed2.model.vision import VisionConfig
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   k = common.parse_arg(arg, ckpt="/ckpt/gemma3-4b", pft_steps=2000, ft_steps=1000, batch=128, lr=5e-5,
                        seed=0, max_length=512, data=1, fsdp=-1, tensor=1, dtype="bfloat16", remat="full")
-  c = config_dict.ConfigDict()
-  c.seed = k.seed
-  c.model = common.model("gemma3-4b", causal=False, mrl_dims=(256, 768, 1536, 2560), max_length=k.max_length,
-                         max_segments=8, dtype=k.dtype, remat=k.remat)
   v = VisionConfig()  # Gemma 3 4B/12B/27B's SigLIP
-  c.model.update(dict(image_frontend="vit", image_size=v.image_size, patch_size=v.patch_size,
-                      image_tokens=v.mm_tokens_per_image, vit_width=v.width, vit_depth=v.depth,
-                      vit_heads=v.num_heads, vit_mlp_dim=v.mlp_dim))
+  media = dict(image_frontend="vit", image_size=v.image_size, patch_size=v.patch_size,
+               image_tokens=v.mm_tokens_per_image, vit_width=v.width, vit_depth=v.depth, vit_heads=v.num_heads,
+               vit_mlp_dim=v.mlp_dim)
+  model = common.model("gemma3-4b", causal=False, mrl_dims=(256, 768, 1536, 2560), max_length=k.max_length,
+                       max_segments=8, dtype=k.dtype, remat=k.remat, media=media)
+  stages = common.paper_stages(pft_steps=k.pft_steps, ft_steps=k.ft_steps, lr=k.lr, pft_batch=8 * k.batch,
+                               pft_warmup_frac=0.05, pft_final_lr_ratio=0.1, ft_lr=k.lr / 5)
+  c = common.converted_gemma(k, model, stages, save_every=500, keep=2)
   c.vision_init_from = f"{k.ckpt}/vision"
-  c.mesh = common.mesh(k.data, k.fsdp, k.tensor)
-  c.sharding_rules = common.sharding_rules()
-  c.init_from = k.ckpt
-  c.tokenizer = ""  # "": the tokenizer of config.init_from (the import carries its own)
-  c.loss = dict(kind="softmax", temperature=0.05, learnable_temperature=True, symmetric=False,
-                blockwise=True, block_size=1024)
-
-  b = k.batch
-  c.tasks = common.stdlib_tasks(b)
-  c.stages = common.paper_stages(pft_steps=k.pft_steps, ft_steps=k.ft_steps, lr=k.lr,
-                                 pft_batch=8 * b, pft_warmup_frac=0.05, pft_final_lr_ratio=0.1, ft_lr=k.lr / 5)
-
-  c.checkpoint = dict(every=500, keep=2, async_save=True)
-  c.log_every = 10
-  c.eval_every = 500
-  c.eval_suite = "demo"
-  c.max_consecutive_skips = 5
-  # Records skipped (media files missing at build, undecodable in training): at most this share.
-  c.max_skipped_fraction = 0.01
-  c.data_groups = 0
-  c.soup = dict(method="uniform", variants=[dict(name="seed1", seed=k.seed + 1)])
   return c
 
 

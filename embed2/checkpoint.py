@@ -17,6 +17,7 @@ written on one mesh restores directly, shard by shard, onto another.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -27,23 +28,28 @@ from etils import epath
 from flax import nnx
 
 from embed2 import sharding
-from embed2.model import EmbeddingModel, ModelConfig
-from embed2.model.presets import MEDIA_FIELDS
+from embed2.model import EmbeddingModel, ModelConfig, presets
 
-# The frontends: each is both the EmbeddingModel attribute and the ModelConfig field that switches it on.
+# The frontends: each is both the EmbeddingModel attribute and the MediaConfig field that switches it on.
 FRONTENDS = ("image_frontend", "audio_frontend")
 
 ITEMS = ("params", "train", "meta")
 
-# ModelConfig fields that do not change the parameters: a checkpoint loads across a change of these.
-PARAMETER_FREE_FIELDS = ("dtype", "attention_impl", "remat", "max_length", "causal", "mrl_dims",
-                         "max_segments", "name", "image_resize", "max_image_pixels", "max_audio_chunks",
-                         "video_fps", "video_max_frames")
-
 
 def architecture(cfg: ModelConfig) -> dict[str, Any]:
-  """The fields of a model config that decide the parameters' tree and shapes."""
-  return {k: v for k, v in cfg.to_dict().items() if k not in PARAMETER_FREE_FIELDS}
+  """The fields of a model config that decide its parameters, flat: a nested config's fields are
+  dotted names (`"media.image_size"`). Every field but those the dataclasses mark parameter-free
+  (`presets.parameter_free`: dtype, kernels, limits, ...), across a change of which a checkpoint loads."""
+  out = {}
+  for f in dataclasses.fields(cfg):
+    if f.metadata.get(presets.PARAMETER_FREE):
+      continue
+    v = getattr(cfg, f.name)
+    if dataclasses.is_dataclass(v):
+      out.update({f"{f.name}.{k}": x for k, x in architecture(v).items()})
+    else:
+      out[f.name] = v
+  return out
 
 
 class Checkpointer:
@@ -228,10 +234,11 @@ def load_model_params(model, path: str | os.PathLike) -> dict[str, Any]:
   want, have = architecture(saved), architecture(model.cfg)
   # A text model's checkpoint starts a multimodal model: its transformer and head load, the frontends
   # the checkpoint lacks keep their initialisation (or come from `vision_init_from`).
-  missing = [f for f in FRONTENDS if getattr(saved, f) == "none" and getattr(model.cfg, f) != "none"]
+  missing = [f for f in FRONTENDS
+             if getattr(saved.media, f) == "none" and getattr(model.cfg.media, f) != "none"]
   if missing:
-    want = {k: v for k, v in want.items() if k not in MEDIA_FIELDS}
-    have = {k: v for k, v in have.items() if k not in MEDIA_FIELDS}
+    want = {k: v for k, v in want.items() if not k.startswith("media.")}
+    have = {k: v for k, v in have.items() if not k.startswith("media.")}
   if want != have:
     diff = {k: (v, have.get(k)) for k, v in want.items() if have.get(k) != v}
     raise ValueError(f"checkpoint {path} has a different architecture: {diff} (checkpoint, config)")

@@ -12,7 +12,7 @@ interleaved input. They are encoded by the training pipeline's own transforms
 in a training batch, and the embedding equals the train step's for the same input and task string.
 A modality the model has no frontend for raises `MissingFrontendError`; media that cannot be read
 (corrupt or truncated bytes, an unsupported format, empty or NaN audio, a video without frames, an
-image over `config.model.max_image_pixels`) raises `MediaError` naming the input (`inputs[i]`); text
+image over `config.model.media.max_image_pixels`) raises `MediaError` naming the input (`inputs[i]`); text
 that is not valid Unicode (a lone surrogate) raises `InvalidTextError` (a ValueError) naming the input
 and the character position.
 
@@ -227,7 +227,7 @@ class Embedder:
   @property
   def modalities(self) -> tuple[str, ...]:
     """What this model can read: text, then image / audio / video by its frontends."""
-    return self.model.cfg.modalities
+    return self.model.cfg.media.modalities
 
   @property
   def num_compilations(self) -> int:
@@ -331,8 +331,8 @@ class Embedder:
         cut.append(i)
     if cut:
       warnings.warn(f"{len(cut)} of {len(inputs)} inputs (indices {cut[:5]}) hold audio longer than "
-                    f"config.model.max_audio_chunks={self.config.max_audio_chunks} chunks of "
-                    f"{self.config.audio_chunk_frames} frames; only the first chunks were embedded",
+                    f"config.model.media.max_audio_chunks={self.config.media.max_audio_chunks} chunks of "
+                    f"{self.config.media.audio_chunk_frames} frames; only the first chunks were embedded",
                     stacklevel=2)
     if overflow:
       msg = (f"{len(overflow)} of {len(inputs)} inputs (indices {overflow[:5]}"
@@ -414,17 +414,17 @@ class Embedder:
     cfg = self.config
     n_img = max(packing.slot_bucket(e.count(interleave.IMAGE)) for e in batch)
     n_aud = max(packing.slot_bucket(e.count(interleave.AUDIO)) for e in batch)
-    base = functools.partial(packing.soft_index_base, images=n_img, image_tokens=cfg.image_tokens,
-                             audio_tokens=cfg.audio_chunk_tokens)
+    base = functools.partial(packing.soft_index_base, images=n_img, image_tokens=cfg.media.image_tokens,
+                             audio_tokens=cfg.media.audio_chunk_tokens)
     b = self.batch_size
     soft = np.full((b, length), -1, np.int32)
     out = {"soft_index": soft}
     if n_img:
-      out["images"] = np.zeros((b * n_img, cfg.image_size, cfg.image_size, 3), np.uint8)
+      out["images"] = np.zeros((b * n_img, cfg.media.image_size, cfg.media.image_size, 3), np.uint8)
     if n_aud:
       from embed2.data import media as media_lib  # pylint: disable=g-import-not-at-top
-      out["audio"] = np.full((b * n_aud, cfg.audio_chunk_frames, cfg.n_mels),
-                             media_lib.log_mel_pad_value(cfg), np.float32)
+      out["audio"] = np.full((b * n_aud, cfg.media.audio_chunk_frames, cfg.media.n_mels),
+                             media_lib.log_mel_pad_value(cfg.media), np.float32)
     for row, e in enumerate(batch):
       j_img = j_aud = 0
       for m in e.media:

@@ -67,10 +67,6 @@ from embed2 import checkpoint as ckpt_lib
 
 METHODS = ("uniform", "weighted", "greedy")
 
-# ModelConfig fields that do not change the parameter tree or values (compute dtype, kernels,
-# rematerialisation, limits, the MRL prefixes the loss uses); ingredients may differ in them.
-PARAMETER_FREE_FIELDS = ckpt_lib.PARAMETER_FREE_FIELDS
-
 # Meta fields that describe how to resume training; a soup cannot be resumed, so they are dropped.
 RESUME_FIELDS = ("data_state", "stage_index", "stage_step", "stage_name", "fingerprint",
                  "skipped_total", "process_count", "records_skipped", "records_read")

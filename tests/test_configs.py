@@ -9,7 +9,8 @@ import importlib
 import pathlib
 
 import pytest
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 from data_pipelines import tasks as task_defs
 from embed2.model import ModelConfig
@@ -84,3 +85,15 @@ def test_knobs_reach_the_config():
   assert ViTImageFrontend.vision_config(model) == VisionConfig(text_dim=2560, dtype=model.dtype)
   with pytest.raises(ValueError, match="unknown config knob"):
     pft_gemma3_4b.get_config("steps=3")
+
+
+def test_media_fields_override_from_the_command_line():
+  """`--config.model.media.FIELD=...` reaches the model's MediaConfig, as embed2.main parses it."""
+  argv = ["main", f"--config={CONFIG_DIR / 'demo.py'}", "--config.model.media.image_size=64",
+          "--config.model.media.video_fps=0.5", "--config.model.num_layers=3"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=fv, sys_argv=argv)
+  fv(argv)
+  model = ModelConfig.from_dict(fv.config.model.to_dict())
+  assert model.media.image_size == 64 and model.media.video_fps == 0.5 and model.num_layers == 3
+  assert model.media.image_frontend == "patch" and model.media.n_mels == 32  # the rest as configured

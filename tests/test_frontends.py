@@ -10,15 +10,15 @@ from embed2 import sharding
 from embed2.model import vision
 from embed2.model.frontends import (ConvAudioFrontend, PatchImageFrontend, ViTImageFrontend,
                                     build_frontends)
-from embed2.model.presets import ModelConfig
+from embed2.model.presets import MediaConfig, ModelConfig
 
 
 
-def config(**kw):
-  fields = dict(image_frontend="patch", image_size=32, patch_size=8, image_tokens=4, audio_frontend="conv",
-                n_mels=12, audio_conv_dim=24, vit_width=32, vit_depth=2, vit_heads=4, vit_mlp_dim=48)
-  fields.update(kw)
-  return ModelConfig.from_name("tiny", **fields)  # model_dim 64
+def config(dtype="float32", **kw):
+  media = dict(image_frontend="patch", image_size=32, patch_size=8, image_tokens=4, audio_frontend="conv",
+               n_mels=12, audio_conv_dim=24, vit_width=32, vit_depth=2, vit_heads=4, vit_mlp_dim=48)
+  media.update(kw)
+  return ModelConfig.from_name("tiny", dtype=dtype, media=MediaConfig(**media))  # model_dim 64
 
 
 def randomize(rng, model, std=0.3):
@@ -33,11 +33,11 @@ def make(rng, cls, cfg, std=0.3):
 
 
 def images(rng, cfg, n):
-  return rng.integers(0, 256, (n, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+  return rng.integers(0, 256, (n, cfg.media.image_size, cfg.media.image_size, 3), dtype=np.uint8)
 
 
 def mels(rng, cfg, n, f):
-  return rng.normal(-2.0, 2.0, (n, f, cfg.n_mels)).astype(np.float32)
+  return rng.normal(-2.0, 2.0, (n, f, cfg.media.n_mels)).astype(np.float32)
 
 
 def is_var(x):
@@ -77,8 +77,8 @@ def np_gelu_tanh(x):
 
 
 def np_patch_frontend(cfg, prm, img):
-  p, g = cfg.patch_size, cfg.image_size // cfg.patch_size
-  t = int(round(cfg.image_tokens ** 0.5))
+  p, g = cfg.media.patch_size, cfg.media.image_size // cfg.media.patch_size
+  t = int(round(cfg.media.image_tokens ** 0.5))
   k = g // t
   x = img.astype(np.float64) / 127.5 - 1
   n = x.shape[0]
@@ -133,7 +133,7 @@ def test_patch_frontend_bfloat16_computes_in_bfloat16_with_float32_params(rng):
   model = make(rng, PatchImageFrontend, cfg)
   img = images(rng, cfg, 2)
   out = call(model, img)
-  assert out.dtype == jnp.bfloat16 and out.shape == (2, cfg.image_tokens, cfg.model_dim)
+  assert out.dtype == jnp.bfloat16 and out.shape == (2, cfg.media.image_tokens, cfg.model_dim)
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
   ref = np_patch_frontend(cfg, params64(model), img)
   err = np.abs(np.asarray(out, np.float64) - ref)
@@ -165,7 +165,7 @@ def test_vit_frontend_is_vision_encoder_on_normalised_pixels(dtype, rng):
       text_dim=cfg.model_dim, dtype=dtype)
   img = images(rng, cfg, 3)
   out = call(model, img)
-  assert out.shape == (3, cfg.image_tokens, cfg.model_dim) and out.dtype == jnp.dtype(dtype)
+  assert out.shape == (3, cfg.media.image_tokens, cfg.model_dim) and out.dtype == jnp.dtype(dtype)
   pixels = jnp.asarray(img.astype(np.float64) / 127.5 - 1, jnp.float32).astype(dtype)
   want = call(model.encoder, pixels)
   tol = 1e-5 if dtype == "float32" else 0
@@ -189,8 +189,8 @@ def test_audio_frontend_token_count_is_config_audio_tokens():
   cfg = config()
   model = ConvAudioFrontend(cfg, rngs=nnx.Rngs(0))
   for f in range(1, 65):
-    shape = jax.eval_shape(model, jax.ShapeDtypeStruct((2, f, cfg.n_mels), jnp.float32)).shape
-    assert shape == (2, cfg.audio_tokens(f), cfg.model_dim) == (2, -(-f // 4), cfg.model_dim), f
+    shape = jax.eval_shape(model, jax.ShapeDtypeStruct((2, f, cfg.media.n_mels), jnp.float32)).shape
+    assert shape == (2, cfg.media.audio_tokens(f), cfg.model_dim) == (2, -(-f // 4), cfg.model_dim), f
 
 
 def test_audio_frontend_matches_numpy_reference(rng):
@@ -200,7 +200,7 @@ def test_audio_frontend_matches_numpy_reference(rng):
   for f in (1, 2, 3, 4, 5, 6, 7, 8, 13):  # every F mod 4, so each edge of the zero padding is hit
     mel = mels(rng, cfg, 2, f)
     out = call(model, mel)
-    assert out.shape == (2, cfg.audio_tokens(f), cfg.model_dim), f
+    assert out.shape == (2, cfg.media.audio_tokens(f), cfg.model_dim), f
     np.testing.assert_allclose(np.asarray(out), np_audio_frontend(cfg, prm, mel), rtol=1e-5, atol=2e-5,
                                err_msg=f"F={f}")
 
@@ -212,10 +212,10 @@ def test_audio_token_t_sees_exactly_frames_4t_minus_3_to_4t_plus_3(rng):
   base = mels(rng, cfg, 1, f)
   batch = np.repeat(base, f + 1, axis=0)  # row n perturbs frame n; the last row is unperturbed
   for n in range(f):
-    batch[n, n] += rng.normal(0, 1, cfg.n_mels).astype(np.float32)
+    batch[n, n] += rng.normal(0, 1, cfg.media.n_mels).astype(np.float32)
   out = np.asarray(call(model, batch))
   changed = np.abs(out[:f] - out[f:]).max(-1) > 1e-5  # (frame, token)
-  t = np.arange(cfg.audio_tokens(f))
+  t = np.arange(cfg.media.audio_tokens(f))
   frame = np.arange(f)[:, None]
   np.testing.assert_array_equal(changed, (frame >= 4 * t - 3) & (frame <= 4 * t + 3))
 
@@ -314,12 +314,12 @@ def test_bad_inputs_name_the_config_field(rng):
   patch, vit = PatchImageFrontend(cfg, rngs=nnx.Rngs(0)), ViTImageFrontend(
       config(image_frontend="vit"), rngs=nnx.Rngs(0))
   for model in (patch, vit):
-    with pytest.raises(ValueError, match=r"config\.model\.image_size=32"):
+    with pytest.raises(ValueError, match=r"config\.model\.media\.image_size=32"):
       model(rng.integers(0, 256, (1, 48, 48, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="uint8"):
       model(images(rng, cfg, 1).astype(np.float32) / 127.5 - 1)  # already normalised: refused, not re-scaled
   audio = ConvAudioFrontend(cfg, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"config\.model\.n_mels=12"):
+  with pytest.raises(ValueError, match=r"config\.model\.media\.n_mels=12"):
     audio(rng.normal(size=(1, 20, 80)).astype(np.float32))
   with pytest.raises(ValueError, match="F >= 1"):
     audio(np.zeros((1, 0, 12), np.float32))

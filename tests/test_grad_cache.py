@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embed2 import losses
+from embed2.model.presets import MediaConfig
 from embed2.train.grad_cache import grad_cache_value_and_grad
 
 AUTO = jax.sharding.AxisType.Auto
@@ -188,9 +189,9 @@ def test_bad_inputs():
 
 # ------------------------------------------------------------------ the train step on a media batch
 
-MEDIA = dict(image_frontend="patch", audio_frontend="conv", image_size=16, patch_size=4,
-             image_tokens=4, sample_rate=8000, n_mels=16, n_fft=128, hop_length=64,
-             audio_chunk_frames=24, max_audio_chunks=3, max_length=64, max_segments=4)
+MEDIA = dict(max_length=64, max_segments=4, media=MediaConfig(
+    image_frontend="patch", audio_frontend="conv", image_size=16, patch_size=4, image_tokens=4,
+    sample_rate=8000, n_mels=16, n_fft=128, hop_length=64, audio_chunk_frames=24, max_audio_chunks=3))
 
 
 def _media_batch(rng, tok, cfg, num_groups):

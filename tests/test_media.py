@@ -1,4 +1,5 @@
-"""Tests for embed2.data.media: image / audio / video decoding, resizing, log-mel, chunking, bad input."""
+"""Tests for embed2.data.media (image.py / audio.py / video.py): decoding, resizing, log-mel, chunking,
+bad input."""
 
 import io
 import struct
@@ -11,8 +12,9 @@ from PIL import Image as PILImage
 
 from embed2.data import media
 from embed2.data.media import MediaError
+from embed2.data.media import audio as audio_lib
 from embed2.data.segments import Audio, Image, Video
-from embed2.model.presets import ModelConfig
+from embed2.model.presets import MediaConfig
 
 WHERE = "task 'shapes' example 17 query"
 S = 32
@@ -23,7 +25,7 @@ def _cfg(**kw):
               hop_length=80, audio_chunk_frames=100, max_audio_chunks=3, video_fps=2.0,
               video_max_frames=4)
   base.update(kw)
-  return ModelConfig.from_name("tiny", **base)
+  return MediaConfig(**base)
 
 
 CFG = _cfg()
@@ -235,7 +237,7 @@ def test_bad_images(rng, tmp_path):
 
   small = _cfg(max_image_pixels=1000)  # 40 x 40 = 1600 pixels
   for item in (Image(pixels=img), Image(data=png)):
-    _raises(lambda: media.load_image(item, small, WHERE), "1,600 pixels", "config.model.max_image_pixels")
+    _raises(lambda: media.load_image(item, small, WHERE), "1,600 pixels", "config.model.media.max_image_pixels")
   # The limit is checked from the header, before decoding: a 5000 x 5000 header over a few bytes of data.
   ihdr = struct.pack(">IIBBBBB", 5000, 5000, 8, 2, 0, 0, 0)
   forged = png[:8] + _png_chunk(b"IHDR", ihdr) + png[33:200]
@@ -407,8 +409,8 @@ def test_log_mel_matches_reference(rng, n_fft, hop, rate, n_mels):
 def test_log_mel_blocks_match_reference(rng, monkeypatch, stft_block, gemm_macs):
   """The STFT blocks and the filterbank product's row blocks (single-threaded BLAS calls) change no
   frame: every split of the frames against the float64 reference, including ragged last blocks."""
-  monkeypatch.setattr(media, "_STFT_BLOCK", stft_block)
-  monkeypatch.setattr(media, "_GEMM_MAX_MACS", gemm_macs)
+  monkeypatch.setattr(audio_lib, "_STFT_BLOCK", stft_block)
+  monkeypatch.setattr(audio_lib, "_GEMM_MAX_MACS", gemm_macs)
   x = rng.uniform(-0.3, 0.3, int(rng.integers(2500, 4000))).astype(np.float32)
   out = media.log_mel(x, CFG)
   assert out.shape == (1 + len(x) // 80, 32) and out.dtype == np.float32 and out.flags.c_contiguous
@@ -431,10 +433,10 @@ def test_mel_project_rows_stay_under_the_thread_pool_threshold(rng, monkeypatch)
     calls.append(a.shape[0] * a.shape[1] * b.shape[1])
     return real_matmul(a, b, **kw)
 
-  monkeypatch.setattr(media.np, "matmul", spy)
-  out = media._mel_project(power, fb)
+  monkeypatch.setattr(audio_lib.np, "matmul", spy)
+  out = audio_lib._mel_project(power, fb)
   monkeypatch.undo()
-  assert len(calls) > 1 and max(calls) <= media._GEMM_MAX_MACS
+  assert len(calls) > 1 and max(calls) <= audio_lib._GEMM_MAX_MACS
   np.testing.assert_allclose(out, power.astype(np.float64) @ fb, rtol=1e-12)
 
 

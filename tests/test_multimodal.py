@@ -15,11 +15,12 @@ from embed2.data.segments import Audio, Image, MediaError, MissingFrontendError,
 from embed2.data.tokenizer import Tokenizer
 from embed2.inference import Embedder
 from embed2.model import EmbeddingModel, ModelConfig
+from embed2.model.presets import MediaConfig
 
+# config.model.media of these tests
 MEDIA = dict(image_frontend="patch", audio_frontend="conv", image_size=16, patch_size=4,
              image_tokens=4, sample_rate=8000, n_mels=16, n_fft=128, hop_length=64,
-             audio_chunk_frames=24, max_audio_chunks=3, video_fps=2.0, video_max_frames=3,
-             max_length=128, max_segments=4)
+             audio_chunk_frames=24, max_audio_chunks=3, video_fps=2.0, video_max_frames=3)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def cfg(tok):
-  return ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, **MEDIA)
+  return ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, max_length=128, max_segments=4,
+                               media=MediaConfig(**MEDIA))
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +221,8 @@ def test_embedder_bad_media_names_the_input(tok, cfg, model, name):
   }[name]
   m = model
   if name == "too_large":
-    m = EmbeddingModel(cfg.replace(max_image_pixels=200 * 200), rngs=nnx.Rngs(0))
+    small = cfg.replace(media=cfg.media.replace(max_image_pixels=200 * 200))
+    m = EmbeddingModel(small, rngs=nnx.Rngs(0))
   emb = Embedder(m, tok, batch_size=4)
   with pytest.raises(MediaError, match=r"inputs\[1\]"):
     emb.embed(["fine", bad, "also fine"])
@@ -236,10 +239,12 @@ def test_text_only_model_refuses_media(tok):
 
 
 def test_media_config_validation_names_the_field():
-  with pytest.raises(ValueError, match="image_tokens=5"):
-    ModelConfig.from_name("tiny", image_frontend="patch", image_size=16, patch_size=4, image_tokens=5)
-  with pytest.raises(ValueError, match="image_frontend='jpeg'"):
-    ModelConfig.from_name("tiny", image_frontend="jpeg")
+  with pytest.raises(ValueError, match=r"config\.model\.media\.image_tokens=5"):
+    MediaConfig(image_frontend="patch", image_size=16, patch_size=4, image_tokens=5)
+  with pytest.raises(ValueError, match=r"config\.model\.media\.image_frontend='jpeg'"):
+    ModelConfig.from_dict(dict(preset="tiny", media=dict(image_frontend="jpeg")))
+  with pytest.raises(ValueError, match=r"media\.image_tokens \+ 2 boundary tokens\) but max_length=5"):
+    ModelConfig.from_name("tiny", max_length=5, media=MediaConfig(image_frontend="patch", image_tokens=4))
 
 
 def test_training_stops_when_too_many_records_are_undecodable(tmp_path):
@@ -253,7 +258,7 @@ def test_training_stops_when_too_many_records_are_undecodable(tmp_path):
     img = Image(data=png[:30]) if i % 3 == 0 else Image(data=_png_bytes(rng, (12, 12)))
     examples.append({"query": f"picture {i}", "positive": img, "query_id": i, "positive_id": 1000 + i})
   c = tiny.get_config("pft_steps=6,ft_steps=1")
-  c.model.update(dict(MEDIA, max_length=64))
+  c.model.update(dict(media=MEDIA, max_length=64, max_segments=4))
   c.tasks = {"pics": dict(task_string="find: ", batch_size=8, query_len=16, positive_len=16,
                           segments=4)}
   c.stages[0].tasks = {"pics": 1.0}
@@ -362,8 +367,9 @@ def test_a_text_checkpoint_and_gemma_vision_weights_start_a_multimodal_model(tmp
   ck.save(0, params=nnx.to_pure_dict(nnx.state(text, nnx.Param)),
           meta={"model_config": text_cfg.to_dict()}, force=True)
   ck.close()
-  mm_cfg = text_cfg.replace(image_frontend="vit", image_size=16, patch_size=4, image_tokens=4,
-                            vit_width=32, vit_depth=1, vit_heads=4, vit_mlp_dim=48)
+  mm_cfg = text_cfg.replace(media=MediaConfig(image_frontend="vit", image_size=16, patch_size=4,
+                                               image_tokens=4, vit_width=32, vit_depth=1, vit_heads=4,
+                                               vit_mlp_dim=48))
   mm = EmbeddingModel(mm_cfg, rngs=nnx.Rngs(2))
   before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(mm.image_frontend, nnx.Param)))
   ckpt_lib.load_model_params(mm, tmp_path / "text")
@@ -383,5 +389,5 @@ def test_a_text_checkpoint_and_gemma_vision_weights_start_a_multimodal_model(tmp
   for a, b in zip(jax.tree.leaves(nnx.state(siglip, nnx.Param)),
                   jax.tree.leaves(nnx.state(mm.image_frontend.encoder, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with pytest.raises(ValueError, match="needs config.model.image_frontend='vit'"):
+  with pytest.raises(ValueError, match="needs config.model.media.image_frontend='vit'"):
     trainer.init_vision(EmbeddingModel(text_cfg, rngs=nnx.Rngs(0)), str(tmp_path / "conv"))

@@ -550,8 +550,8 @@ def test_skipped_over_read_is_the_bad_fraction_of_the_records_read(rng):
   from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from embed2.model import ModelConfig  # pylint: disable=g-import-not-at-top
   tok = Tokenizer.default()
-  cfg = ModelConfig.from_name("tiny", vocab_size=tok.vocab_size, image_frontend="patch",
-                              image_size=16, patch_size=8, image_tokens=4)
+  cfg = ModelConfig.from_dict(dict(preset="tiny", vocab_size=tok.vocab_size, media=dict(
+      image_frontend="patch", image_size=16, patch_size=8, image_tokens=4)))
   corrupt = Image(data=b"\x89PNG\r\n\x1a\n" + bytes(40))  # a PNG signature, then no valid chunk
   n = 400
   bad = rng.random(n) < 0.2

@@ -376,8 +376,8 @@ def test_encoder_with_a_tokenizer_without_audio_tokens_embeds_text_and_images_on
   from embed2.data import interleave, segments  # pylint: disable=g-import-not-at-top
   from embed2.model import ModelConfig  # pylint: disable=g-import-not-at-top
   tok = tokenizer_lib.HFTokenizer(_gemma_like_json().to_str(), source="gemma3/tokenizer.json")
-  cfg = ModelConfig.from_name("tiny", vocab_size=64, image_frontend="patch", audio_frontend="conv",
-                              image_size=16, patch_size=8, image_tokens=4)
+  cfg = ModelConfig.from_dict(dict(preset="tiny", vocab_size=64, media=dict(
+      image_frontend="patch", audio_frontend="conv", image_size=16, patch_size=8, image_tokens=4)))
   enc = interleave.InputEncoder(tok, cfg)
   assert enc.encode("w5 w6", max_length=8).tokens.tolist() == [2, 5, 6, 1]
   e = enc.encode([segments.Image(pixels=np.full((16, 16, 3), 7, np.uint8)), "w9"], max_length=16)

@@ -129,7 +129,7 @@ class InputEncoder:
     self.tokenizer = tokenizer
     self.cfg = cfg
     sid = getattr(tokenizer, "special_id", None)
-    if sid is None and len(cfg.modalities) > 1:
+    if sid is None and len(cfg.media.modalities) > 1:
       raise ValueError("the tokenizer has no special tokens (special_id); multimodal inputs need "
                        "embed2.data.tokenizer.Tokenizer")
     self.prefix_ids, self.suffix_ids = tok_lib.framing(tokenizer)
@@ -156,11 +156,11 @@ class InputEncoder:
   def check_modalities(self, x: Any, where: str) -> None:
     """Raises `segments.MissingFrontendError` when `x` needs a frontend this model lacks."""
     need = segments.modalities_of(x, where)
-    missing = sorted(need - set(self.cfg.modalities))
+    missing = sorted(need - set(self.cfg.media.modalities))
     if missing:
       raise segments.MissingFrontendError(
           f"{where}: this model has no {'/'.join(missing)} frontend (it reads "
-          f"{', '.join(self.cfg.modalities)}); set config.model.image_frontend / audio_frontend, or "
+          f"{', '.join(self.cfg.media.modalities)}); set config.model.media.image_frontend / audio_frontend, or "
           "pass only what it reads")
 
   # ------------------------------------------------------------------------------------ encode
@@ -207,11 +207,11 @@ class InputEncoder:
       if isinstance(item, (str, segments.Text)):
         b.text(self.tokenizer.encode(item if isinstance(item, str) else item.text))
       elif isinstance(item, segments.Image):
-        self._image(b, media_lib.load_image(item, self.cfg, here))
+        self._image(b, media_lib.load_image(item, self.cfg.media, here))
       elif isinstance(item, segments.Audio):
-        self._audio(b, media_lib.load_audio(item, self.cfg, here))
+        self._audio(b, media_lib.load_audio(item, self.cfg.media, here))
       elif isinstance(item, segments.Video):
-        self._video(b, media_lib.load_video(item, self.cfg, here), here)
+        self._video(b, media_lib.load_video(item, self.cfg.media, here), here)
     if b.truncated and not b.media and not any(
         isinstance(i, (str, segments.Text)) for i in items[:1]):
       kind = segments.MODALITY[type(items[0])]
@@ -227,7 +227,7 @@ class InputEncoder:
     return Encoded(tokens=toks, media=media, truncated=b.truncated, cut=b.cut)
 
   def _image(self, b: _Builder, pixels: np.ndarray) -> bool:
-    t = self.cfg.image_tokens
+    t = self.cfg.media.image_tokens
     if b.free < t + 2:
       b.truncated = True
       return False
@@ -237,14 +237,14 @@ class InputEncoder:
     return True
 
   def _audio(self, b: _Builder, wave: np.ndarray) -> None:
-    chunks, valid, cut = media_lib.audio_chunks(wave, self.cfg)
-    first = self.cfg.audio_tokens(valid[0]) if valid else 1
+    chunks, valid, cut = media_lib.audio_chunks(wave, self.cfg.media)
+    first = self.cfg.media.audio_tokens(valid[0]) if valid else 1
     if b.free < first + 2:
       b.truncated = True
       return
     b.ids.append(self.ids[tok_lib.START_OF_AUDIO])
     for chunk, frames in zip(chunks, valid):
-      n = self.cfg.audio_tokens(frames)
+      n = self.cfg.media.audio_tokens(frames)
       if b.free < n + 1:  # keep room for <end_of_audio>
         b.truncated = True
         break
@@ -256,8 +256,8 @@ class InputEncoder:
     """Tokens the smallest input of one item of `kind` takes, bos and eos included."""
     stamp = 1 + len(self.tokenizer.encode("0.0s"))
     frame = len(self.prefix_ids) + len(self.suffix_ids)
-    return frame + {"image": self.cfg.image_tokens + 2, "audio": 3,
-                    "video": stamp + self.cfg.image_tokens + 4}[kind]
+    return frame + {"image": self.cfg.media.image_tokens + 2, "audio": 3,
+                    "video": stamp + self.cfg.media.image_tokens + 4}[kind]
 
   def _video(self, b: _Builder, clip, where: str) -> None:
     if clip.audio is not None:
@@ -269,7 +269,7 @@ class InputEncoder:
     b.room -= 1  # <end_of_video> always fits
     for t_s, frame in zip(clip.timestamps, clip.frames):
       stamp = [self.ids[tok_lib.TIMESTAMP]] + list(self.tokenizer.encode(f"{t_s:.1f}s"))
-      if b.free < len(stamp) + self.cfg.image_tokens + 2:
+      if b.free < len(stamp) + self.cfg.media.image_tokens + 2:
         b.truncated = True
         break
       b.ids.extend(stamp)

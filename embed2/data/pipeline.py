@@ -606,7 +606,7 @@ def group_shape(spec: BatchSpec, num_groups: int, sample: Sequence[dict] = (),
                        "was given for their shapes; pass encoder= to the "
                        "iterator builder.")
     from embed2.data import media as media_lib  # pylint: disable=g-import-not-at-top
-    c = model_cfg
+    c = model_cfg.media
     media = dict(image_shape=(c.image_size, c.image_size, 3),
                  image_tokens=c.image_tokens,
                  audio_shape=(c.audio_chunk_frames, c.n_mels),

@@ -32,7 +32,7 @@ class MissingFrontendError(ValueError):
 def missing_frontend(modality: str) -> MissingFrontendError:
   """The error for an input of `modality` given to a model without its frontend."""
   return MissingFrontendError(
-      f"this model has no {modality} frontend (set config.model.image_frontend / audio_frontend when "
+      f"this model has no {modality} frontend (set config.model.media.image_frontend / audio_frontend when "
       "training one); pass inputs of the modalities it reads (Embedder.modalities)")
 
 

@@ -155,7 +155,7 @@ class EmbeddingModel(nnx.Module):
                       "audio": (self.audio_frontend, "audio_frontend")}[key]
     if frontend is None:
       raise ValueError(f"the batch has {prefix}{key} but this model has no {key} frontend; set "
-                       f"config.model.{what}")
+                       f"config.model.media.{what}")
     return frontend
 
   def media_features(self, side: dict, prefix: str = "") -> dict[str, jax.Array]:

@@ -57,10 +57,10 @@ def normalize_pixels(images_nhw3: jax.Array, dtype) -> jax.Array:
 
 
 def _check_images(cfg: ModelConfig, images_nhw3) -> None:
-  s = cfg.image_size
+  s = cfg.media.image_size
   if images_nhw3.ndim != 4 or tuple(images_nhw3.shape[1:]) != (s, s, 3):
     raise ValueError(f"images have shape {tuple(images_nhw3.shape)}; the image frontend expects "
-                     f"(N, {s}, {s}, 3) uint8 RGB, channels last, resized to config.model.image_size={s} "
+                     f"(N, {s}, {s}, 3) uint8 RGB, channels last, resized to config.model.media.image_size={s} "
                      "(embed2.data.media.load_image does this)")
   if images_nhw3.dtype != jnp.uint8:
     raise ValueError(f"images have dtype {images_nhw3.dtype}; the image frontend expects uint8 pixels in "
@@ -76,8 +76,8 @@ class PatchImageFrontend(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    p, d = cfg.patch_size, cfg.model_dim
-    grid = cfg.image_size // p
+    p, d = cfg.media.patch_size, cfg.model_dim
+    grid = cfg.media.image_size // p
     init = nnx.initializers.normal(stddev=1.0)
     self.kernel = _param(rngs, init, (p, p, 3, d), (None, None, None, "embed"), (p * p * 3) ** -0.5)
     self.bias = nnx.Param(jnp.zeros((d,), jnp.float32), logical_axes=("norm",))
@@ -86,16 +86,16 @@ class PatchImageFrontend(nnx.Module):
     self.norm = RMSNorm(d, eps=cfg.rms_eps, axis_name="norm", rngs=rngs)
 
   def __call__(self, images_nhw3: jax.Array) -> jax.Array:
-    """uint8 (N, S, S, 3) RGB -> soft tokens (N, cfg.image_tokens, D) in cfg.dtype, ~unit RMS."""
-    cfg = self.cfg
+    """uint8 (N, S, S, 3) RGB -> soft tokens (N, cfg.media.image_tokens, D) in cfg.dtype, ~unit RMS."""
+    cfg, media = self.cfg, self.cfg.media
     _check_images(cfg, images_nhw3)
     dt = _DTYPES[cfg.dtype]
-    n, p = images_nhw3.shape[0], cfg.patch_size
-    g = cfg.image_size // p  # patches per side
+    n, p = images_nhw3.shape[0], media.patch_size
+    g = media.image_size // p  # patches per side
     x = normalize_pixels(images_nhw3, dt).reshape(n, g, p, g, p, 3)  # (N, row, i, col, j, 3)
     x_npd = jnp.einsum("nxiyjc,ijcd->nxyd", x, self.kernel[...].astype(dt)).reshape(n, g * g, -1)
     x_npd = x_npd + self.bias[...].astype(dt) + self.pos_embedding[...].astype(dt)
-    t = math.isqrt(cfg.image_tokens)  # tokens per side; the config guarantees t divides g
+    t = math.isqrt(media.image_tokens)  # tokens per side; the config guarantees t divides g
     k = g // t
     grid = x_npd.reshape(n, t, k, t, k, -1)  # (N, token row, i, token col, j, D)
     pooled = jnp.mean(grid.astype(jnp.float32), axis=(2, 4)).astype(dt).reshape(n, t * t, -1)
@@ -115,14 +115,14 @@ class ViTImageFrontend(nnx.Module):
 
   @staticmethod
   def vision_config(cfg: ModelConfig) -> vision.VisionConfig:
-    """The VisionConfig the model config's vit_* fields describe (projecting into model_dim)."""
-    return vision.VisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vit_width,
-                               depth=cfg.vit_depth, num_heads=cfg.vit_heads, mlp_dim=cfg.vit_mlp_dim,
-                               mm_tokens_per_image=cfg.image_tokens, text_dim=cfg.model_dim,
-                               dtype=cfg.dtype)
+    """The VisionConfig the model config's media.vit_* fields describe (projecting into model_dim)."""
+    m = cfg.media
+    return vision.VisionConfig(image_size=m.image_size, patch_size=m.patch_size, width=m.vit_width,
+                               depth=m.vit_depth, num_heads=m.vit_heads, mlp_dim=m.vit_mlp_dim,
+                               mm_tokens_per_image=m.image_tokens, text_dim=cfg.model_dim, dtype=cfg.dtype)
 
   def __call__(self, images_nhw3: jax.Array) -> jax.Array:
-    """uint8 (N, S, S, 3) RGB -> soft tokens (N, cfg.image_tokens, D) in cfg.dtype (projector scale)."""
+    """uint8 (N, S, S, 3) RGB -> soft tokens (N, cfg.media.image_tokens, D) in cfg.dtype (projector scale)."""
     _check_images(self.cfg, images_nhw3)
     return self.encoder(normalize_pixels(images_nhw3, _DTYPES[self.cfg.dtype]))
 
@@ -156,7 +156,7 @@ class ConvAudioFrontend(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    m, c, d = cfg.n_mels, cfg.audio_conv_dim, cfg.model_dim
+    m, c, d = cfg.media.n_mels, cfg.media.audio_conv_dim, cfg.model_dim
     self.conv1 = Conv1d(m, c, rngs=rngs)
     self.conv2 = Conv1d(c, c, rngs=rngs)
     init = nnx.initializers.normal(stddev=1.0)
@@ -164,14 +164,14 @@ class ConvAudioFrontend(nnx.Module):
     self.norm = RMSNorm(d, eps=cfg.rms_eps, axis_name="norm", rngs=rngs)
 
   def __call__(self, mel_nfm: jax.Array) -> jax.Array:
-    """float32 log-mel (N, F, n_mels) -> soft tokens (N, cfg.audio_tokens(F), D) in cfg.dtype, ~unit RMS.
+    """float32 log-mel (N, F, n_mels) -> soft tokens (N, cfg.media.audio_tokens(F), D) in cfg.dtype, ~unit RMS.
 
     Token t sees frames 4t-3..4t+3 (see the module docstring); F >= 1.
     """
-    cfg = self.cfg
-    if mel_nfm.ndim != 3 or mel_nfm.shape[2] != cfg.n_mels or mel_nfm.shape[1] < 1:
+    cfg, n_mels = self.cfg, self.cfg.media.n_mels
+    if mel_nfm.ndim != 3 or mel_nfm.shape[2] != n_mels or mel_nfm.shape[1] < 1:
       raise ValueError(f"log-mel features have shape {tuple(mel_nfm.shape)}; the audio frontend expects "
-                       f"(N, F >= 1, {cfg.n_mels}) with config.model.n_mels={cfg.n_mels} mel bands "
+                       f"(N, F >= 1, {n_mels}) with config.model.media.n_mels={n_mels} mel bands "
                        "(embed2.data.media.log_mel makes them with the same config)")
     if not jnp.issubdtype(mel_nfm.dtype, jnp.floating):
       raise ValueError(f"log-mel features have dtype {mel_nfm.dtype}; expected float32")
@@ -187,22 +187,24 @@ ImageFrontend = PatchImageFrontend | ViTImageFrontend
 
 def build_frontends(cfg: ModelConfig, *, rngs: nnx.Rngs
                     ) -> tuple[ImageFrontend | None, ConvAudioFrontend | None]:
-  """(image frontend, audio frontend) for cfg.image_frontend / cfg.audio_frontend; None where "none".
+  """(image frontend, audio frontend) for cfg.media.image_frontend / audio_frontend; None where "none".
 
   Video has no frontend of its own: each frame goes through the image frontend.
   """
-  if cfg.image_frontend == "patch":
+  kind = cfg.media.image_frontend
+  if kind == "patch":
     image = PatchImageFrontend(cfg, rngs=rngs)
-  elif cfg.image_frontend == "vit":
+  elif kind == "vit":
     image = ViTImageFrontend(cfg, rngs=rngs)
-  elif cfg.image_frontend == "none":
+  elif kind == "none":
     image = None
   else:
-    raise ValueError(f"config.model.image_frontend={cfg.image_frontend!r}; choose 'none', 'patch' or 'vit'")
-  if cfg.audio_frontend == "conv":
+    raise ValueError(f"config.model.media.image_frontend={kind!r}; choose 'none', 'patch' or 'vit'")
+  kind = cfg.media.audio_frontend
+  if kind == "conv":
     audio = ConvAudioFrontend(cfg, rngs=rngs)
-  elif cfg.audio_frontend == "none":
+  elif kind == "none":
     audio = None
   else:
-    raise ValueError(f"config.model.audio_frontend={cfg.audio_frontend!r}; choose 'none' or 'conv'")
+    raise ValueError(f"config.model.media.audio_frontend={kind!r}; choose 'none' or 'conv'")
   return image, audio

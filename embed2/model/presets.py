@@ -5,6 +5,12 @@ a dense projection head), so that their published weights load into the same mod
 
   cfg = ModelConfig.from_name("gemma3-1b", max_length=512)
   cfg = ModelConfig.from_name("tiny").replace(num_layers=4)
+  cfg = ModelConfig.from_name("tiny", media=MediaConfig(image_frontend="patch"))
+
+Which fields change the parameters is part of the dataclasses: a field made with `parameter_free(...)`
+(compute dtype, kernels, limits, sampling policies) may differ between a checkpoint and the model that
+loads it, or between the ingredients of a soup; every other field, nested ones included, is the
+architecture (`embed2.checkpoint.architecture`).
 """
 
 from __future__ import annotations
@@ -20,60 +26,35 @@ AUDIO_FRONTENDS = ("none", "conv")
 IMAGE_RESIZE = ("pad", "crop", "squash")
 # The audio frontend's two stride-2 convolutions turn every 4 mel frames into one soft token.
 AUDIO_SUBSAMPLE = 4
-# The fields of the modality frontends and their preprocessing (everything but the text model).
-MEDIA_FIELDS = ("image_frontend", "image_size", "patch_size", "image_tokens", "image_resize",
-                "max_image_pixels", "vit_width", "vit_depth", "vit_heads", "vit_mlp_dim",
-                "audio_frontend", "sample_rate", "n_mels", "n_fft", "hop_length", "audio_chunk_frames",
-                "max_audio_chunks", "audio_conv_dim", "video_fps", "video_max_frames")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
+# The dataclass field metadata key that marks a field as not changing the parameters.
+PARAMETER_FREE = "parameter_free"
+
+
+def parameter_free(default: Any) -> Any:
+  """A dataclass field (with `default`) that leaves the parameters' tree, shapes and meaning unchanged: a
+  checkpoint loads, and soup ingredients average, across a change of it."""
+  return dataclasses.field(default=default, metadata={PARAMETER_FREE: True})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-  """Architecture of the embedding model.
+class MediaConfig:
+  """The modality frontends (embed2.model.frontends) and the preprocessing that feeds them
+  (embed2.data.media), identical in training and in `Embedder`; `config.model.media` in a config.
 
-  Transformer (Gemma 3): `num_layers` blocks; block i uses global attention when
-  `(i + 1) % global_every == 0` and sliding-window attention otherwise. `head_dim` may differ from
-  `model_dim // num_heads` (it does in every Gemma 3 size); leave it None to derive it.
-
-  Head: mean pooling over each example's tokens, then the dense stack `head_dims` (linear, no bias, no
-  activation, as in EmbeddingGemma's 768 -> 3072 -> 768); an empty stack means the pooled state itself
-  is the embedding. `mrl_dims` are the Matryoshka prefixes the loss and evaluation use.
+  Two groups. The frontend switches and shapes, with the preprocessing the weights were trained on
+  (image size, the mel features), are architecture: a checkpoint only loads into the same. The limits
+  and sampling policies below them are `parameter_free`: they change what is read of an input, not the
+  weights that read it. "none" = the model reads no such input; video needs the image frontend (each
+  frame is an image).
   """
 
-  name: str = "custom"
-  vocab_size: int = 8192
-  model_dim: int = 256  # D
-  num_layers: int = 4
-  num_heads: int = 4  # H
-  num_kv_heads: int = 1  # K
-  head_dim: int | None = None  # defaults to model_dim // num_heads
-  mlp_dim: int = 1024  # F
-  sliding_window: int = 512  # token i attends to j when |i - j| < sliding_window (bidirectional)
-  global_every: int = 6  # every 6th block is global, as in Gemma 3
-  rope_local_base: float = 10_000.0
-  rope_global_base: float = 1_000_000.0
-  rope_global_scale: float = 1.0  # linear RoPE scaling of global layers (8.0 in gemma3-4b)
-  query_pre_attn_scalar: float | None = None  # queries scaled by this ** -0.5; defaults to head_dim
-  rms_eps: float = 1e-6
-  max_length: int = 2048  # longest packed row the model accepts
-  head_dims: tuple[int, ...] = ()  # dense projection stack after pooling; () = identity
-  mrl_dims: tuple[int, ...] = ()  # Matryoshka prefixes; () = the full embedding only
-  causal: bool = False  # True only for decoder parity checks; embeddings use bidirectional attention
-  attention_impl: str = "xla"  # see ATTENTION_IMPLS and embed2.model.attention
-  remat: str = "none"  # see REMAT_POLICIES
-  dtype: str = "float32"  # activation / compute dtype; parameters stay float32
-  max_segments: int = 1  # S: examples packed per row at most (1 = no packing)
-
-  # Modality frontends (embed2.model.frontends; preprocessing in embed2.data.media). "none" = the model
-  # reads no such input. Video needs the image frontend (each frame is an image).
+  # Architecture: frontends, their shapes, and the inputs their weights expect.
   image_frontend: str = "none"  # see IMAGE_FRONTENDS: "patch" = linear patch embedding, "vit" = SigLIP
   image_size: int = 32  # square side (pixels) every image is resized to
   patch_size: int = 8  # p: the image is cut into (image_size / p)^2 patches
   image_tokens: int = 16  # soft tokens per image: the patch grid average-pooled to a square this size
-  image_resize: str = "pad"  # see IMAGE_RESIZE: keep aspect and pad / centre-crop / stretch to square
-  max_image_pixels: int = 40_000_000  # a decoded image with more pixels (H * W) is refused
   vit_width: int = 128  # the ViT frontend's shape (SigLIP layout; Gemma 3 uses 1152 / 27 / 16 / 4304)
   vit_depth: int = 2
   vit_heads: int = 4
@@ -84,28 +65,17 @@ class ModelConfig:
   n_fft: int = 400  # STFT window (samples; Hann)
   hop_length: int = 160  # STFT hop (samples)
   audio_chunk_frames: int = 200  # mel frames per audio chunk: each chunk is one frontend call
-  max_audio_chunks: int = 8  # chunks per audio input at most; longer audio is cut (counted)
   audio_conv_dim: int = 256  # channels of the audio frontend's convolutions
-  video_fps: float = 1.0  # video frames sampled per second
-  video_max_frames: int = 8  # frames per video at most (sampled evenly over the clip beyond that)
+
+  # Preprocessing policies and limits (parameter-free).
+  image_resize: str = parameter_free("pad")  # see IMAGE_RESIZE: keep aspect and pad / crop / stretch
+  max_image_pixels: int = parameter_free(40_000_000)  # a decoded image with more pixels (H * W) is refused
+  max_audio_chunks: int = parameter_free(8)  # chunks per audio input at most; longer audio is cut (counted)
+  video_fps: float = parameter_free(1.0)  # video frames sampled per second
+  video_max_frames: int = parameter_free(8)  # frames per video at most (sampled evenly beyond that)
 
   def __post_init__(self):
     self.validate()
-
-  # ------------------------------------------------------------------ derived
-
-  @property
-  def resolved_head_dim(self) -> int:
-    return self.head_dim if self.head_dim is not None else self.model_dim // self.num_heads
-
-  @property
-  def embed_dim(self) -> int:
-    """d: the size of the output embedding."""
-    return self.head_dims[-1] if self.head_dims else self.model_dim
-
-  @property
-  def resolved_mrl_dims(self) -> tuple[int, ...]:
-    return self.mrl_dims if self.mrl_dims else (self.embed_dim,)
 
   @property
   def modalities(self) -> tuple[str, ...]:
@@ -127,6 +97,98 @@ class ModelConfig:
   def audio_tokens(self, frames: int) -> int:
     """Soft tokens the audio frontend makes of `frames` valid mel frames: ceil(ceil(frames/2)/2)."""
     return -(-(-(-int(frames) // 2)) // 2)
+
+  def replace(self, **overrides: Any) -> "MediaConfig":
+    return dataclasses.replace(self, **overrides)
+
+  def validate(self) -> None:
+    def fail(msg):
+      raise ValueError(f"media config: {msg}")
+
+    for field, options in (("image_frontend", IMAGE_FRONTENDS), ("audio_frontend", AUDIO_FRONTENDS),
+                           ("image_resize", IMAGE_RESIZE)):
+      if getattr(self, field) not in options:
+        fail(f"config.model.media.{field}={getattr(self, field)!r}; choose one of {options}")
+    for field in ("image_size", "patch_size", "image_tokens", "max_image_pixels", "vit_width",
+                  "vit_depth", "vit_heads", "vit_mlp_dim", "sample_rate", "n_mels", "n_fft",
+                  "hop_length", "audio_chunk_frames", "max_audio_chunks", "audio_conv_dim",
+                  "video_max_frames"):
+      v = getattr(self, field)
+      if not isinstance(v, int) or v < 1:
+        fail(f"config.model.media.{field}={v!r} must be a positive integer")
+    if not self.video_fps > 0:
+      fail(f"config.model.media.video_fps={self.video_fps!r} must be > 0")
+    if self.image_size % self.patch_size:
+      fail(f"config.model.media.patch_size={self.patch_size} does not divide image_size={self.image_size}")
+    grid = self.image_size // self.patch_size
+    side = int(round(self.image_tokens ** 0.5))
+    if side * side != self.image_tokens or grid % side:
+      fail(f"config.model.media.image_tokens={self.image_tokens} must be a square whose side divides the "
+           f"{grid}x{grid} patch grid (image_size / patch_size), e.g. {grid * grid} or "
+           f"{(grid // 2) ** 2 if grid % 2 == 0 else 1}")
+    if self.image_frontend == "vit" and self.vit_width % self.vit_heads:
+      fail(f"config.model.media.vit_heads={self.vit_heads} does not divide vit_width={self.vit_width}")
+    if self.n_fft < self.hop_length:
+      fail(f"config.model.media.n_fft={self.n_fft} is shorter than hop_length={self.hop_length}; frames "
+           "would skip samples")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Architecture of the embedding model.
+
+  Transformer (Gemma 3): `num_layers` blocks; block i uses global attention when
+  `(i + 1) % global_every == 0` and sliding-window attention otherwise. `head_dim` may differ from
+  `model_dim // num_heads` (it does in every Gemma 3 size); leave it None to derive it.
+
+  Head: mean pooling over each example's tokens, then the dense stack `head_dims` (linear, no bias, no
+  activation, as in EmbeddingGemma's 768 -> 3072 -> 768); an empty stack means the pooled state itself
+  is the embedding. `mrl_dims` are the Matryoshka prefixes the loss and evaluation use.
+  """
+
+  name: str = parameter_free("custom")
+  vocab_size: int = 8192
+  model_dim: int = 256  # D
+  num_layers: int = 4
+  num_heads: int = 4  # H
+  num_kv_heads: int = 1  # K
+  head_dim: int | None = None  # defaults to model_dim // num_heads
+  mlp_dim: int = 1024  # F
+  sliding_window: int = 512  # token i attends to j when |i - j| < sliding_window (bidirectional)
+  global_every: int = 6  # every 6th block is global, as in Gemma 3
+  rope_local_base: float = 10_000.0
+  rope_global_base: float = 1_000_000.0
+  rope_global_scale: float = 1.0  # linear RoPE scaling of global layers (8.0 in gemma3-4b)
+  query_pre_attn_scalar: float | None = None  # queries scaled by this ** -0.5; defaults to head_dim
+  rms_eps: float = 1e-6
+  max_length: int = parameter_free(2048)  # longest packed row the model accepts
+  head_dims: tuple[int, ...] = ()  # dense projection stack after pooling; () = identity
+  mrl_dims: tuple[int, ...] = parameter_free(())  # Matryoshka prefixes; () = the full embedding only
+  causal: bool = parameter_free(False)  # True only for decoder parity checks (embeddings: bidirectional)
+  attention_impl: str = parameter_free("xla")  # see ATTENTION_IMPLS and embed2.model.attention
+  remat: str = parameter_free("none")  # see REMAT_POLICIES
+  dtype: str = parameter_free("float32")  # activation / compute dtype; parameters stay float32
+  max_segments: int = parameter_free(1)  # S: examples packed per row at most (1 = no packing)
+
+  media: MediaConfig = dataclasses.field(default_factory=MediaConfig)  # frontends and preprocessing
+
+  def __post_init__(self):
+    self.validate()
+
+  # ------------------------------------------------------------------ derived
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.model_dim // self.num_heads
+
+  @property
+  def embed_dim(self) -> int:
+    """d: the size of the output embedding."""
+    return self.head_dims[-1] if self.head_dims else self.model_dim
+
+  @property
+  def resolved_mrl_dims(self) -> tuple[int, ...]:
+    return self.mrl_dims if self.mrl_dims else (self.embed_dim,)
 
   def is_global_layer(self, i: int) -> bool:
     return (i + 1) % self.global_every == 0
@@ -167,39 +229,13 @@ class ModelConfig:
       fail(f"config.model.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
     if self.dtype not in DTYPES:
       fail(f"config.model.dtype={self.dtype!r}; choose one of {DTYPES}")
-    self._validate_media(fail)
-
-  def _validate_media(self, fail) -> None:
-    for field, options in (("image_frontend", IMAGE_FRONTENDS), ("audio_frontend", AUDIO_FRONTENDS),
-                           ("image_resize", IMAGE_RESIZE)):
-      if getattr(self, field) not in options:
-        fail(f"config.model.{field}={getattr(self, field)!r}; choose one of {options}")
-    for field in ("image_size", "patch_size", "image_tokens", "max_image_pixels", "vit_width",
-                  "vit_depth", "vit_heads", "vit_mlp_dim", "sample_rate", "n_mels", "n_fft",
-                  "hop_length", "audio_chunk_frames", "max_audio_chunks", "audio_conv_dim",
-                  "video_max_frames"):
-      v = getattr(self, field)
-      if not isinstance(v, int) or v < 1:
-        fail(f"config.model.{field}={v!r} must be a positive integer")
-    if not self.video_fps > 0:
-      fail(f"config.model.video_fps={self.video_fps!r} must be > 0")
-    if self.image_size % self.patch_size:
-      fail(f"config.model.patch_size={self.patch_size} does not divide image_size={self.image_size}")
-    grid = self.image_size // self.patch_size
-    side = int(round(self.image_tokens ** 0.5))
-    if side * side != self.image_tokens or grid % side:
-      fail(f"config.model.image_tokens={self.image_tokens} must be a square whose side divides the "
-           f"{grid}x{grid} patch grid (image_size / patch_size), e.g. {grid * grid} or "
-           f"{(grid // 2) ** 2 if grid % 2 == 0 else 1}")
-    if self.image_frontend == "vit" and self.vit_width % self.vit_heads:
-      fail(f"config.model.vit_heads={self.vit_heads} does not divide vit_width={self.vit_width}")
-    if self.n_fft < self.hop_length:
-      fail(f"config.model.n_fft={self.n_fft} is shorter than hop_length={self.hop_length}; frames "
-           "would skip samples")
-    need = self.image_tokens + 2 if self.image_frontend != "none" else 0
+    if not isinstance(self.media, MediaConfig):
+      fail(f"config.model.media has type {type(self.media).__name__}; give a MediaConfig "
+           "(ModelConfig.from_dict takes a mapping)")
+    need = self.media.image_tokens + 2 if self.media.image_frontend != "none" else 0
     if need and need > self.max_length:
-      fail(f"an image takes {need} tokens (image_tokens + 2 boundary tokens) but max_length="
-           f"{self.max_length}; lower image_tokens or raise max_length")
+      fail(f"an image takes {need} tokens (media.image_tokens + 2 boundary tokens) but max_length="
+           f"{self.max_length}; lower config.model.media.image_tokens or raise max_length")
 
   # ------------------------------------------------------------------ presets
 
@@ -216,16 +252,31 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-    """From a plain mapping (e.g. `config.model.to_dict()`); a `preset` key starts from that preset."""
+    """From a plain mapping (e.g. `config.model.to_dict()`, or a checkpoint meta's `model_config`).
+
+    A `preset` key starts from that preset; `media` is a mapping of MediaConfig fields. A flat mapping,
+    its media fields beside the others, reads the same: checkpoints written before MediaConfig store
+    their model config that way.
+    """
     d = dict(d)
     preset = d.pop("preset", None)
+    media = dict(d.pop("media", None) or {})
+    media_known = {f.name for f in dataclasses.fields(MediaConfig)}
+    for k in sorted(media_known & set(d)):  # the flat layout
+      if k in media:
+        raise ValueError(f"config.model.{k} and config.model.media.{k} are both set; keep the media one")
+      media[k] = d.pop(k)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f"unknown config.model fields {unknown}; known fields: {sorted(known)}")
+    unknown = sorted(set(media) - media_known)
+    if unknown:
+      raise ValueError(f"unknown config.model.media fields {unknown}; known fields: {sorted(media_known)}")
     for k in ("head_dims", "mrl_dims"):
       if k in d and d[k] is not None:
         d[k] = tuple(int(x) for x in d[k])
+    d["media"] = MediaConfig(**media)
     if preset:
       return cls.from_name(preset, **d)
     return cls(**d)

@@ -298,9 +298,9 @@ def build_trainee(config, mesh, rules) -> step_lib.Trainee:
 
 def init_vision(model: EmbeddingModel, path: str) -> None:
   """Loads converted Gemma 3 vision weights (`embed2.convert`'s OUT/vision) into the `vit` frontend."""
-  if model.cfg.image_frontend != "vit":
-    raise ValueError(f"config.vision_init_from={path!r} needs config.model.image_frontend='vit' (got "
-                     f"{model.cfg.image_frontend!r}); the SigLIP weights load into the ViT frontend")
+  if model.cfg.media.image_frontend != "vit":
+    raise ValueError(f"config.vision_init_from={path!r} needs config.model.media.image_frontend='vit' (got "
+                     f"{model.cfg.media.image_frontend!r}); the SigLIP weights load into the ViT frontend")
   from embed2 import convert  # pylint: disable=g-import-not-at-top
   convert.load_vision_params(model.image_frontend.encoder, path)
   logging.info("vision frontend initialised from %s", path)
@@ -317,7 +317,7 @@ def input_encoder(config, tokenizer) -> interleave.InputEncoder | None:
   """The encoder of media and interleaved inputs for the config's model; None for a text-only model
   (text keeps the plain tokenizing pipeline)."""
   model_cfg = ModelConfig.from_dict(config.model.to_dict())
-  return interleave.InputEncoder(tokenizer, model_cfg) if len(model_cfg.modalities) > 1 else None
+  return interleave.InputEncoder(tokenizer, model_cfg) if len(model_cfg.media.modalities) > 1 else None
 
 
 def stage_iterator(config, stage, data: Mapping[str, TaskData], tokenizer, num_groups: int,

@@ -1,0 +1,187 @@
+"""Video: sample frames at the model's rate (arrays, or files decoded with PyAV), each fitted as an image,
+plus the audio track.
+
+  load_video(Video, cfg, where)  -> VideoClip(frames uint8 (T, S, S, 3), timestamps (T,) s, audio)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+
+import numpy as np
+
+from embed2.data import segments
+from embed2.data.media import audio as audio_lib
+from embed2.data.media import image as image_lib
+from embed2.data.media.source import MediaError, check_bytes, check_file, error
+from embed2.model.presets import MediaConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class VideoClip:
+  """A sampled video: what the model reads of it.
+
+  Attributes:
+    frames: uint8 (T, S, S, 3), each frame as `load_image` makes it.
+    timestamps: float64 (T,) seconds from the clip's first frame: the sampling times (k / video_fps, or
+      evenly spread over the clip when over the frame budget); each frame is the source frame nearest.
+    audio: float32 (T_a,) mono at cfg.sample_rate, or None when the video has no audio.
+  """
+  frames: np.ndarray
+  timestamps: np.ndarray
+  audio: np.ndarray | None = None
+
+
+def sample_times(src_times: np.ndarray, duration: float, cfg: MediaConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Which source frames a video keeps.
+
+  Args:
+    src_times: float64 (N,) ascending presentation times of the source frames, seconds, the first at 0.
+    duration: the clip's length in seconds (last frame's time + its display time).
+    cfg: video_fps and video_max_frames.
+
+  Returns:
+    timestamps float64 (T,): k / video_fps for every k with k / video_fps < duration; when that is more
+    than video_max_frames, video_max_frames times spread evenly from the first to the last source frame.
+    index int64 (T,): the source frame nearest each timestamp (the earlier one on a tie).
+  """
+  n = max(1, math.ceil(duration * cfg.video_fps - 1e-9))
+  if n <= cfg.video_max_frames:
+    ts = np.arange(n, dtype=np.float64) / cfg.video_fps
+  else:
+    ts = np.linspace(0.0, float(src_times[-1]), cfg.video_max_frames)
+  if src_times.shape[0] == 1:
+    return ts, np.zeros(ts.shape, np.int64)
+  j = np.clip(np.searchsorted(src_times, ts), 1, src_times.shape[0] - 1)
+  earlier = ts - src_times[j - 1] <= src_times[j] - ts
+  return ts, np.where(earlier, j - 1, j).astype(np.int64)
+
+
+def _check_fps(fps, where: str) -> float:
+  try:
+    f = float(fps)
+  except (TypeError, ValueError):
+    f = float("nan")
+  if not (math.isfinite(f) and f > 0):
+    raise error(where, f"video fps={fps!r}", "give the frame rate in frames per second (> 0)")
+  return f
+
+
+def _video_from_frames(item: segments.Video, cfg: MediaConfig, where: str) -> VideoClip:
+  frames = np.asarray(item.frames)
+  if frames.ndim == 3:
+    frames = frames[..., None]
+  if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4):
+    raise error(where, f"video frames have shape {tuple(np.shape(item.frames))}", "give uint8 "
+                "(T, H, W, 3) frames")
+  if frames.shape[0] == 0:
+    raise error(where, "the video has no frames", "give at least one frame")
+  fps = _check_fps(item.fps, where)
+  num = frames.shape[0]
+  ts, idx = sample_times(np.arange(num) / fps, num / fps, cfg)
+  out = np.stack([image_lib.fit_square(image_lib.pixels_to_rgb(frames[i], cfg, where, f"video frame {i}"), cfg)
+                  for i in idx])
+  audio = audio_lib.load_audio(item.audio, cfg, f"{where} audio track") if item.audio is not None else None
+  return VideoClip(frames=out, timestamps=ts, audio=audio)
+
+
+def _video_from_file(item: segments.Video, cfg: MediaConfig, where: str) -> VideoClip:
+  try:
+    import av  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise error(where, "decoding video files needs PyAV", "pip install 'embed2[video]' (or pip install av), "
+                "or decode the frames yourself and give Video(frames=..., fps=...)") from e
+  if item.data is not None:
+    data = check_bytes(item.data, where, "video")
+    source = lambda: io.BytesIO(data)  # a fresh reader per pass
+  else:
+    path = check_file(item.path, where, "video")
+    source = lambda: path
+
+  try:
+    # Pass 1: demux only (no decoding) to learn the frames' times and pick the ones to keep.
+    with av.open(source(), mode="r") as container:
+      if not container.streams.video:
+        raise error(where, "the file has no video stream", "give a video file, or an Audio item for audio")
+      stream = container.streams.video[0]
+      image_lib.check_pixel_count(stream.height or 0, stream.width or 0, cfg, where)
+      rate = stream.average_rate or stream.guessed_rate
+      time_base = float(stream.time_base) if stream.time_base else None
+      pts = [p.pts for p in container.demux(stream) if p.size]
+    if not pts:
+      raise error(where, "the video has no frames", "give a video with at least one frame")
+    fps = float(rate) if rate else None
+    if time_base and all(p is not None for p in pts):
+      src_times = np.sort(np.asarray(pts, np.float64)) * time_base
+      src_times -= src_times[0]
+    elif fps:
+      src_times = np.arange(len(pts)) / fps
+    else:
+      raise error(where, "the video has neither frame timestamps nor a frame rate", "re-encode it (e.g. "
+                  "ffmpeg -i in -c:v libx264 out.mp4) or give Video(frames=..., fps=...)")
+    if fps:
+      frame_s = 1.0 / fps
+    else:
+      frame_s = float(np.median(np.diff(src_times))) if len(src_times) > 1 else 0.0
+    ts, idx = sample_times(src_times, float(src_times[-1]) + frame_s, cfg)
+
+    # Pass 2: decode up to the last frame needed; convert only the kept ones (presentation order).
+    want = set(int(i) for i in idx)
+    last = max(want)
+    kept = {}
+    with av.open(source(), mode="r") as container:
+      for i, frame in enumerate(container.decode(video=0)):
+        if i in want:
+          rgb = frame.to_ndarray(format="rgb24")
+          kept[i] = image_lib.fit_square(image_lib.pixels_to_rgb(rgb, cfg, where, f"video frame {i}"), cfg)
+        if i >= last:
+          break
+    if len(kept) < len(want):
+      raise error(where, f"the video stream lists {len(pts)} frames but only {len(kept)} of the "
+                  f"{len(want)} sampled could be decoded (corrupt or truncated)", "re-encode or replace "
+                  "the file")
+
+    # The audio track, if any: decoded to planar float at its own rate, then as `load_audio`.
+    audio = None
+    with av.open(source(), mode="r") as container:
+      if container.streams.audio:
+        a_stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="fltp")  # keep layout and rate; planar float32 (C, n)
+        parts, a_rate = [], None
+        for frame in container.decode(audio=0):
+          a_rate = a_rate or frame.sample_rate
+          parts.extend(f.to_ndarray() for f in resampler.resample(frame))
+        parts.extend(f.to_ndarray() for f in resampler.resample(None))
+        a_rate = a_rate or a_stream.rate
+        if parts and sum(p.shape[1] for p in parts):
+          x_tc = np.concatenate(parts, axis=1).T.astype(np.float64)
+          audio = audio_lib.to_model_rate(x_tc, int(a_rate), cfg, f"{where} audio track")
+  except MediaError:
+    raise
+  except Exception as e:  # av.FFmpegError subclasses, plus odd container states
+    raise error(where, f"could not decode the video: corrupt, truncated or not a format FFmpeg reads "
+                f"({type(e).__name__}: {e})", "re-encode or replace the file (mp4, webm, mkv, ... work), "
+                "or give decoded Video(frames=..., fps=...)") from e
+
+  frames = np.stack([kept[int(i)] for i in idx])
+  return VideoClip(frames=frames, timestamps=ts, audio=audio)
+
+
+def load_video(item: segments.Video, cfg: MediaConfig, where: str) -> VideoClip:
+  """A video item -> VideoClip: frames sampled at cfg.video_fps (at most cfg.video_max_frames, spread
+  over the clip beyond that), each resized as `load_image`, plus the audio track.
+
+  Sources: `frames` uint8 (T, H, W, 3) at `fps` (float [0, 1], greyscale and RGBA frames as in
+  `pixels_to_rgb`) with an optional `audio` item, or encoded `data` / a `path` decoded with PyAV (the
+  file's first video stream, and its first audio stream when there is one, channels averaged and
+  resampled as `load_audio`). Frame times are taken relative to the first frame.
+
+  Raises:
+    MediaError: no frames, a bad frame array or fps, a corrupt or unreadable file, a missing file, frames
+      larger than cfg.max_image_pixels, PyAV not installed (for files), a bad audio track.
+  """
+  if item.frames is not None:
+    return _video_from_frames(item, cfg, where)
+  return _video_from_file(item, cfg, where)
