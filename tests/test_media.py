@@ -237,7 +237,8 @@ def test_bad_images(rng, tmp_path):
 
   small = _cfg(max_image_pixels=1000)  # 40 x 40 = 1600 pixels
   for item in (Image(pixels=img), Image(data=png)):
-    _raises(lambda: media.load_image(item, small, WHERE), "1,600 pixels", "config.model.media.max_image_pixels")
+    _raises(lambda: media.load_image(item, small, WHERE), "1,600 pixels",
+            "config.model.media.max_image_pixels")
   # The limit is checked from the header, before decoding: a 5000 x 5000 header over a few bytes of data.
   ihdr = struct.pack(">IIBBBBB", 5000, 5000, 8, 2, 0, 0, 0)
   forged = png[:8] + _png_chunk(b"IHDR", ihdr) + png[33:200]
@@ -350,6 +351,18 @@ def test_bad_audio(rng, tmp_path):
   _raises(a(samples=rng.standard_normal((3, 3, 3)), sample_rate=8000), "shape")
   _raises(a(samples=x, sample_rate=8000.5), "sample_rate")
   _raises(a(samples=x, sample_rate=-1), "sample_rate")
+
+
+def test_audio_files_without_libsndfile_are_a_media_error(rng, monkeypatch):
+  """A host where soundfile cannot load (no libsndfile) refuses audio files naming the input; audio
+  given as samples needs no decoder."""
+  monkeypatch.setattr(audio_lib, "soundfile", None)
+  monkeypatch.setattr(audio_lib, "_SOUNDFILE_ERROR", OSError("cannot load library 'libsndfile.so'"))
+  x = rng.uniform(-0.5, 0.5, 800)
+  _raises(lambda: media.load_audio(Audio(data=_wav_bytes(x, 8000)), CFG, WHERE),
+          "needs the soundfile package", "libsndfile.so", "Audio(samples=")
+  np.testing.assert_array_equal(media.load_audio(Audio(samples=x, sample_rate=8000), CFG, WHERE),
+                                x.astype(np.float32))
 
 
 # ============================================================================ log-mel

@@ -17,7 +17,8 @@ record, `Embedder` lets it through.
 
 Decoders: Pillow for images, `soundfile` (libsndfile) for audio bytes and files,
 `scipy.signal.resample_poly` for resampling, PyAV for video files (optional: `pip install
-'embed2[video]'`; video given as arrays needs nothing extra). The last three are imported on first use.
+'embed2[video]'`; video given as arrays needs nothing extra). scipy and PyAV are imported on first
+use; a host without libsndfile fails only audio files (a MediaError).
 """
 
 from embed2.data.media.audio import (AUDIO_FORMATS, audio_chunks, hann_window, hz_to_mel, load_audio,

@@ -17,6 +17,12 @@ from embed2.data import segments
 from embed2.data.media.source import check_bytes, check_file, error
 from embed2.model.presets import MediaConfig
 
+try:
+  import soundfile
+  _SOUNDFILE_ERROR = None
+except (ImportError, OSError) as e:  # a host without libsndfile: only audio files fail, as MediaError
+  soundfile, _SOUNDFILE_ERROR = None, e
+
 AUDIO_FORMATS = "WAV, FLAC, OGG/Vorbis, MP3, AIFF (what libsndfile reads)"
 # Channels accepted in an (T, C) sample array; more means the array is most likely channel-major.
 _MAX_AUDIO_CHANNELS = 16
@@ -68,12 +74,9 @@ def _samples_to_tc(samples, where: str) -> np.ndarray:
 
 def _decode_audio(item: segments.Audio, where: str) -> tuple[np.ndarray, int]:
   """Encoded audio -> (float64 (T, C), sample rate)."""
-  try:
-    # Imported here: a host without libsndfile (OSError) then fails only audio files, as a MediaError.
-    import soundfile  # pylint: disable=g-import-not-at-top
-  except (ImportError, OSError) as e:
-    raise error(where, f"decoding audio files needs the soundfile package ({e})", "pip install soundfile, "
-                "or decode it yourself and give Audio(samples=..., sample_rate=...)") from e
+  if soundfile is None:
+    raise error(where, f"decoding audio files needs the soundfile package ({_SOUNDFILE_ERROR})",
+                "pip install soundfile, or decode it yourself and give Audio(samples=..., sample_rate=...)")
   if item.data is not None:
     src = io.BytesIO(check_bytes(item.data, where, "audio"))
   else:
@@ -103,7 +106,7 @@ def to_model_rate(x_tc: np.ndarray, rate: int, cfg: MediaConfig, where: str) -> 
   # generated tasks' audio) goes straight to the float32 result.
   mono_t = x_tc[:, 0] if x_tc.shape[1] == 1 else x_tc.astype(np.float64).mean(axis=1)
   if rate != cfg.sample_rate:
-    from scipy import signal  # pylint: disable=g-import-not-at-top  (slow import; audio only)
+    from scipy import signal  # a slow import, for resampling only; pylint: disable=g-import-not-at-top
     g = math.gcd(cfg.sample_rate, rate)
     mono_t = signal.resample_poly(mono_t.astype(np.float64), cfg.sample_rate // g, rate // g)
   out_t = mono_t.astype(np.float32)  # a copy: the caller's samples are never aliased

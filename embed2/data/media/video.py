@@ -81,15 +81,15 @@ def _video_from_frames(item: segments.Video, cfg: MediaConfig, where: str) -> Vi
   fps = _check_fps(item.fps, where)
   num = frames.shape[0]
   ts, idx = sample_times(np.arange(num) / fps, num / fps, cfg)
-  out = np.stack([image_lib.fit_square(image_lib.pixels_to_rgb(frames[i], cfg, where, f"video frame {i}"), cfg)
-                  for i in idx])
+  rgb = (image_lib.pixels_to_rgb(frames[i], cfg, where, f"video frame {i}") for i in idx)
+  out = np.stack([image_lib.fit_square(x, cfg) for x in rgb])
   audio = audio_lib.load_audio(item.audio, cfg, f"{where} audio track") if item.audio is not None else None
   return VideoClip(frames=out, timestamps=ts, audio=audio)
 
 
 def _video_from_file(item: segments.Video, cfg: MediaConfig, where: str) -> VideoClip:
   try:
-    import av  # pylint: disable=g-import-not-at-top
+    import av  # the optional video extra; pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise error(where, "decoding video files needs PyAV", "pip install 'embed2[video]' (or pip install av), "
                 "or decode the frames yourself and give Video(frames=..., fps=...)") from e
