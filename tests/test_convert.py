@@ -7,7 +7,10 @@ where a missing extra is a failure (CI installs it).
 
 import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -15,9 +18,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from absl import app
 from flax import nnx
 
 from embed2 import convert
+from embed2.convert import hf_import
 from embed2 import sharding
 from embed2.data import tokenizer as tokenizer_lib
 from embed2.data.tokenizer import DEFAULT_MODEL_PATH, Tokenizer
@@ -25,6 +30,8 @@ from embed2.inference import Embedder
 from embed2.model import EmbeddingModel, ModelConfig
 from embed2.model.vision import VisionConfig, VisionEncoder
 from embed2 import checkpoint as ckpt_lib
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # Conversions in the parity tests place tensors on one device: on the 8 simulated devices Orbax
 # writes replicated arrays slice by slice, compiling a small program per shape (seconds per save).
@@ -491,13 +498,13 @@ def test_unsupported_sentence_transformers_heads_are_refused(tmp_path, rng):
 
 def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch, rng):
   hf = _numpy_hf_dir(tmp_path / "hf", rng=rng)
-  real = convert._save_params
+  real = hf_import._save_params
 
   def save_then_fail(directory, params, meta):
     real(directory, params, meta)  # the checkpoint is complete in the temporary directory...
     raise OSError("disk full")  # ...and then something else fails
 
-  monkeypatch.setattr(convert, "_save_params", save_then_fail)
+  monkeypatch.setattr(hf_import, "_save_params", save_then_fail)
   with pytest.raises(OSError, match="disk full"):
     convert.convert_hf(hf, tmp_path / "out")
   _no_output_left(tmp_path)
@@ -730,3 +737,23 @@ def test_import_and_export_refuse_without_the_models_own_tokenizer(tmp_path, rng
   random_checkpoint(tmp_path / "small", small, rng=rng)
   with pytest.raises(ValueError, match="8192 ids but the model's vocab_size is 512"):
     convert.export_sentence_transformers(tmp_path / "small", tmp_path / "st")
+
+
+def test_command_line_flags_and_refusals(tmp_path):
+  """`python -m embed2.convert` (absl flags, embed2/cli.py; the round trips above run it in process): a
+  usage error names what is missing or malformed, and from a subprocess a refusal exits non-zero with
+  the reason and writes nothing."""
+  with pytest.raises(app.UsageError, match="--to_safetensors needs --ckpt"):
+    convert.main(["--to_safetensors", f"--out={tmp_path / 'x'}"])
+  with pytest.raises(app.UsageError, match="give --hf_dir=DIR to import"):
+    convert.main([f"--out={tmp_path / 'x'}"])
+  with pytest.raises(app.UsageError, match="--mesh"):
+    convert.main([f"--hf_dir={tmp_path}", f"--out={tmp_path / 'x'}", "--mesh=fsdp"])
+  with pytest.raises(app.UsageError, match="--dtype"):
+    convert.main([f"--hf_dir={tmp_path}", f"--out={tmp_path / 'x'}", "--dtype=float16"])
+  proc = subprocess.run([sys.executable, "-m", "embed2.convert", f"--hf_dir={tmp_path / 'nowhere'}",
+                         f"--out={tmp_path / 'x'}"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "embed2.convert: --hf_dir=" in proc.stderr and "is not a directory" in \
+      proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / "x").exists()
