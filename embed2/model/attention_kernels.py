@@ -62,6 +62,11 @@ def require_backend(impl: str, platform: str) -> None:
                      "backend) or 'auto' (the best kernel of the backend)")
 
 
+def _require_module(module, name: str) -> None:
+  if module is None:  # pragma: no cover
+    raise ImportError(f"{name} is missing from this jax; use attention_impl='blockwise'")
+
+
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
@@ -82,9 +87,7 @@ def splash_attention(q_blkgd: jax.Array, k_blkh: jax.Array, v_blkh: jax.Array,
 
   `interpret=True` runs the kernel in Pallas interpret mode (any backend; slow; for tests).
   """
-  if splash is None:  # pragma: no cover
-    raise ImportError("jax.experimental.pallas.ops.tpu.splash_attention is missing from this jax; "
-                      "use attention_impl='blockwise'")
+  _require_module(splash, "jax.experimental.pallas.ops.tpu.splash_attention")
   del positions_bl  # index masks; see the module docstring
   b, l, kv, g, hd = q_blkgd.shape
   tile = min(block, _round_up(l, 128))
@@ -119,9 +122,7 @@ def pallas_gpu_attention(q_blkgd: jax.Array, k_blkh: jax.Array, v_blkh: jax.Arra
 
   `interpret=True` runs the kernel in Pallas interpret mode (any backend; slow; for tests).
   """
-  if pallas_gpu is None:  # pragma: no cover
-    raise ImportError("jax.experimental.pallas.ops.gpu.attention is missing from this jax; use "
-                      "attention_impl='blockwise'")
+  _require_module(pallas_gpu, "jax.experimental.pallas.ops.gpu.attention")
   del positions_bl  # index masks; see the module docstring
   b, l, kv, g, hd = q_blkgd.shape
   tile = min(block, _round_up(l, 32))  # a multiple of the backward tiles (32)
