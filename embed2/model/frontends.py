@@ -189,22 +189,10 @@ def build_frontends(cfg: ModelConfig, *, rngs: nnx.Rngs
                     ) -> tuple[ImageFrontend | None, ConvAudioFrontend | None]:
   """(image frontend, audio frontend) for cfg.media.image_frontend / audio_frontend; None where "none".
 
-  Video has no frontend of its own: each frame goes through the image frontend.
+  Video has no frontend of its own: each frame goes through the image frontend. The names are checked
+  by MediaConfig (IMAGE_FRONTENDS, AUDIO_FRONTENDS).
   """
-  kind = cfg.media.image_frontend
-  if kind == "patch":
-    image = PatchImageFrontend(cfg, rngs=rngs)
-  elif kind == "vit":
-    image = ViTImageFrontend(cfg, rngs=rngs)
-  elif kind == "none":
-    image = None
-  else:
-    raise ValueError(f"config.model.media.image_frontend={kind!r}; choose 'none', 'patch' or 'vit'")
-  kind = cfg.media.audio_frontend
-  if kind == "conv":
-    audio = ConvAudioFrontend(cfg, rngs=rngs)
-  elif kind == "none":
-    audio = None
-  else:
-    raise ValueError(f"config.model.media.audio_frontend={kind!r}; choose 'none' or 'conv'")
-  return image, audio
+  image = {"none": None, "patch": PatchImageFrontend, "vit": ViTImageFrontend}[cfg.media.image_frontend]
+  audio = {"none": None, "conv": ConvAudioFrontend}[cfg.media.audio_frontend]
+  return (None if image is None else image(cfg, rngs=rngs),
+          None if audio is None else audio(cfg, rngs=rngs))
