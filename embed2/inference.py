@@ -12,9 +12,9 @@ interleaved input. They are encoded by the training pipeline's own transforms
 in a training batch, and the embedding equals the train step's for the same input and task string.
 A modality the model has no frontend for raises `MissingFrontendError`; media that cannot be read
 (corrupt or truncated bytes, an unsupported format, empty or NaN audio, a video without frames, an
-image over `config.model.media.max_image_pixels`) raises `MediaError` naming the input (`inputs[i]`); text
-that is not valid Unicode (a lone surrogate) raises `InvalidTextError` (a ValueError) naming the input
-and the character position.
+image over `config.model.media.max_image_pixels`) raises `MediaError` naming the input (`inputs[i]`);
+text that is not valid Unicode (a lone surrogate) raises `InvalidTextError` (a ValueError) naming the
+input and the character position.
 
 Tokenizer: always the checkpoint's own (`tokenizer.checkpoint_tokenizer`): the file its meta names,
 the packaged default only for runs trained on it, and an error when an import carries none or the
@@ -46,7 +46,6 @@ so asking for one is an error; `truncate(e_nd, dim)` cuts any prefix explicitly 
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import Any, Sequence
@@ -192,17 +191,18 @@ class Embedder:
       raise ValueError(f"batch_size={batch_size} must be >= 1")
     self.batch_size = -(-int(batch_size) // shards) * shards
     self.encoder = interleave.InputEncoder(tokenizer, cfg)
+    self._media_shapes = packing.media_shapes(cfg) if len(cfg.media.modalities) > 1 else {}
     self._tokenize = pipeline.Tokenize(tokenizer=tokenizer, in_key="text", out_key="tokens",
                                        truncated_key="truncated", max_length=self.max_length,
                                        encoder=self.encoder)
     self._num_traces = 0
     self._graphdef = nnx.graphdef(model)
 
-    def forward(state, tokens_bl, segment_ids_bl, positions_bl, media=None):
+    def forward(state, rows):
       self._num_traces += 1  # runs at trace time only: counts compilations
       m = nnx.merge(self._graphdef, state)
-      soft, mask = (None, None) if media is None else m.soft_inputs(media, tokens_bl.shape[0])
-      return m.encode_rows(tokens_bl, segment_ids_bl, positions_bl, soft, mask)[:, 0, :]  # (B, d)
+      # Each row is a pack group of its own (its media slots are the row's), one example per row.
+      return m.embed_rows(rows, num_groups=rows["tokens"].shape[0])[:, 0, :]  # (B, d)
 
     if self.mesh is not None:
       self._forward = jax.jit(forward, out_shardings=NamedSharding(self.mesh, P()))
@@ -316,13 +316,10 @@ class Embedder:
       if segments.as_text(x, f"inputs[{i}]") is None:
         self.encoder.check_modalities(x, f"inputs[{i}]")
     task_string = self._prefix(task, prefix, is_query)
-    prepend = pipeline.PrependTaskString(task_string=task_string, p_drop=0.0, key="text")
-    rng = np.random.default_rng(0)  # p_drop=0: the draw never drops the string
     out, overflow, cut = [], [], []
     for i, x in enumerate(inputs):
-      ex = prepend.random_map({"text": x}, rng)
-      toks, truncated, media, was_cut = self._tokenize.encode_input(
-          ex["text"], f"inputs[{i}]", ex.get("text_task_string", ""))
+      # The training pipeline's tokenizing transform, task string in front, as training puts it.
+      toks, truncated, media, was_cut = self._tokenize.encode_input(x, f"inputs[{i}]", task_string)
       out.append(interleave.Encoded(tokens=toks, media=tuple(media), truncated=bool(truncated),
                                     cut=was_cut))
       if truncated:
@@ -331,8 +328,8 @@ class Embedder:
         cut.append(i)
     if cut:
       warnings.warn(f"{len(cut)} of {len(inputs)} inputs (indices {cut[:5]}) hold audio longer than "
-                    f"config.model.media.max_audio_chunks={self.config.media.max_audio_chunks} chunks of "
-                    f"{self.config.media.audio_chunk_frames} frames; only the first chunks were embedded",
+                    f"config.model.media.max_audio_chunks={self.config.media.max_audio_chunks} chunks "
+                    f"of {self.config.media.audio_chunk_frames} frames; only the first chunks were embedded",
                     stacklevel=2)
     if overflow:
       msg = (f"{len(overflow)} of {len(inputs)} inputs (indices {overflow[:5]}"
@@ -395,61 +392,30 @@ class Embedder:
     for start in range(0, n, b):
       idx = order[start:start + b]
       length = next(x for x in self.buckets if x >= lengths[idx].max())
-      tok_bl = np.zeros((b, length), np.int32)
-      seg_bl = np.zeros((b, length), np.int32)
-      pos_bl = np.zeros((b, length), np.int32)
-      for row, i in enumerate(idx):
-        m = lengths[i]
-        tok_bl[row, :m] = encoded[i].tokens
-        seg_bl[row, :m] = 1
-        pos_bl[row, :m] = np.arange(m)
-      media = self._media_rows([encoded[i] for i in idx], length)
-      out_nd[idx] = self._run(state, tok_bl, seg_bl, pos_bl, media)[:len(idx)]
+      out_nd[idx] = self._run(state, self._rows([encoded[i] for i in idx], length))[:len(idx)]
     return out_nd
 
-  def _media_rows(self, batch: Sequence[interleave.Encoded], length: int) -> dict | None:
-    """The batch's media as one pack group per row (`packing`'s layout), or None for text only."""
-    if not any(e.media for e in batch):
-      return None
-    cfg = self.config
-    n_img = max(packing.slot_bucket(e.count(interleave.IMAGE)) for e in batch)
-    n_aud = max(packing.slot_bucket(e.count(interleave.AUDIO)) for e in batch)
-    base = functools.partial(packing.soft_index_base, images=n_img, image_tokens=cfg.media.image_tokens,
-                             audio_tokens=cfg.media.audio_chunk_tokens)
+  def _rows(self, batch: Sequence[interleave.Encoded], length: int) -> dict[str, np.ndarray]:
+    """One call's rows (batch_size of them, `length` tokens): one input per row, each row a pack group
+    of its own for its media slots (as many as the batch's most, rounded up to a power of two)."""
+    images = max(packing.slot_bucket(e.count(interleave.IMAGE)) for e in batch)
+    audio = max(packing.slot_bucket(e.count(interleave.AUDIO)) for e in batch)
     b = self.batch_size
-    soft = np.full((b, length), -1, np.int32)
-    out = {"soft_index": soft}
-    if n_img:
-      out["images"] = np.zeros((b * n_img, cfg.media.image_size, cfg.media.image_size, 3), np.uint8)
-    if n_aud:
-      from embed2.data import media as media_lib  # pylint: disable=g-import-not-at-top
-      out["audio"] = np.full((b * n_aud, cfg.media.audio_chunk_frames, cfg.media.n_mels),
-                             media_lib.log_mel_pad_value(cfg.media), np.float32)
+    rows = packing.RowWriter(b, length, groups=b, images=images, audio=audio, **self._media_shapes)
     for row, e in enumerate(batch):
-      j_img = j_aud = 0
-      for m in e.media:
-        if m.kind == interleave.IMAGE:
-          out["images"][row * n_img + j_img] = m.array
-          first = base(m.kind, j_img)
-          j_img += 1
-        else:
-          out["audio"][row * n_aud + j_aud] = m.array
-          first = base(m.kind, j_aud)
-          j_aud += 1
-        soft[row, m.offset:m.offset + m.tokens] = first + np.arange(m.tokens)
-    return out
+      rows.write(row, 0, 0, np.asarray(e.tokens), e.media, group=row)
+    return rows.arrays()
 
-  def _run(self, state, tok_bl, seg_bl, pos_bl, media=None) -> np.ndarray:
+  def _run(self, state, rows: dict[str, np.ndarray]) -> np.ndarray:
     if self.mesh is None:
-      return np.asarray(self._forward(state, tok_bl, seg_bl, pos_bl, media))
+      return np.asarray(self._forward(state, rows))
     # make_array_from_callback works on any mesh, multi-process included (every process holds the
     # same host batch here); the output is replicated, so every process can read it whole.
     def put(x):
       return jax.make_array_from_callback(x.shape, sharding.batch_sharding(self.mesh, x.ndim),
                                           lambda i: x[i])
     with jax.set_mesh(self.mesh):
-      out = self._forward(state, put(tok_bl), put(seg_bl), put(pos_bl),
-                          None if media is None else {k: put(v) for k, v in media.items()})
+      out = self._forward(state, {k: put(v) for k, v in rows.items()})
     return np.asarray(out)
 
   def embed(self, inputs: Sequence[Any], *, dim: int | None = None, task: str | None = None,

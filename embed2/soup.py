@@ -58,12 +58,15 @@ import orbax.checkpoint as ocp
 from absl import flags, logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from embed2 import checkpoint as ckpt_lib
 from embed2 import cli
 from embed2 import sharding
 from embed2.data import tokenizer as tok_lib
+from embed2.eval.suites import evaluate_suite
+from embed2.inference import Embedder
 from embed2.model import EmbeddingModel, ModelConfig
-from embed2 import checkpoint as ckpt_lib
 
 METHODS = ("uniform", "weighted", "greedy")
 
@@ -479,7 +482,6 @@ def _greedy(ingredients, target: _Target, score_fn, metric, record):
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
@@ -624,10 +626,6 @@ def suite_scorer(suite: str, *, meta: Mapping[str, Any], directory: str | os.Pat
     ValueError / FileNotFoundError: the checkpoint names no tokenizer, or its tokenizer is missing
       (`tokenizer.checkpoint_tokenizer`: a checkpoint is never scored with another tokenizer).
   """
-  # Imported here: souping by fixed weights needs no evaluation code.
-  from embed2.eval.suites import evaluate_suite
-  from embed2.inference import Embedder
-
   tokenizer = tok_lib.checkpoint_tokenizer(dict(meta), os.fspath(directory))
   task_strings = dict(meta.get("task_strings") or {})
   held: dict[str, Any] = {}

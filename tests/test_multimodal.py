@@ -58,7 +58,7 @@ def test_interleaved_layout_order_and_boundaries(tok, cfg):
   e = enc.encode([_image(rng), "make it green", _audio(rng, 0.7), Text(text="done")], max_length=128)
   t = e.tokens.tolist()
   sid = tok.special_id
-  assert t[0] == packing.BOS_ID and t[-1] == packing.EOS_ID
+  assert t[0] == tok_lib.BOS_ID and t[-1] == tok_lib.EOS_ID
   # image: <soi> soft x 4 <eoi> right after bos
   assert t[1] == sid(tok_lib.START_OF_IMAGE) and t[6] == sid(tok_lib.END_OF_IMAGE)
   assert t[2:6] == [sid(tok_lib.SOFT_TOKEN)] * 4
@@ -98,7 +98,7 @@ def test_truncation_keeps_media_whole(tok, cfg):
   e = enc.encode(["word " * 5, _image(rng), _image(rng)], max_length=14)
   # bos + 5 words + <soi> 4 soft <eoi> = 12 fits; a second image (6 more) does not.
   assert e.truncated and e.count("image") == 1 and len(e.tokens) <= 14
-  assert e.tokens[-1] == packing.EOS_ID
+  assert e.tokens[-1] == tok_lib.EOS_ID
 
 
 def test_image_alone_and_interleaved_use_the_same_frontend_path(tok, cfg, model):
@@ -106,7 +106,7 @@ def test_image_alone_and_interleaved_use_the_same_frontend_path(tok, cfg, model)
   img = _image(rng)
   emb = Embedder(model, tok, batch_size=4)
   alone, inter = emb.encode([img, ["a caption first", img, "and after"]])
-  side = emb._media_rows([alone, inter], 64)
+  side = emb._rows([alone, inter], 64)
   soft, mask = model.soft_inputs({k: jnp.asarray(v) for k, v in side.items()}, num_groups=4)
   direct = model.image_frontend(jnp.asarray(alone.media[0].array)[None])[0]
   for row, e in enumerate((alone, inter)):

@@ -12,7 +12,7 @@ from scipy import stats as scipy_stats
 
 from embed2.data import packing
 from embed2.data import pipeline as P
-from embed2.data.packing import BOS_ID, EOS_ID
+from embed2.data.tokenizer import BOS_ID, EOS_ID
 
 
 class ByteTokenizer:

@@ -355,14 +355,13 @@ def word_tokenizer_json(rng):
 def tokenizers_seen(monkeypatch):
   """Replaces the suite evaluation with one that records the tokenizer of the Embedder it is given
   (what the suite would tokenize every query and document with)."""
-  from embed2.eval import suites  # pylint: disable=g-import-not-at-top
   seen = []
 
   def evaluate_suite(embedder, suite, *, dims=None, data_dir=None):
     seen.append(embedder.tokenizer)
     return {"m": float(len(seen))}
 
-  monkeypatch.setattr(suites, "evaluate_suite", evaluate_suite)
+  monkeypatch.setattr(soup, "evaluate_suite", evaluate_suite)
   return seen
 
 

@@ -160,8 +160,8 @@ class InputEncoder:
     if missing:
       raise segments.MissingFrontendError(
           f"{where}: this model has no {'/'.join(missing)} frontend (it reads "
-          f"{', '.join(self.cfg.media.modalities)}); set config.model.media.image_frontend / audio_frontend, or "
-          "pass only what it reads")
+          f"{', '.join(self.cfg.media.modalities)}); set config.model.media.image_frontend / "
+          "audio_frontend, or pass only what it reads")
 
   # ------------------------------------------------------------------------------------ encode
 
@@ -185,8 +185,7 @@ class InputEncoder:
     """
     items = segments.items_of(x, where)
     self.check_modalities(items, where)
-    head = self.prefix_ids if add_bos else ()
-    tail = self.suffix_ids if add_eos else ()
+    head, tail = tok_lib.framing(self.tokenizer, add_bos=add_bos, add_eos=add_eos)
     room = max_length - len(head) - len(tail)
     if room < 1:
       raise ValueError(f"{where}: max_length={max_length} leaves no room after bos/eos")

@@ -104,9 +104,7 @@ from typing import Any, Callable, Hashable, Sequence
 import numpy as np
 from absl import logging
 
-PAD_ID = 0
-EOS_ID = 1
-BOS_ID = 2
+from embed2.data import media as media_lib
 
 SIDES = ("query", "positive", "negative")
 
@@ -324,6 +322,84 @@ def soft_index_base(kind: str, slot: int, *, images: int, image_tokens: int,
   if kind == "image":
     return slot * image_tokens
   return images * image_tokens + slot * audio_tokens
+
+
+class RowWriter:
+  """The batch contract of one side, written once: examples into rows and their media into slots.
+
+  An example written at (row r, start, segment seg) fills `tokens[r, start:start + n]`, segment id
+  seg + 1 and positions 0..n-1 (restarting per example); each of its media goes into the next free
+  image / audio slot of its pack group, and `soft_index` points each of the medium's placeholder
+  tokens at that slot's soft tokens (`soft_index_base`: group-local, images first). The packer writes
+  every pack group through one; `Embedder` writes each row as a group of its own.
+
+  Args:
+    rows, length: R, L of the side.
+    groups: G; the media slot arrays hold G * images and G * audio slots.
+    images, audio: N_g and A_g, slots per group (0: the side has none).
+    media: GroupShape's media fields (image_shape, image_tokens, audio_shape, audio_tokens,
+      audio_pad), needed when there are slots; `media_shapes(model_cfg)` gives them.
+  """
+
+  def __init__(self, rows: int, length: int, *, groups: int = 1, images: int = 0, audio: int = 0,
+               image_shape: tuple[int, ...] = (), image_tokens: int = 0,
+               audio_shape: tuple[int, ...] = (), audio_tokens: int = 0, audio_pad: float = 0.0):
+    self.tokens = np.zeros((rows, length), np.int32)
+    self.segment_ids = np.zeros((rows, length), np.int32)
+    self.positions = np.zeros((rows, length), np.int32)
+    self.has_media = images > 0 or audio > 0
+    self.n_images = self.n_audio = 0
+    if self.has_media:
+      self.soft_index = np.full((rows, length), -1, np.int32)
+      self.images = np.zeros((groups * images,) + tuple(image_shape), np.uint8) if images else None
+      self.audio = (np.full((groups * audio,) + tuple(audio_shape), audio_pad, np.float32)
+                    if audio else None)
+      self._slots = (images, audio)
+      self._base = functools.partial(soft_index_base, images=images, image_tokens=image_tokens,
+                                     audio_tokens=audio_tokens)
+
+  def write(self, r: int, start: int, seg: int, toks: np.ndarray, media: Sequence[Any] = (), *,
+            group: int = 0, image_slot: int = 0, audio_slot: int = 0) -> None:
+    """Writes one example; its media take the group's slots from image_slot / audio_slot on."""
+    n = toks.size
+    self.tokens[r, start:start + n] = toks
+    self.segment_ids[r, start:start + n] = seg + 1
+    self.positions[r, start:start + n] = np.arange(n, dtype=np.int32)
+    for m in media:
+      at = start + m.offset
+      if m.kind == "image":
+        self.images[group * self._slots[0] + image_slot] = m.array
+        first = self._base("image", image_slot)
+        image_slot += 1
+        self.n_images += 1
+      else:
+        self.audio[group * self._slots[1] + audio_slot] = m.array
+        first = self._base("audio", audio_slot)
+        audio_slot += 1
+        self.n_audio += 1
+      self.soft_index[r, at:at + m.tokens] = first + np.arange(m.tokens, dtype=np.int32)
+
+  def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+    """`{prefix}tokens / segment_ids / positions`, and for a side with slots `{prefix}soft_index` and
+    the `{prefix}images` / `{prefix}audio` slots it has."""
+    out = {f"{prefix}tokens": self.tokens, f"{prefix}segment_ids": self.segment_ids,
+           f"{prefix}positions": self.positions}
+    if self.has_media:
+      out[f"{prefix}soft_index"] = self.soft_index
+      if self.images is not None:
+        out[f"{prefix}images"] = self.images
+      if self.audio is not None:
+        out[f"{prefix}audio"] = self.audio
+    return out
+
+
+def media_shapes(model_cfg) -> dict[str, Any]:
+  """The media fields of a GroupShape / RowWriter for a model config: slot shapes, soft tokens per
+  slot, and the silence unused audio slots hold."""
+  c = model_cfg.media
+  return dict(image_shape=(c.image_size, c.image_size, 3), image_tokens=c.image_tokens,
+              audio_shape=(c.audio_chunk_frames, c.n_mels), audio_tokens=c.audio_chunk_tokens,
+              audio_pad=float(media_lib.log_mel_pad_value(c)))
 
 
 def slot_bucket(count: int) -> int:
@@ -602,57 +678,27 @@ def _place(rows: dict[str, "_Rows"], seqs: dict[str, list]) -> dict[str, list] |
 
 def _assemble(shape: GroupShape, accepted) -> dict[str, np.ndarray]:
   b_g, s_max, k = shape.examples, shape.segments, shape.num_negatives
+  media_fields = dict(image_shape=shape.image_shape, image_tokens=shape.image_tokens,
+                      audio_shape=shape.audio_shape, audio_tokens=shape.audio_tokens,
+                      audio_pad=shape.audio_pad)
   out: dict[str, np.ndarray] = {}
   for s in shape.sides:
     ss = shape.side(s)
-    tokens = np.zeros((ss.rows, ss.length), np.int32)
-    seg_ids = np.zeros((ss.rows, ss.length), np.int32)
-    pos = np.zeros((ss.rows, ss.length), np.int32)
+    rows = RowWriter(ss.rows, ss.length, images=ss.images, audio=ss.audio, **media_fields)
     slot = np.zeros((b_g, k) if s == "negative" else (b_g,), np.int32)
-    media_side = ss.images > 0 or ss.audio > 0
-    if media_side:
-      soft = np.full((ss.rows, ss.length), -1, np.int32)
-      images = np.zeros((ss.images,) + tuple(shape.image_shape), np.uint8)
-      audio = np.full((ss.audio,) + tuple(shape.audio_shape), shape.audio_pad, np.float32)
-      base = functools.partial(soft_index_base, images=ss.images,
-                               image_tokens=shape.image_tokens,
-                               audio_tokens=shape.audio_tokens)
-    n_tok = n_img = n_aud = 0
+    n_tok = 0
     for b, (_, placed) in enumerate(accepted):
       for j, (r, start, seg, img0, aud0, toks, media, _, _) in enumerate(placed[s]):
-        n = toks.size
-        tokens[r, start:start + n] = toks
-        seg_ids[r, start:start + n] = seg + 1
-        pos[r, start:start + n] = np.arange(n, dtype=np.int32)
+        rows.write(r, start, seg, toks, media, image_slot=img0, audio_slot=aud0)
         if s == "negative":
           slot[b, j] = r * s_max + seg
         else:
           slot[b] = r * s_max + seg
-        n_tok += n
-        for m in media:
-          at = start + m.offset
-          if m.kind == "image":
-            images[img0] = m.array
-            first = base("image", img0)
-            img0 += 1
-            n_img += 1
-          else:
-            audio[aud0] = m.array
-            first = base("audio", aud0)
-            aud0 += 1
-            n_aud += 1
-          soft[r, at:at + m.tokens] = first + np.arange(m.tokens, dtype=np.int32)
-    if media_side:
-      out[f"{s}_soft_index"] = soft
-      if ss.images:
-        out[f"{s}_images"] = images
-      if ss.audio:
-        out[f"{s}_audio"] = audio
-      out[f"{s}_num_images"] = np.asarray(n_img, np.int64)
-      out[f"{s}_num_audio"] = np.asarray(n_aud, np.int64)
-    out[f"{s}_tokens"] = tokens
-    out[f"{s}_segment_ids"] = seg_ids
-    out[f"{s}_positions"] = pos
+        n_tok += toks.size
+    out.update(rows.arrays(f"{s}_"))
+    if rows.has_media:
+      out[f"{s}_num_images"] = np.asarray(rows.n_images, np.int64)
+      out[f"{s}_num_audio"] = np.asarray(rows.n_audio, np.int64)
     out[f"{s}_slot"] = slot
     out[f"{s}_num_tokens"] = np.asarray(n_tok, np.int64)
     out[f"{s}_num_truncated"] = np.asarray(

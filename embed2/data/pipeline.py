@@ -154,9 +154,7 @@ class Tokenize(grain.transforms.Map):
           f"{1 + self.add_bos + self.add_eos}.")
 
   def _one(self, text: str) -> tuple[np.ndarray, bool]:
-    prefix, suffix = tok_lib.framing(self.tokenizer)
-    head = prefix if self.add_bos else ()
-    tail = suffix if self.add_eos else ()
+    head, tail = tok_lib.framing(self.tokenizer, add_bos=self.add_bos, add_eos=self.add_eos)
     room = self.max_length - len(head) - len(tail)
     if room < 1:
       raise ValueError(f"{self.in_key}: max_length={self.max_length} leaves no room for text after "
@@ -605,13 +603,7 @@ def group_shape(spec: BatchSpec, num_groups: int, sample: Sequence[dict] = (),
       raise ValueError(f"{where}: the batch has media slots but no model config "
                        "was given for their shapes; pass encoder= to the "
                        "iterator builder.")
-    from embed2.data import media as media_lib  # pylint: disable=g-import-not-at-top
-    c = model_cfg.media
-    media = dict(image_shape=(c.image_size, c.image_size, 3),
-                 image_tokens=c.image_tokens,
-                 audio_shape=(c.audio_chunk_frames, c.n_mels),
-                 audio_tokens=c.audio_chunk_tokens,
-                 audio_pad=float(media_lib.log_mel_pad_value(c)))
+    media = packing.media_shapes(model_cfg)
   try:
     return GroupShape(examples=b_g, segments=spec.segments, num_negatives=k,
                       max_misses=spec.max_misses,

@@ -42,9 +42,12 @@ import collections.abc
 import json
 import os
 import pathlib
+import re
 from typing import Any
 
 import sentencepiece as spm
+import tokenizers
+from sentencepiece import sentencepiece_model_pb2
 
 PAD_ID = 0
 EOS_ID = 1
@@ -249,11 +252,14 @@ class Tokenizer:
           f"ids {bad[:5]} are outside [0, vocab_size={self.vocab_size}) of {self._source}.")
 
 
-def framing(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """(prefix ids, suffix ids) that frame a sequence: the tokenizer's own, or Gemma's (bos,) / (eos,)
-  for a minimal tokenizer that has only `encode(text)` (tests, benchmarks)."""
-  return (tuple(getattr(tokenizer, "prefix_ids", (BOS_ID,))),
-          tuple(getattr(tokenizer, "suffix_ids", (EOS_ID,))))
+def framing(tokenizer, *, add_bos: bool = True, add_eos: bool = True
+            ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(prefix ids, suffix ids) that frame a sequence, [bos] + ids + [eos]: the tokenizer's own, or
+  Gemma's (bos,) / (eos,) for a minimal tokenizer that has only `encode(text)` (tests, benchmarks).
+  add_bos / add_eos False leave that end unframed (empty)."""
+  head = tuple(getattr(tokenizer, "prefix_ids", (BOS_ID,))) if add_bos else ()
+  tail = tuple(getattr(tokenizer, "suffix_ids", (EOS_ID,))) if add_eos else ()
+  return head, tail
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -506,16 +512,6 @@ _HF_ALIASES = {SOFT_TOKEN: (SOFT_TOKEN, "<image_soft_token>")}
 _FRAMING_PROBES = ("a", "Hello world, 12 tokens.")
 
 
-def _tokenizers_lib():
-  try:
-    import tokenizers  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        "a tokenizer.json needs the `tokenizers` package (an embed2 dependency: "
-        f"pip install -e . or pip install tokenizers): {e}") from e
-  return tokenizers
-
-
 class HFTokenizer(Tokenizer):
   """A Hugging Face `tokenizer.json`, read with the `tokenizers` library.
 
@@ -551,11 +547,10 @@ class HFTokenizer(Tokenizer):
 
   def _init(self, tokenizer_json: str, split_special_tokens: bool, special_tokens: tuple[str, ...],
             source: str) -> None:
-    lib = _tokenizers_lib()
     if len(set(special_tokens)) != len(special_tokens):
       raise ValueError(f"special_tokens={special_tokens} has duplicates; names must be unique.")
     try:
-      tk = lib.Tokenizer.from_str(tokenizer_json)
+      tk = tokenizers.Tokenizer.from_str(tokenizer_json)
     except Exception as e:  # the library raises its own exception type for a bad file
       raise ValueError(f"{source} is not a tokenizers tokenizer.json ({e})") from None
     # Truncation and padding are the caller's (Tokenize / Embedder cut the text, keep the frame).
@@ -729,8 +724,6 @@ def sentencepiece_to_hf(tok: SentencePieceTokenizer, *, model_max_length: int | 
     ValueError: a model this conversion does not reproduce (unigram, a normalization rule, a dummy
       prefix, collapsed whitespace, no byte fallback); the message names the setting.
   """
-  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
-  lib = _tokenizers_lib()
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(tok._proto)  # pylint: disable=protected-access
   ts, ns = proto.trainer_spec, proto.normalizer_spec
@@ -766,15 +759,14 @@ def sentencepiece_to_hf(tok: SentencePieceTokenizer, *, model_max_length: int | 
   ranked.sort()
   merges = [(left, right) for *_, left, right in ranked]
   unk = pieces[UNK_ID].piece
-  hf = lib.Tokenizer(lib.models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
-                                    byte_fallback=True))
-  hf.normalizer = lib.normalizers.Replace(" ", "▁")
+  hf = tokenizers.Tokenizer(tokenizers.models.BPE(
+      vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+  hf.normalizer = tokenizers.normalizers.Replace(" ", "▁")
   # Sentencepiece matches a user-defined piece in the text as one unit, which
   # SentencePieceTokenizer then spells as encode("<") + encode(rest): isolate the
   # name, then its "<".
   names = [n for n in tok.special_tokens if n in vocab and pieces[vocab[n]].type == user]
   if names:
-    import re  # pylint: disable=g-import-not-at-top
     alternation = "|".join(re.escape(n) for n in names)
     rests = "|".join(re.escape(n[1:]) for n in names)
     if any(not n.startswith("<") for n in names) or any(
@@ -782,28 +774,28 @@ def sentencepiece_to_hf(tok: SentencePieceTokenizer, *, model_max_length: int | 
         for n in names):
       raise ValueError(f"{tok.source}: its special tokens {names} are spelled in a way a tokenizer.json "
                        "cannot reproduce")
-    hf.pre_tokenizer = lib.pre_tokenizers.Sequence([
-        lib.pre_tokenizers.Split(lib.Regex(alternation), behavior="isolated"),
-        lib.pre_tokenizers.Split(lib.Regex(f"\\A<(?={rests})"), behavior="isolated")])
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(alternation), behavior="isolated"),
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(f"\\A<(?={rests})"), behavior="isolated")])
   other_user = [p.piece for p in pieces if p.type == user and p.piece not in names]
   if other_user:  # matched in the (normalized) text as whole units, as sentencepiece does
-    hf.add_tokens([lib.AddedToken(p, normalized=True, special=False) for p in other_user])
+    hf.add_tokens([tokenizers.AddedToken(p, normalized=True, special=False) for p in other_user])
   control = [p.piece for p in pieces if p.type in (sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL,
                                                     sentencepiece_model_pb2.ModelProto.SentencePiece.UNKNOWN)]
-  hf.add_special_tokens([lib.AddedToken(p, normalized=False, special=True) for p in control])
+  hf.add_special_tokens([tokenizers.AddedToken(p, normalized=False, special=True) for p in control])
   appended = [n for n in tok.special_tokens if tok.special_id(n) >= tok.sp_vocab_size]
   appended.sort(key=tok.special_id)
-  hf.add_special_tokens([lib.AddedToken(n, normalized=False, special=True) for n in appended])
+  hf.add_special_tokens([tokenizers.AddedToken(n, normalized=False, special=True) for n in appended])
   for n in appended:
     if hf.token_to_id(n) != tok.special_id(n):
       raise ValueError(f"{tok.source}: the appended special token {n} got id {hf.token_to_id(n)} in the "
                        f"tokenizer.json, not {tok.special_id(n)}")
   bos, eos = pieces[BOS_ID].piece, pieces[EOS_ID].piece
-  hf.post_processor = lib.processors.TemplateProcessing(
+  hf.post_processor = tokenizers.processors.TemplateProcessing(
       single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {bos} $B {eos}",
       special_tokens=[(bos, BOS_ID), (eos, EOS_ID)])
-  hf.decoder = lib.decoders.Sequence([lib.decoders.Replace("▁", " "), lib.decoders.ByteFallback(),
-                                      lib.decoders.Fuse()])
+  hf.decoder = tokenizers.decoders.Sequence([
+      tokenizers.decoders.Replace("▁", " "), tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()])
   config = {
       "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
       "unk_token": unk, "pad_token": pieces[PAD_ID].piece, "split_special_tokens": True,
