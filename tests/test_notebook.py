@@ -1,5 +1,6 @@
-"""notebooks/explore_embeddings.ipynb: committed clean, and run headless against a tiny checkpoint
-trained here; plus `embed2.explore`, the helpers it draws with, against float64 references.
+"""notebooks/explore_embeddings.ipynb: committed clean, its Colab set-up, and every cell run headless
+against a tiny multimodal checkpoint trained here (each figure drawn, each modality embedded); plus
+`embed2.explore`, the helpers it draws with, against float64 references.
 
 Executing the notebook needs the `notebook` extra (nbclient, ipykernel, matplotlib); without it that
 test is skipped, the rest run.
@@ -12,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -39,43 +41,100 @@ def test_committed_notebook_is_clean_and_runs_in_colab():
   assert not dirty, f"cells {dirty} have outputs; clear them before committing"
   setup = "".join(code[0]["source"])
   assert '"google.colab" in sys.modules' in setup and "pip" in setup
+  # The repository is a form field at the top (Colab's `# @param`), not a placeholder.
+  assert setup.index('REPO_URL = ""  # @param') < setup.index("import")
+  assert setup.index('REPO_REF = ""  # @param') < setup.index("import")
   params = [c for c in code if _tag(c, "parameters")]
   assert len(params) == 1 and "EMBED2_CHECKPOINT" in "".join(params[0]["source"])
+  text = "".join("".join(c["source"]) for c in nb["cells"])
+  assert "<org>" not in text and "embed2.export" not in text and "python -m embed2.convert" in text
+  assert "frontends land" not in text
+
+
+def test_colab_setup_takes_the_repository_from_the_form_or_the_environment(monkeypatch):
+  """The set-up cell as Colab runs it (google.colab imported), its commands recorded, not run."""
+  nb = json.loads(NOTEBOOK.read_text())
+  setup = "".join(nb["cells"][1]["source"])
+  monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+  calls = []
+  monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+  monkeypatch.delenv("EMBED2_REPO", raising=False)
+  monkeypatch.delenv("EMBED2_REF", raising=False)
+  with pytest.raises(ValueError, match="REPO_URL is empty.*set-up form, or set EMBED2_REPO"):
+    exec(setup, {})
+  assert not calls
+
+  monkeypatch.setenv("EMBED2_REPO", "https://example.org/me/embed2.git")
+  monkeypatch.setenv("EMBED2_REF", "v1.2")
+  exec(setup, {})
+  where = "/content/embed2"
+  assert calls == [["git", "clone", "-q", "https://example.org/me/embed2.git", where],
+                   ["git", "-C", where, "fetch", "-q", "origin", "v1.2"],
+                   ["git", "-C", where, "checkout", "-q", "--detach", "FETCH_HEAD"],
+                   [sys.executable, "-m", "pip", "install", "-q", where]]
+  calls.clear()
+  monkeypatch.delenv("EMBED2_REF")  # the form wins over the environment; no ref: the default branch
+  exec(setup.replace('REPO_URL = ""  # @param', 'REPO_URL = "https://example.org/form.git"  # @param'), {})
+  assert calls == [["git", "clone", "-q", "https://example.org/form.git", where],
+                   [sys.executable, "-m", "pip", "install", "-q", where]]
 
 
 # --------------------------------------------------------------------------- executing it headless
 
 
+# A config file beside the run: tiny's PFT stage alone (3 steps of text tasks: one compiled step) with
+# the demo's image and audio frontends and media preprocessing, at the tiny size.
+MEDIA_TINY = """
+from configs import demo, tiny
+
+
+def get_config(arg=None):
+  c = tiny.get_config("pft_steps=3,every=100")
+  model = demo.get_config("layers=1,dim=32").model
+  model.max_segments = c.model.max_segments  # tiny's batches' segments per row
+  c.model = model
+  c.stages = [c.stages[0]]
+  return c
+"""
+
+
 @pytest.fixture(scope="module")
-def tiny_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("notebook") / "run"
+def media_workdir(tmp_path_factory):
+  """The main job on MEDIA_TINY, on one device: a checkpoint that reads text, images, audio and video,
+  and its metrics.jsonl."""
+  root = tmp_path_factory.mktemp("notebook")
+  (root / "media_tiny.py").write_text(MEDIA_TINY)
+  workdir = root / "run"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-  cmd = [sys.executable, "-m", "embed2.main", "--config=configs/tiny.py:pft_steps=2,ft_steps=2",
-         f"--workdir={workdir}"]
+  cmd = [sys.executable, "-m", "embed2.main", f"--config={root / 'media_tiny.py'}", f"--workdir={workdir}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
 
-def test_notebook_executes_and_draws(tiny_workdir):
+def test_notebook_executes_every_cell_and_draws_every_modality(media_workdir):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
   pytest.importorskip("ipykernel")
   pytest.importorskip("matplotlib")
+  workdir = media_workdir
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # As papermill would: a cell after the parameters that forbids training a demo run if the
   # checkpoint were missing (it would take minutes).
   i = next(i for i, c in enumerate(nb.cells) if _tag(c, "parameters"))
   nb.cells.insert(i + 1, nbformat.v4.new_code_cell("TRAIN_IF_MISSING = False"))
-  env = dict(os.environ, EMBED2_CHECKPOINT=str(tiny_workdir), JAX_PLATFORMS="cpu",
+  env = dict(os.environ, EMBED2_CHECKPOINT=str(workdir), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1",
              PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
   env.pop("MPLBACKEND", None)  # the kernel's inline backend puts figures in the outputs
   client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
                                    resources={"metadata": {"path": str(NOTEBOOK.parent)}})
   client.execute(env=env)  # raises CellExecutionError (with the traceback) on any cell error
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert all(c.execution_count is not None for c in code)  # every cell ran
+  assert not [o for c in code for o in c.outputs if o.output_type == "error"]
 
   def outputs(tag):
     cell = next(c for c in nb.cells if _tag(c, tag))
@@ -83,29 +142,35 @@ def test_notebook_executes_and_draws(tiny_workdir):
     pngs = sum("image/png" in o.get("data", {}) for o in cell.outputs)
     return text, pngs
 
-  for tag in ("media", "heatmap", "map", "mrl", "curves"):
-    assert outputs(tag)[1] >= 1, f"the {tag!r} cell drew no figure"
-  total = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
-              for o in c.outputs)
-  assert total >= 6
+  # Each figure: images + video frames, text and cross-modal heatmaps, neighbours' pictures, the
+  # map, the MRL curve, the training curves.
+  figures = {tag: outputs(tag)[1] for tag in ("media", "heatmap", "neighbours", "map", "mrl", "curves")}
+  expected = {"media": 2, "heatmap": 2, "map": 1, "mrl": 1, "curves": 1}
+  assert {t: figures[t] for t in expected} == expected and figures["neighbours"] >= 1, figures
   media = next(c for c in nb.cells if _tag(c, "media"))
   assert sum("text/html" in o.get("data", {}) for o in media.outputs) == len(explore.PITCHES)
 
   text, _ = outputs("load")
-  assert f"checkpoint: {tiny_workdir}" in text
+  assert f"checkpoint: {workdir}" in text and "'image'" in text and "'audio'" in text
+  # Every input embedded, every modality among them; no note of a skipped item.
   text, _ = outputs("embed")
-  embedded = text.split("modalities embedded: ")[1]
-  for modality in ("text", "code", "interleaved"):
-    assert f"'{modality}'" in embedded
-  for modality, word in (("image", "image"), ("audio", "audio"), ("video", "video")):
-    # Until a frontend reads it, a modality is noted, not embedded; afterwards, embedded.
-    assert f"'{modality}'" in embedded or f"no {word} frontend" in text, text
+  assert "note:" not in text, text
+  n = len(explore.media_entries())
+  embedded, total = text.split("embedded ")[1].split(" inputs")[0].split(" of ")
+  assert embedded == total and int(total) > n
+  modalities = text.split("modalities embedded: ")[1]
+  for modality in ("text", "code", "interleaved", "image", "audio", "video", "text+image"):
+    assert f"'{modality}'" in modalities, text
+  text, _ = outputs("heatmap")
+  assert "cross-modal heatmap: no" not in text
   text, _ = outputs("neighbours")
-  assert "[free text]" in text and "  1. " in text and "[code]" in text
+  for query in ("[free text]", "[code]", "[image]", "[audio]", "[video]", "[text+image]"):
+    assert query in text, text
   text, _ = outputs("mrl")
-  assert [line.split()[0] for line in text.splitlines()[1:4]] == ["16", "32", "64"]  # tiny's dims
+  dims = [8, 16, 32]  # the demo's MRL dims at dim=32
+  assert [int(line.split()[0]) for line in text.splitlines()[1:4]] == dims
   text, _ = outputs("curves")
-  assert "4 rows" in text and "'pft'" in text and "'ft'" in text
+  assert "3 rows" in text and "[(1, 'pft')]" in text
 
 
 # -------------------------------------------------------------------------------- explore helpers
