@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.model.max_length = k.row
   c.model.sliding_window = k.window  # the tiny preset's 8 would make every sliding layer trivial
   c.model.max_segments = k.segments
-  c.model.attention_impl = k.impl  # auto: blockwise on a CPU for rows over 1,024 tokens
+  c.model.attention_impl = k.impl  # auto: blockwise on a CPU for rows over 256 tokens
   c.model.media = LONG_VIDEO_MEDIA
   video = dict(demo.media_tasks(k.batch)["v2t"], query_len=k.row, segments=k.segments)
   c.tasks = config_dict.ConfigDict({"v2t": video})
