@@ -19,6 +19,16 @@ from embed2.train.metrics_writer import read_metrics, tb_tag
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # absl's line prefix: level letter, date, time, thread id, file:line]
 ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ ([^:\s]+):(\d+)\] (.*)$")
+# tiny's PFT stage alone (one compiled step), evaluated on the toy MTEB task at its end.
+ONE_STAGE_TINY = """
+from configs import tiny
+
+
+def get_config(arg=None):
+  c = tiny.get_config("pft_steps=2,every=100,eval=mteb_retrieval")
+  c.stages = [c.stages[0]]
+  return c
+"""
 WORDS = ("tar zip json socket thread queue heap csv path glob regex hash random math time date "
          "locale codec pickle shelve email mime http url cookie struct array").split()
 
@@ -69,11 +79,11 @@ def _tensorboard_tags(logdir: pathlib.Path) -> set[str]:
 def test_main_job_stderr_has_only_embed2_lines_and_legal_tensorboard_tags(tmp_path, rng):
   _write_beir_task(tmp_path / "data", rng)
   workdir = tmp_path / "run"
+  (tmp_path / "one_stage_tiny.py").write_text(ONE_STAGE_TINY)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
              EMBED2_DATA_DIR=str(tmp_path / "data"),
              PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-  cmd = [sys.executable, "-m", "embed2.main",
-         "--config=configs/tiny.py:pft_steps=2,ft_steps=2,every=100,eval=mteb_retrieval",
+  cmd = [sys.executable, "-m", "embed2.main", f"--config={tmp_path / 'one_stage_tiny.py'}",
          f"--workdir={workdir}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -89,10 +99,10 @@ def test_main_job_stderr_has_only_embed2_lines_and_legal_tensorboard_tags(tmp_pa
 
   # What a person reads: one line per stage, per checkpoint, per evaluation; the table on stdout.
   infos = [m.group(4) for m in parsed if m.group(1) == "I"]
-  assert [s for s in infos if s.startswith("stage ")] == ["stage pft: 2 steps", "stage ft: 2 steps"]
-  assert sum(s.startswith("checkpoint: saving step") for s in infos) == 4  # each stage: export + ckpt
+  assert [s for s in infos if s.startswith("stage ")] == ["stage pft: 2 steps"]
+  assert sum(s.startswith("checkpoint: saving step 2") for s in infos) == 2  # the stage export + ckpt
   evals = [s for s in infos if s.startswith("evaluation at step")]
-  assert len(evals) == 2 and evals[0].startswith("evaluation at step 2 (pft): ndcg@10 at dim 64: toy ")
+  assert len(evals) == 1 and evals[0].startswith("evaluation at step 2 (pft): ndcg@10 at dim 64: toy ")
   assert re.search(r"^toy +ndcg@10 +[\d.]+", proc.stdout, re.M), proc.stdout
 
   tags = _tensorboard_tags(workdir / "tensorboard")
