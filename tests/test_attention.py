@@ -183,11 +183,12 @@ def test_pallas_gpu_interpret_matches_float64_reference(rng):
 
 
 @pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
-def test_accelerator_kernels_refuse_cpu(impl, rng):
+@pytest.mark.parametrize("window", [None, 4])
+def test_accelerator_kernels_refuse_cpu(impl, window, rng):
   q, k, v, _ = qkv(rng, 1, 16, h=2, kv=1)
   seg, pos = np.ones((1, 16), np.int32), np.arange(16, dtype=np.int32)[None]
   with pytest.raises(ValueError, match=f"attention_impl='{impl}' runs on"):
-    attention.attend(q, k, v, seg, pos, causal=False, window=None, scale=SCALE, impl=impl)
+    attention.attend(q, k, v, seg, pos, causal=False, window=window, scale=SCALE, impl=impl)
 
 
 def test_auto_picks_by_backend_and_length():

@@ -143,16 +143,16 @@ def attend(q_blhk: jax.Array, k_blkh: jax.Array, v_blkh: jax.Array, segment_ids_
     has_key = jnp.any(mask_b1ll[:, 0], axis=-1)  # (B, L)
     return jnp.where(has_key[:, :, None, None], out, 0).astype(q_blhk.dtype)
   q_blkgd = q_blhk.reshape(b, l, kv, h // kv, hd)
+  if impl in ("splash", "pallas_gpu"):
+    attention_kernels.require_backend(impl, "tpu" if impl == "splash" else "gpu")
   if impl == "blockwise" or (impl == "pallas_gpu" and window is not None):
     # The Pallas GPU kernel has no sliding window; the band of the blockwise kernel is O(L * w).
     kernel = functools.partial(blockwise_attention, causal=causal, window=window, scale=scale,
                                block_q=block_q or BLOCK_Q, block_k=block_k or BLOCK_K)
   elif impl == "splash":
-    attention_kernels.require_backend("splash", "tpu")
     kernel = functools.partial(attention_kernels.splash_attention, causal=causal, window=window,
                                scale=scale)
   elif impl == "pallas_gpu":
-    attention_kernels.require_backend("pallas_gpu", "gpu")
     kernel = functools.partial(attention_kernels.pallas_gpu_attention, causal=causal, scale=scale)
   else:
     raise ValueError(f"attention impl {impl!r}; choose one of embed2.model.presets.ATTENTION_IMPLS")
