@@ -289,16 +289,17 @@ def read_source(hf_dir: str | os.PathLike, *, text_only: bool = False) -> Source
   vcfg = vision_config_from_hf(hf_config) if multimodal else None
 
   tensors = read_headers(safetensors_files(model_dir))
-  text_prefix = layout.best_prefix(tensors, layout.TEXT_PREFIXES, layout.TEXT_RE)
+  prefixes, names_re, ignored_re = layout.TEXT_NAMES[cfg.arch]
+  text_prefix = layout.best_prefix(tensors, prefixes, names_re)
   if text_prefix is None:
-    raise ValueError(f"no Gemma 3 text tensors (names like 'layers.0.self_attn.q_proj.weight') in {model_dir}; "
+    raise ValueError(f"no {cfg.arch} text tensors (names like {names_re.pattern!r}) in {model_dir}; "
                      f"its first tensors are {sorted(tensors)[:5]}")
   text = layout.text_entries(cfg, text_prefix)
   for folder in dense_dirs:
     tensors.update(read_headers(safetensors_files(hf_dir / folder), rename=lambda n, f=folder: f"{f}/{n}"))
   text += layout.head_entries(cfg, dense_dirs)
 
-  vision, ignore = [], [layout.LM_HEAD_RE]
+  vision, ignore = [], [ignored_re]
   tower_prefix = layout.best_prefix(tensors, layout.TOWER_PREFIXES, layout.TOWER_RE)
   if vcfg is not None:
     if tower_prefix is None:

@@ -1,4 +1,4 @@
-"""Hugging Face Gemma 3 `config.json` <-> embed2 `ModelConfig` / `VisionConfig`.
+"""Hugging Face Gemma 3 / BERT `config.json` <-> embed2 `ModelConfig` / `VisionConfig`.
 
 Sliding windows. transformers' bidirectional Gemma 3 (`use_bidirectional_attention`, EmbeddingGemma)
 halves the configured window: token i sees j when |i - j| <= sliding_window // 2 (see
@@ -9,7 +9,9 @@ sliding_window=512 is our sliding_window=257 (|i - j| < 257). A causal checkpoin
 What cannot be represented is refused before anything is written (`UnsupportedArchitecture`): RoPE
 types other than default (and linear scaling on global layers), attention logit soft-capping, biased
 attention, activations other than gelu_pytorch_tanh, layer patterns other than "every k-th layer
-global" (and, reading a sentence-transformers folder, pooling other than mean over all tokens, Dense
+global"; for BERT (`model_type` "bert", config.model.arch="bert"): position embeddings other than
+"absolute", activations other than exact "gelu", decoders and cross-attention (and, reading a
+sentence-transformers folder, pooling other than mean over all tokens, Dense
 layers with a bias or an activation).
 """
 
@@ -60,7 +62,8 @@ def _text_config(hf_config: dict[str, Any]) -> dict[str, Any]:
     raise UnsupportedArchitecture(
         f"model_type={model_type!r} (architectures {hf_config.get('architectures')}); embed2.convert reads "
         "Gemma 3 checkpoints: model_type 'gemma3_text' (Gemma3TextModel, Gemma3ForCausalLM, EmbeddingGemma) "
-        "or 'gemma3' (Gemma3ForConditionalGeneration)")
+        "or 'gemma3' (Gemma3ForConditionalGeneration), and BERT encoders: model_type 'bert' (BertModel, "
+        "e.g. sentence-transformers/all-MiniLM-L6-v2)")
   if text.get("model_type", "gemma3_text") != "gemma3_text":
     raise UnsupportedArchitecture(f"text_config.model_type={text.get('model_type')!r}; expected 'gemma3_text'")
   c = dict(_TEXT_DEFAULTS)
@@ -135,6 +138,8 @@ def model_config_from_hf(hf_config: dict[str, Any], *, head_dims: Sequence[int] 
   Raises:
     UnsupportedArchitecture: something the model cannot represent (the message says what).
   """
+  if hf_config.get("model_type") == "bert":
+    return _named_by_preset(_bert_config(hf_config, head_dims))
   c = _text_config(hf_config)
   act = c.get("hidden_activation") or c.get("hidden_act")
   if act != "gelu_pytorch_tanh":
@@ -169,6 +174,11 @@ def model_config_from_hf(hf_config: dict[str, Any], *, head_dims: Sequence[int] 
       rope_global_scale=global_scale, query_pre_attn_scalar=None if qpas == hd else qpas,
       rms_eps=float(c["rms_norm_eps"]), max_length=max_length, head_dims=tuple(int(x) for x in head_dims),
       causal=not bidirectional)
+  return _named_by_preset(cfg)
+
+
+def _named_by_preset(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` named after the preset with the same architecture (taking its mrl_dims), if there is one."""
   arch = ckpt_lib.architecture(cfg)
   for name in PRESETS:
     preset = ModelConfig.from_name(name)
@@ -177,9 +187,54 @@ def model_config_from_hf(hf_config: dict[str, Any], *, head_dims: Sequence[int] 
   return cfg
 
 
+# transformers' BertConfig defaults, for fields a config.json leaves out.
+_BERT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=30_522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12,
+    position_embedding_type="absolute", is_decoder=False, add_cross_attention=False)
+
+
+def _bert_config(hf_config: dict[str, Any], head_dims: Sequence[int]) -> ModelConfig:
+  """The ModelConfig (arch="bert") of a BertModel `config.json`; refuses what model/bert.py lacks."""
+  c = dict(_BERT_DEFAULTS)
+  c.update(hf_config)
+  if c["hidden_act"] != "gelu":
+    raise UnsupportedArchitecture(f"BERT hidden_act={c['hidden_act']!r}; embed2's BERT MLP uses the exact "
+                                  "(erf) 'gelu'")
+  if c["position_embedding_type"] != "absolute":
+    raise UnsupportedArchitecture(f"BERT position_embedding_type={c['position_embedding_type']!r}; embed2's "
+                                  "BERT has learned absolute positions")
+  if c["is_decoder"] or c["add_cross_attention"]:
+    raise UnsupportedArchitecture("BERT is_decoder / add_cross_attention; embed2's BERT is an encoder with "
+                                  "bidirectional self-attention only")
+  n_pos = int(c["max_position_embeddings"])
+  return ModelConfig(
+      name="hf-bert", arch="bert", vocab_size=int(c["vocab_size"]), model_dim=int(c["hidden_size"]),
+      num_layers=int(c["num_hidden_layers"]), num_heads=int(c["num_attention_heads"]),
+      num_kv_heads=int(c["num_attention_heads"]), mlp_dim=int(c["intermediate_size"]), global_every=1,
+      max_positions=n_pos, type_vocab_size=int(c["type_vocab_size"]),
+      layer_norm_eps=float(c["layer_norm_eps"]), max_length=n_pos, head_dims=tuple(int(x) for x in head_dims))
+
+
+def _hf_bert_config(cfg: ModelConfig) -> dict[str, Any]:
+  """The `config.json` of a transformers BertModel equal to `cfg`'s encoder (arch="bert")."""
+  return {
+      "architectures": ["BertModel"], "model_type": "bert", "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.model_dim, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.mlp_dim, "hidden_act": "gelu",
+      "max_position_embeddings": cfg.max_positions, "type_vocab_size": cfg.type_vocab_size,
+      "layer_norm_eps": cfg.layer_norm_eps, "position_embedding_type": "absolute",
+      "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02,
+      "pad_token_id": 0, "dtype": "float32",
+  }
+
+
 def hf_config_from_model_config(cfg: ModelConfig) -> dict[str, Any]:
-  """The `config.json` of a transformers Gemma3TextModel equal to `cfg`'s transformer (the inverse of
-  `model_config_from_hf`; legacy rope keys, which transformers 4.56+ and 5.x both read)."""
+  """The `config.json` of a transformers Gemma3TextModel (a BertModel for arch="bert") equal to `cfg`'s
+  transformer (the inverse of `model_config_from_hf`; legacy rope keys, which transformers 4.56+ and 5.x
+  both read)."""
+  if cfg.arch == "bert":
+    return _hf_bert_config(cfg)
   hd = cfg.resolved_head_dim
   if cfg.causal:
     window = cfg.sliding_window

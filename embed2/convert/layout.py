@@ -9,6 +9,11 @@ HF Linear weights are (out, in); ours are (in, out), with heads split out:
   SigLIP: patch conv (Wv, C, p, p) -> patch.kernel (p, p, C, Wv); q/k/v_proj (Wv, Wv) -> (Wv, h, hd)
   with biases (h, hd); out_proj -> (h, hd, Wv); fc1 / fc2 transposed; projector weight (Wv, D) as is.
 
+BERT (config.model.arch="bert", embed2.model.bert): query / key / value.weight (H*hd, D) -> (D, H, hd)
+  with biases (H, hd); attention.output.dense -> attn.o (H, hd, D) + o_bias; intermediate.dense /
+  output.dense transposed; LayerNorm weight / bias -> scale / bias; the embedding tables as they are.
+  The pooler (BertModel's [CLS] head; sentence-transformers does not use it) is ignored.
+
 A checkpoint's tensors sit under a prefix that depends on the class that saved it (Gemma3TextModel,
 Gemma3ForCausalLM, Gemma3ForConditionalGeneration); `best_prefix` finds it.
 """
@@ -63,6 +68,8 @@ _CONV = (lambda x: x.transpose(2, 3, 1, 0), lambda y: y.transpose(3, 2, 0, 1))  
 
 def text_entries(cfg: ModelConfig, prefix: str = "") -> list[Entry]:
   """The transformer's tensors (HF names under `prefix`, e.g. "model." for Gemma3ForCausalLM)."""
+  if cfg.arch == "bert":
+    return bert_entries(cfg, prefix)
   d, h, k, hd, f, v = (cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.mlp_dim,
                        cfg.vocab_size)
   out = [Entry(f"{prefix}embed_tokens.weight", ("transformer", "embedder", "embedding"), (v, d), *_ID),
@@ -84,6 +91,36 @@ def text_entries(cfg: ModelConfig, prefix: str = "") -> list[Entry]:
         Entry(p + "mlp.up_proj.weight", ours + ("mlp", "up"), (f, d), *_T),
         Entry(p + "mlp.down_proj.weight", ours + ("mlp", "down"), (d, f), *_T),
     ]
+  return out
+
+
+def bert_entries(cfg: ModelConfig, prefix: str = "") -> list[Entry]:
+  """A BertModel's tensors (HF names under `prefix`, e.g. "bert." for BertForMaskedLM)."""
+  d, h, hd, f = cfg.model_dim, cfg.num_heads, cfg.resolved_head_dim, cfg.mlp_dim
+  t = ("transformer",)
+
+  def norm(hf, ours):
+    return [Entry(f"{hf}.weight", ours + ("scale",), (d,), *_ID), Entry(f"{hf}.bias", ours + ("bias",), (d,), *_ID)]
+
+  e = f"{prefix}embeddings."
+  out = [Entry(e + "word_embeddings.weight", t + ("word_embeddings",), (cfg.vocab_size, d), *_ID),
+         Entry(e + "position_embeddings.weight", t + ("position_embeddings",), (cfg.max_positions, d), *_ID),
+         Entry(e + "token_type_embeddings.weight", t + ("token_type_embeddings",), (cfg.type_vocab_size, d),
+               *_ID)] + norm(e + "LayerNorm", t + ("embed_norm",))
+  for i in range(cfg.num_layers):
+    p, ours = f"{prefix}encoder.layer.{i}.", t + ("blocks", i)
+    for hf, name in (("query", "q"), ("key", "k"), ("value", "v")):
+      out += [Entry(f"{p}attention.self.{hf}.weight", ours + ("attn", name), (h * hd, d), *_in_heads(h, hd, d)),
+              Entry(f"{p}attention.self.{hf}.bias", ours + ("attn", f"{name}_bias"), (h * hd,),
+                    *_bias_heads(h, hd))]
+    out += [Entry(p + "attention.output.dense.weight", ours + ("attn", "o"), (d, h * hd), *_out_heads(h, hd, d)),
+            Entry(p + "attention.output.dense.bias", ours + ("attn", "o_bias"), (d,), *_ID),
+            Entry(p + "intermediate.dense.weight", ours + ("mlp", "up"), (f, d), *_T),
+            Entry(p + "intermediate.dense.bias", ours + ("mlp", "up_bias"), (f,), *_ID),
+            Entry(p + "output.dense.weight", ours + ("mlp", "down"), (d, f), *_T),
+            Entry(p + "output.dense.bias", ours + ("mlp", "down_bias"), (d,), *_ID)]
+    out += norm(p + "attention.output.LayerNorm", ours + ("attn_norm",))
+    out += norm(p + "output.LayerNorm", ours + ("mlp_norm",))
   return out
 
 
@@ -131,6 +168,14 @@ TOWER_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model
 TOWER_RE = re.compile(r"^(embeddings\.|encoder\.layers\.\d+\.|post_layernorm\.|head\.)")
 PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 LM_HEAD_RE = re.compile(r"^(model\.)?(language_model\.)?lm_head\.weight$")
+BERT_PREFIXES = ("bert.", "")
+BERT_RE = re.compile(r"^(embeddings\.|encoder\.layer\.\d+\.)")
+# BertModel's pooler, the position_ids buffer, pre-training heads: nothing of the embedding reads them.
+BERT_IGNORED_RE = re.compile(r"^(bert\.)?(pooler\.|embeddings\.position_ids$)|^cls\.")
+# By config.model.arch: (the prefixes a checkpoint's text tensors may sit under, the pattern of what
+# follows, tensors the import ignores).
+TEXT_NAMES = {"gemma3": (TEXT_PREFIXES, TEXT_RE, LM_HEAD_RE),
+              "bert": (BERT_PREFIXES, BERT_RE, BERT_IGNORED_RE)}
 
 
 def best_prefix(names: Iterable[str], prefixes: Sequence[str], pattern: re.Pattern) -> str | None:

@@ -19,7 +19,9 @@ import ml_dtypes
 import numpy as np
 
 _ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "F64": np.dtype(np.float64),
-              "BF16": np.dtype(ml_dtypes.bfloat16)}
+              "BF16": np.dtype(ml_dtypes.bfloat16),
+              # Integer buffers saved beside the weights (BERT's embeddings.position_ids): read, then ignored.
+              "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 

