@@ -150,36 +150,43 @@ def test_padding_query_rows_are_zero_not_nan(rng):
 # ---------------------------------------------------------------------------- Pallas, interpret mode
 
 
-def test_splash_interpret_matches_float64_reference(rng):
+@pytest.mark.parametrize("causal", [False, True])
+def test_splash_interpret_matches_float64_reference_and_xla(causal, rng):
   """Splash attention (TPU kernel, Pallas interpret mode): packed rows, padding, GQA, a sliding window
-  smaller than the 128-token tile, odd length."""
+  smaller than the 128-token tile (bidirectional, or causal: LocalMask (w - 1, 0)), odd length."""
   l = 45
   seg, pos = packed_rows(rng, l)
   q, k, v, dout = qkv(rng, 3, l, h=4, kv=2)
-  want = np_attention(q, k, v, dout, seg, pos, causal=False, window=5, scale=SCALE)
+  want = np_attention(q, k, v, dout, seg, pos, causal=causal, window=5, scale=SCALE)
 
   def fn(q, k, v):
-    out = attention_kernels.splash_attention(q.reshape(3, l, 2, 2, 8), k, v, seg, pos, causal=False,
+    out = attention_kernels.splash_attention(q.reshape(3, l, 2, 2, 8), k, v, seg, pos, causal=causal,
                                              window=5, scale=SCALE, interpret=True)
     return out.reshape(q.shape)
 
-  assert_close(value_and_grads(fn, q, k, v, dout), want)
+  got = value_and_grads(fn, q, k, v, dout)
+  assert_close(got, want)
+  assert_close(got, value_and_grads(attend_fn(seg, pos, "xla", causal=causal, window=5), q, k, v, dout))
 
 
-def test_pallas_gpu_interpret_matches_float64_reference(rng):
+@pytest.mark.parametrize("causal", [False, True])
+def test_pallas_gpu_interpret_matches_float64_reference_and_xla(causal, rng):
   """The Pallas GPU flash kernel (interpret mode): packed rows, padding, GQA (K/V repeated), odd
-  length, bidirectional global layer."""
+  length, a global layer."""
   l = 45
   seg, pos = packed_rows(rng, l)
   q, k, v, dout = qkv(rng, 3, l, h=4, kv=2)
-  want = np_attention(q, k, v, dout, seg, pos, causal=False, window=None, scale=SCALE)
+  want = np_attention(q, k, v, dout, seg, pos, causal=causal, window=None, scale=SCALE)
 
   def fn(q, k, v):
     out = attention_kernels.pallas_gpu_attention(q.reshape(3, l, 2, 2, 8), k, v, seg, pos,
-                                                 causal=False, scale=SCALE, interpret=True)
+                                                 causal=causal, scale=SCALE, interpret=True)
     return out.reshape(q.shape)
 
-  assert_close(value_and_grads(fn, q, k, v, dout), want)
+  got = value_and_grads(fn, q, k, v, dout)
+  assert_close(got, want)
+  assert_close(got, value_and_grads(attend_fn(seg, pos, "xla", causal=causal, window=None), q, k, v,
+                                    dout))
 
 
 @pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
