@@ -185,7 +185,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[epath.Path, int, dict[str,
 
 
 def load_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, rules=None,
-               dtype: str | None = None) -> tuple[EmbeddingModel, dict[str, Any]]:
+               dtype: str | None = None, attention_impl: str | None = None
+               ) -> tuple[EmbeddingModel, dict[str, Any]]:
   """The model a checkpoint holds (a training run's, a soup, an import), placed on `mesh`.
 
   The model is built abstractly from the checkpoint's own config (shapes and shardings, no values) and
@@ -197,6 +198,8 @@ def load_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None
     mesh: default a data-parallel mesh over all devices.
     rules: logical-axis rules; default `sharding.DEFAULT_RULES`.
     dtype: compute dtype override ("float32" / "bfloat16"); parameters keep the checkpoint's dtype.
+    attention_impl: attention kernel override (`embed2.model.attention`; e.g. "blockwise" for inputs
+      longer than the run trained on); None keeps the checkpoint's.
 
   Returns:
     (model, meta).
@@ -205,6 +208,8 @@ def load_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None
   cfg = ModelConfig.from_dict(meta["model_config"])
   if dtype is not None:
     cfg = cfg.replace(dtype=dtype)
+  if attention_impl is not None:
+    cfg = cfg.replace(attention_impl=attention_impl)
   mesh = mesh if mesh is not None else sharding.make_mesh()
   rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
   model = sharding.abstract_sharded(lambda: EmbeddingModel(cfg, rules=rules, rngs=nnx.Rngs(0)), mesh,

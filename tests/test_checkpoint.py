@@ -13,6 +13,7 @@ from flax import nnx
 from embed2 import checkpoint as ckpt_lib
 from embed2 import main as main_lib
 from embed2 import sharding, soup
+from embed2.train import trainer
 from embed2.model import EmbeddingModel, ModelConfig
 
 
@@ -65,6 +66,10 @@ def test_load_model_places_the_checkpoint_on_the_mesh_shard_by_shard(saved):
   _check_sharded(model, params, mesh)
   bf16, _ = ckpt_lib.load_model(directory / "3", mesh=mesh, dtype="bfloat16")
   assert bf16.cfg.dtype == "bfloat16" and bf16.cfg.replace(dtype=cfg.dtype) == cfg
+  blockwise, _ = ckpt_lib.load_model(directory, mesh=mesh, attention_impl="blockwise")
+  assert blockwise.cfg.attention_impl == "blockwise"
+  with pytest.raises(ValueError, match="attention_impl"):
+    ckpt_lib.load_model(directory, mesh=mesh, attention_impl="fast")
 
 
 def test_load_model_refuses_a_folder_without_a_model_config(tmp_path):
@@ -102,3 +107,30 @@ def test_main_soup_evaluation_loads_each_model_sharded_on_the_run_mesh(saved, tm
   assert set(results) == {"ft", "soup"}
   assert json.loads((workdir / "eval" / "soup.json").read_text())["soup"] == {
       "code_search/ndcg@10/dim_8": 0.5}
+
+
+def _tiny_media_config():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.media = dict(image_frontend="patch", image_size=32, patch_size=8, image_tokens=4,
+                            audio_frontend="conv", sample_rate=8000, n_mels=16)
+  return config
+
+
+def _flat_fingerprint(config):
+  """The fingerprint as runs wrote it before MediaConfig: the media fields flat in config.model."""
+  fp = json.loads(json.dumps(trainer.fingerprint(config), sort_keys=True, default=str))
+  model = dict(fp["model"])
+  fp["model"] = {**{k: v for k, v in model.items() if k != "media"}, **model["media"]}
+  return fp
+
+
+def test_a_workdir_fingerprinted_before_media_config_resumes():
+  """Regression (this session's MediaConfig): a run whose checkpoint stored config.model flat, media
+  fields included, was refused as 'config.model differs' by the same config written nested."""
+  config = _tiny_media_config()
+  trainer.check_workdir_compatible(config, {"fingerprint": _flat_fingerprint(config)}, "w")
+  changed = _flat_fingerprint(config)
+  changed["model"]["image_size"] = 64
+  with pytest.raises(ValueError, match="config.model differs"):
+    trainer.check_workdir_compatible(config, {"fingerprint": changed}, "w")
