@@ -29,15 +29,23 @@ Task strings and prompts, two conventions by where the checkpoint came from:
   (sentence-transformers' `prompt_name`). Its `max_seq_length` is the default `max_length`.
 `prefix=` is a literal string for either side under both.
 
-Media rows: every input is one row, with its own image / audio-chunk slots (the most any input of the
-batch holds, rounded up to a power of two so few shapes compile); the frontends run slot by slot, so
-an image's soft tokens are the same alone, interleaved, or next to any other input.
+Packing: up to `segments` inputs share a row (`packing.RowWriter`: segment ids keep them apart in
+attention, positions restart per input, each pools over its own tokens), so a batch of short queries
+carries almost no padding; an input's embedding is the same packed or alone (tested to 1e-6). The
+model's `max_segments` is parameter-free (the slots pooled per row), so the Embedder pools its own
+`segments` whatever the checkpoint was trained with. `segments=1` is one input per row.
 
-Batching: inputs are sorted by media count and token count and cut into batches of `batch_size`; each
-batch is padded to the smallest length bucket that holds its longest input. One function is compiled
-per bucket and media shape (image / audio-chunk slots per row, rounded up to a power of two; the
-batch dimension is always `batch_size`), and jax's cache keeps it for every later call with the same
-shapes (`Embedder.num_compilations` counts traces).
+Media rows: each row is a pack group of its own, with image / audio-chunk slots for its inputs' media
+(the most any row of the call holds, rounded up to a power of two so few shapes compile); the
+frontends run slot by slot, so an image's soft tokens are the same alone, interleaved, packed, or next
+to any other input.
+
+Batching: inputs are taken longest first (media counts first) and placed first-fit into the rows of a
+call: `batch_size` rows of the smallest length bucket that holds the call's longest input (packed: at
+least `pack_length` tokens, so short inputs share rows). The last call gets as many rows as it fills,
+rounded up to a power of two. One function is compiled per (rows, bucket, media slots) shape, and
+jax's cache keeps it for every later call with the same shapes (`Embedder.num_compilations` counts
+traces).
 
 MRL dims: `embed(..., dim=d)` accepts only the dims the model was trained at (`config.model.mrl_dims`,
 plus the full embedding dim). A prefix the loss never saw is a worse embedding with no warning sign,
@@ -71,6 +79,11 @@ from embed2.eval.retrieval import truncate  # re-exported: the public MRL cut
 from embed2.model import EmbeddingModel, ModelConfig
 
 OVERFLOW_POLICIES = ("truncate", "error")
+# Inputs per row at most, by default (`Embedder(segments=...)`); measured with
+# `python -m embed2.bench.vs_peers` (README, Performance).
+DEFAULT_SEGMENTS = 8
+# Packed rows are at least this long (or max_length), so that short inputs share them.
+DEFAULT_PACK_LENGTH = 128
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -152,13 +165,17 @@ class Embedder:
     mesh: device mesh; default the mesh of the model's parameters (none: the default device).
     on_overflow: "truncate" (cut to max_length, keeping bos and eos, with a warning) or "error"
       (raise ValueError naming the inputs).
+    segments: inputs packed into one row at most (1 = one input per row); the embeddings do not
+      depend on it, the speed does (see the module docstring).
+    pack_length: packed rows are at least this many tokens (clipped to max_length).
   """
 
   def __init__(self, model: EmbeddingModel, tokenizer: Tokenizer, *,
                task_strings: dict[str, str] | None = None, prompts: dict[str, str] | None = None,
                default_prompt_name: str | None = None, max_length: int | None = None,
                batch_size: int = 32, buckets: Sequence[int] | None = None,
-               mesh: jax.sharding.Mesh | None = None, on_overflow: str = "truncate"):
+               mesh: jax.sharding.Mesh | None = None, on_overflow: str = "truncate",
+               segments: int = DEFAULT_SEGMENTS, pack_length: int = DEFAULT_PACK_LENGTH):
     cfg: ModelConfig = model.cfg
     self.model = model
     self.tokenizer = tokenizer
@@ -190,6 +207,11 @@ class Embedder:
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be >= 1")
     self.batch_size = -(-int(batch_size) // shards) * shards
+    self._shards = shards
+    if not isinstance(segments, (int, np.integer)) or segments < 1:
+      raise ValueError(f"segments={segments!r} must be an integer >= 1 (1 = one input per row)")
+    self.segments = int(segments)
+    self.pack_length = min(int(pack_length), self.max_length) if self.segments > 1 else 1
     self.encoder = interleave.InputEncoder(tokenizer, cfg)
     self._media_shapes = packing.media_shapes(cfg) if len(cfg.media.modalities) > 1 else {}
     self._tokenize = pipeline.Tokenize(tokenizer=tokenizer, in_key="text", out_key="tokens",
@@ -198,11 +220,15 @@ class Embedder:
     self._num_traces = 0
     self._graphdef = nnx.graphdef(model)
 
+    # max_segments is parameter-free: the model this Embedder runs pools `segments` slots per row.
+    pooled_cfg = cfg.replace(max_segments=self.segments)
+
     def forward(state, rows):
       self._num_traces += 1  # runs at trace time only: counts compilations
       m = nnx.merge(self._graphdef, state)
-      # Each row is a pack group of its own (its media slots are the row's), one example per row.
-      return m.embed_rows(rows, num_groups=rows["tokens"].shape[0])[:, 0, :]  # (B, d)
+      m.cfg = pooled_cfg
+      # Each row is a pack group of its own (its media slots are the row's).
+      return m.embed_rows(rows, num_groups=rows["tokens"].shape[0])  # (R, S, d)
 
     if self.mesh is not None:
       self._forward = jax.jit(forward, out_shardings=NamedSharding(self.mesh, P()))
@@ -231,7 +257,7 @@ class Embedder:
 
   @property
   def num_compilations(self) -> int:
-    """How many times the forward function was traced (one per new (bucket, batch) shape)."""
+    """How many times the forward function was traced (one per new (rows, bucket, slots) shape)."""
     return self._num_traces
 
   # ----------------------------------------------------------------------------- construction
@@ -246,7 +272,8 @@ class Embedder:
       mesh: where to place the model; default a data-parallel mesh over all devices.
       dtype: compute dtype override ("float32" / "bfloat16"); parameters stay float32.
       rules: logical-axis rules; default `sharding.DEFAULT_RULES`.
-      **kwargs: the constructor's keyword arguments (max_length, batch_size, buckets, on_overflow).
+      **kwargs: the constructor's keyword arguments (max_length, batch_size, buckets, on_overflow,
+        segments, pack_length).
 
     The tokenizer is the checkpoint's own (`tokenizer.checkpoint_tokenizer`); an imported
     sentence-transformers model brings its prompts and its max_seq_length (the default max_length).
@@ -383,28 +410,67 @@ class Embedder:
         raise ValueError(f"inputs[{i}]: token id {bad} ({piece!r}) is outside the model's vocabulary "
                          f"[0, {vocab}); the tokenizer holds ids (e.g. added tokens) the model has no "
                          "rows for")
-    # Similar lengths and media counts share a batch: little padding, few media slots per row.
-    n_img = np.asarray([packing.slot_bucket(e.count(interleave.IMAGE)) for e in encoded])
-    n_aud = np.asarray([packing.slot_bucket(e.count(interleave.AUDIO)) for e in encoded])
-    order = np.lexsort((lengths, n_aud, n_img))
     state = nnx.state(self.model)
-    b = self.batch_size
-    for start in range(0, n, b):
-      idx = order[start:start + b]
-      length = next(x for x in self.buckets if x >= lengths[idx].max())
-      out_nd[idx] = self._run(state, self._rows([encoded[i] for i in idx], length))[:len(idx)]
+    for length, rows in self.plan(encoded):
+      e_rsd = self._run(state, self._rows(encoded, rows, length))
+      for r, row in enumerate(rows):
+        out_nd[row] = e_rsd[r, :len(row)]
     return out_nd
 
-  def _rows(self, batch: Sequence[interleave.Encoded], length: int) -> dict[str, np.ndarray]:
-    """One call's rows (batch_size of them, `length` tokens): one input per row, each row a pack group
-    of its own for its media slots (as many as the batch's most, rounded up to a power of two)."""
-    images = max(packing.slot_bucket(e.count(interleave.IMAGE)) for e in batch)
-    audio = max(packing.slot_bucket(e.count(interleave.AUDIO)) for e in batch)
-    b = self.batch_size
-    rows = packing.RowWriter(b, length, groups=b, images=images, audio=audio, **self._media_shapes)
-    for row, e in enumerate(batch):
-      rows.write(row, 0, 0, np.asarray(e.tokens), e.media, group=row)
-    return rows.arrays()
+  def plan(self, encoded: Sequence[interleave.Encoded]) -> list[tuple[int, list[list[int]]]]:
+    """The calls that embed `encoded`: [(row length, rows)], each row a list of input indices (its
+    segments, at most `segments`, their tokens at most the row length), at most `batch_size` rows.
+
+    Longest first (most images, then audio chunks, then tokens), first fit: the first input of a call
+    sets its length bucket, and every later input goes into the first row with room, or a new row
+    while the call has fewer than batch_size; otherwise the next call starts.
+    """
+    lengths = np.asarray([len(e.tokens) for e in encoded])
+    n_img = np.asarray([e.count(interleave.IMAGE) for e in encoded])
+    n_aud = np.asarray([e.count(interleave.AUDIO) for e in encoded])
+    order = np.lexsort((-np.arange(len(encoded)), lengths, n_aud, n_img))[::-1]  # ties: input order
+    calls, i, n = [], 0, len(order)
+    while i < n:
+      need = max(int(lengths[order[i]]), self.pack_length)
+      length = next(x for x in self.buckets if x >= need)  # buckets end at max_length
+      rows, free = [], []
+      while i < n:
+        k, nk = int(order[i]), int(lengths[order[i]])
+        r = next((r for r in range(len(rows)) if free[r] >= nk and len(rows[r]) < self.segments), -1)
+        if r < 0:
+          if len(rows) == self.batch_size:
+            break
+          rows.append([])
+          free.append(length)
+          r = len(rows) - 1
+        rows[r].append(k)
+        free[r] -= nk
+        i += 1
+      calls.append((length, rows))
+    return calls
+
+  def _rows(self, encoded: Sequence[interleave.Encoded], rows: Sequence[Sequence[int]], length: int
+            ) -> dict[str, np.ndarray]:
+    """One call's rows (`length` tokens; batch_size of them, or for a last call that fills fewer, the
+    power of two that holds them): row r packs inputs rows[r], and is a pack group of its own for
+    their media slots (as many as the call's most per row, rounded up to a power of two)."""
+    def slots(kind):
+      return max(packing.slot_bucket(sum(encoded[k].count(kind) for k in row)) for row in rows)
+    images, audio = slots(interleave.IMAGE), slots(interleave.AUDIO)
+    num_rows = min(self.batch_size, packing.slot_bucket(len(rows)))
+    num_rows = -(-num_rows // self._shards) * self._shards
+    out = packing.RowWriter(num_rows, length, groups=num_rows, images=images, audio=audio,
+                            **self._media_shapes)
+    for r, row in enumerate(rows):
+      start = image_slot = audio_slot = 0
+      for seg, k in enumerate(row):
+        e = encoded[k]
+        out.write(r, start, seg, np.asarray(e.tokens), e.media, group=r, image_slot=image_slot,
+                  audio_slot=audio_slot)
+        start += len(e.tokens)
+        image_slot += e.count(interleave.IMAGE)
+        audio_slot += e.count(interleave.AUDIO)
+    return out.arrays()
 
   def _run(self, state, rows: dict[str, np.ndarray]) -> np.ndarray:
     if self.mesh is None:

@@ -1,7 +1,10 @@
-"""Embedder: equals the training encoder, MRL renormalises, buckets compile once, bad input is refused."""
+"""Embedder: equals the training encoder, MRL renormalises, buckets compile once, packed == unpacked,
+bad input is refused."""
 
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -12,6 +15,8 @@ from embed2.data import tokenizer as tokenizer_lib
 from embed2.data.tokenizer import Tokenizer
 from embed2.inference import Audio, Embedder, Image, InvalidTextError, MissingFrontendError, Text, Video
 from embed2.checkpoint import Checkpointer
+from embed2.model import EmbeddingModel, ModelConfig
+from embed2.model.presets import MediaConfig
 
 TASK = "search"
 TASK_STRING = "task: search result | query: "
@@ -37,10 +42,10 @@ def embedder(ckpt_dir):
 
 @pytest.fixture(scope="module")
 def local_embedder(request, fixture_rng, random_tiny_model):
-  """Single device, small buckets: for counting compilations."""
+  """Single device, small buckets, one input per row: for counting compilations."""
   return Embedder(random_tiny_model(fixture_rng(request)), Tokenizer.default(),
                   task_strings={TASK: TASK_STRING}, batch_size=4, buckets=(16, 32, 64),
-                  max_length=64)
+                  max_length=64, segments=1)
 
 
 def test_from_checkpoint_equals_training_encoder(embedder, rng):
@@ -99,23 +104,84 @@ def test_buckets_compile_once_and_order_is_kept(local_embedder, rng):
   e = local_embedder
   short = [sentence(rng, int(n)) for n in rng.integers(1, 4, 6)]  # <= 16 tokens
   before = e.num_compilations
-  a = e.embed(short)
-  assert e.num_compilations == before + 1
-  e.embed([sentence(rng, 2) for _ in range(9)])  # same bucket, several batches
-  assert e.num_compilations == before + 1
+  a = e.embed(short)  # a call of 4 rows, then one of 2 (the last call's rows: a power of two)
+  assert e.num_compilations == before + 2
+  e.embed([sentence(rng, 2) for _ in range(10)])  # the same bucket: 4 + 4 + 2 rows
+  assert e.num_compilations == before + 2
   long = sentence(rng, 20)
   while len(e.tokenize([long])[0]) <= 40:  # > 32 tokens: the 64 bucket
     long += " " + sentence(rng, 1)
   assert 32 < len(e.tokenize([long])[0]) <= 64
-  mixed = e.embed([short[0], long, short[1]])
-  assert e.num_compilations == before + 2
-  e.embed([long, short[2]])
-  assert e.num_compilations == before + 2
+  mixed = e.embed([short[0], long, short[1], short[2]])  # 4 rows of 64
+  assert e.num_compilations == before + 3
+  e.embed([long, short[2], long, short[3]])
+  assert e.num_compilations == before + 3
   if hasattr(e._forward, "_cache_size"):  # jax's own count of compiled executables agrees
     assert e._forward._cache_size() == e.num_compilations
   # Sorting by length is undone, and padding to a longer bucket does not change a vector.
-  np.testing.assert_allclose(mixed[[0, 2]], a[:2], atol=1e-5)
+  np.testing.assert_allclose(mixed[[0, 2, 3]], a[:3], atol=1e-5)
   np.testing.assert_allclose(mixed[1], e.embed([long])[0], atol=1e-5)
+
+
+def _rel_err(got, want):
+  """max |got - want| / max |want|, in float64."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_packed_equals_unpacked_text(local_embedder, rng):
+  """Several inputs per row (segment ids, restarting positions) embed as each alone in a row."""
+  e = local_embedder
+  packed = Embedder(e.model, e.tokenizer, task_strings={TASK: TASK_STRING}, batch_size=4,
+                    buckets=(16, 32, 64), max_length=64, segments=4, pack_length=64)
+  texts = [sentence(rng, int(n)) for n in rng.integers(1, 14, 23)]
+  encoded = packed.encode(texts, task=TASK)
+  plan = packed.plan(encoded)
+  assert max(len(row) for _, rows in plan for row in rows) > 1, "nothing was packed"
+  assert sorted(k for _, rows in plan for row in rows for k in row) == list(range(len(texts)))
+  for length, rows in plan:
+    assert len(rows) <= 4 and all(len(r) <= 4 and sum(len(encoded[k].tokens) for k in r) <= length
+                                  for r in rows)
+  got = packed.embed(texts, task=TASK)
+  want = e.embed(texts, task=TASK)
+  assert _rel_err(got, want) < 1e-6
+  np.testing.assert_allclose(packed.embed(texts[5:6], task=TASK), want[5:6], rtol=0, atol=1e-6)
+  with pytest.raises(ValueError, match="segments=0 must be an integer >= 1"):
+    Embedder(e.model, e.tokenizer, segments=0)
+
+
+@pytest.fixture(scope="module")
+def media_model(request, fixture_rng):
+  """A tiny model with image (patch) and audio (conv) frontends, every parameter random."""
+  rng = fixture_rng(request)
+  media = MediaConfig(image_frontend="patch", audio_frontend="conv", image_size=16, patch_size=4,
+                      image_tokens=4, sample_rate=8000, n_mels=16, n_fft=128, hop_length=64,
+                      audio_chunk_frames=24, max_audio_chunks=3)
+  cfg = ModelConfig.from_name("tiny", vocab_size=Tokenizer.default().vocab_size, max_length=128,
+                              media=media)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: EmbeddingModel(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape).astype(x.dtype)), state))
+
+
+def test_packed_equals_unpacked_media(media_model, rng):
+  """Images and audio chunks of packed inputs go to their own row's slots: the same vectors."""
+  tok = Tokenizer.default()
+
+  def image():
+    return Image(pixels=rng.integers(0, 256, (int(rng.integers(8, 24)), 12, 3), dtype=np.uint8))
+
+  def audio():
+    return Audio(samples=rng.uniform(-0.5, 0.5, int(rng.integers(800, 3000))).astype(np.float32),
+                 sample_rate=8000)
+
+  inputs = [image(), sentence(rng, 3), [image(), "and", audio()], audio(), [sentence(rng, 2), image()],
+            sentence(rng, 6), [audio(), image(), image()], image()]
+  one = Embedder(media_model, tok, batch_size=4, segments=1)
+  packed = Embedder(media_model, tok, batch_size=4, segments=4, pack_length=128)
+  plan = packed.plan(packed.encode(inputs))
+  assert max(len(row) for _, rows in plan for row in rows) > 1, "nothing was packed"
+  assert _rel_err(packed.embed(inputs), one.embed(inputs)) < 1e-6
 
 
 def test_bad_inputs(local_embedder, rng):

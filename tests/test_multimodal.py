@@ -106,8 +106,9 @@ def test_image_alone_and_interleaved_use_the_same_frontend_path(tok, cfg, model)
   img = _image(rng)
   emb = Embedder(model, tok, batch_size=4)
   alone, inter = emb.encode([img, ["a caption first", img, "and after"]])
-  side = emb._rows([alone, inter], 64)
-  soft, mask = model.soft_inputs({k: jnp.asarray(v) for k, v in side.items()}, num_groups=4)
+  side = emb._rows([alone, inter], [[0], [1]], 64)  # one input per row, each row its own group
+  soft, mask = model.soft_inputs({k: jnp.asarray(v) for k, v in side.items()},
+                                 num_groups=side["tokens"].shape[0])
   direct = model.image_frontend(jnp.asarray(alone.media[0].array)[None])[0]
   for row, e in enumerate((alone, inter)):
     m = e.media[0]
