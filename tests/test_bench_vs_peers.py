@@ -1,39 +1,87 @@
 """`python -m embed2.bench.vs_peers` runs at toy size: the same random model in sentence-transformers /
-PyTorch and in embed2 gives the same embeddings and first-step loss, and the JSON has the speed fields
-(no timing assertions)."""
+PyTorch and in embed2 gives the same token ids, embeddings and first-step loss in every regime, each
+contender in its own process, and the JSON has the speed and load fields (no timing assertions)."""
 
 import json
+import os
 
+import numpy as np
 import pytest
 
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("torch")
 
 from embed2.bench import vs_peers as bench  # pylint: disable=g-import-not-at-top
+from embed2.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
 
 
-def test_word_tokenizers_agree():
-  vocab = bench.word_vocab(64)
-  ours, theirs = bench.WordTokenizer(vocab), bench.hf_tokenizer(vocab, max_len=16)
-  for text in ("w1 w2 w30", "w59  w0\tw7", "unknown w3"):
-    assert theirs(text)["input_ids"] == [2] + ours.encode(text) + [1]
-  assert ours.encode("unknown") == [3]
+@pytest.fixture(scope="module")
+def tokenizer_json():
+  return tok_lib.sentencepiece_to_hf(tok_lib.Tokenizer.default())[0]
+
+
+def test_tokenizers_agree_and_mix_words_are_tokens(tokenizer_json, rng):
+  """transformers' fast tokenizer of the tokenizer.json (sentence-transformers' side) == embed2's."""
+  theirs = bench.hf_tokenizer(tokenizer_json, max_len=512)
+  ours = tok_lib.Tokenizer.default()
+  vocab = theirs.get_vocab()
+  texts = bench.mix_texts(rng, 20, vocab, median_words=12, max_words=40)
+  texts += ['def read(path):\n    """Read a tar file."""\n  return  <bos> x', "déjà vu \t 🦜"]
+  for text in texts:
+    assert theirs(text)["input_ids"] == [tok_lib.BOS_ID] + ours.encode(text) + [tok_lib.EOS_ID], text
+  # The mix's words are whole-word pieces: about one token each.
+  words = sum(len(t.split()) for t in texts[:20])
+  tokens = sum(len(ours.encode(t)) for t in texts[:20])
+  assert words <= tokens <= 1.5 * words
+
+
+def test_thread_settings_are_every_count_up_to_the_cores():
+  args = bench._args([])
+  assert args.threads == list(range(1, min(os.cpu_count(), 4) + 1))
+  assert bench._args(["--threads=2,1,2"]).threads == [1, 2]
+  assert bench._args(["--toy"]).threads == [1]
 
 
 def test_bench_runs_and_outputs_agree(tmp_path):
   out = tmp_path / "vs_peers.json"
-  result = bench.main(["--toy", f"--out={out}"])
+  result = bench.main(["--toy", "--noonnx", f"--out={out}"])
   data = json.loads(out.read_text())
   assert data == result
-  inf = data["inference"]
-  assert "refused" not in inf, inf
-  assert inf["max_abs_diff"] < 1e-4
-  assert inf["speedup"] > 0
-  for tool in ("embed2", "sentence_transformers"):
-    assert inf[tool]["texts_per_s"] > 0 and inf[tool]["tokens_per_s"] > 0
+  assert data["onnx"] == "skipped: --noonnx"
+  assert data["embed2"]["segments"] > 1  # packed inference is the default
+  for regime in bench.REGIMES:
+    inf = data["inference"][regime]
+    assert not inf["refused"], inf
+    assert set(inf["max_abs_diff"]) == {"embed2", "embed2_unpacked", "st_torch_1t"}
+    assert max(inf["max_abs_diff"].values()) < 1e-4
+    assert inf["vs_fastest_st_torch"] > 0 and inf["packing_gain"] > 0
+    for tool in ("embed2", "embed2_unpacked", "st_torch_1t"):
+      assert inf[tool]["texts_per_s"] > 0 and inf[tool]["tokens_per_s"] > 0
+    assert set(inf["load"]) == {"load_before", "load_after", "cpus", "busy"}
+  lo, _, hi = data["inference"]["queries"]["tokens_min_median_max"]
+  assert bench.QUERY_TOKENS[0] <= lo and hi <= bench.QUERY_TOKENS[1]
+  assert data["inference"]["documents"]["tokens_min_median_max"][0] == 64  # cut to the toy's --max_len
   tr = data["train"]
-  assert "refused" not in tr, tr
-  assert tr["first_step"]["loss_abs_diff"] < 1e-4
-  assert tr["first_step"]["grad_norm_rel_diff"] < 1e-3
-  assert tr["speedup"] > 0 and tr["embed2"]["examples_per_s"] > 0 and tr["torch"]["examples_per_s"] > 0
-  assert data["threads"]["torch"] >= 1
+  assert not tr["refused"], tr
+  fs = tr["first_step"]["torch_1t"]
+  assert fs["loss_abs_diff"] < 1e-4 and fs["grad_norm_rel_diff"] < 1e-3
+  assert tr["vs_fastest_torch"] > 0 and tr["embed2"]["examples_per_s"] > 0
+  assert tr["torch_1t"]["examples_per_s"] > 0
+
+
+def test_onnx_backbone_agrees_with_torch(tmp_path, tokenizer_json):
+  """The ONNX Runtime contender: the exported backbone inside sentence-transformers embeds as torch."""
+  missing = bench.onnx_missing()
+  if missing:
+    pytest.skip(f"the ONNX Runtime contender needs {missing}")
+  from sentence_transformers import SentenceTransformer  # pylint: disable=g-import-not-at-top
+  args = bench._args(["--toy"])
+  st_dir = bench.build_sentence_transformer(bench.model_config(args), str(tmp_path), max_len=64,
+                                            tokenizer_json=tokenizer_json, seed=3)
+  bench.export_onnx(st_dir)
+  st = SentenceTransformer(st_dir, device="cpu", local_files_only=True)
+  texts = ["read a tar file", "the socket server and its client threads " * 3, "x"]
+  want = st.encode(texts, batch_size=2, convert_to_numpy=True)
+  st[0].model = bench.ort_backbone(os.path.join(st_dir, "onnx", "model.onnx"), 1, st[0].model.config)
+  got = st.encode(texts, batch_size=2, convert_to_numpy=True)
+  assert np.abs(got - want).max() < 1e-5
