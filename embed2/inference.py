@@ -43,7 +43,7 @@ to any other input.
 Batching: inputs are taken longest first (media counts first) and placed first-fit into the rows of a
 call: `batch_size` rows of the smallest length bucket that holds the call's longest input (packed: at
 least `pack_length` tokens, so short inputs share rows). The last call gets as many rows as it fills,
-rounded up to a power of two. One function is compiled per (rows, bucket, media slots) shape, and
+rounded up to a multiple of batch_size / 4. One function is compiled per (rows, bucket, media slots) shape, and
 jax's cache keeps it for every later call with the same shapes (`Embedder.num_compilations` counts
 traces).
 
@@ -451,14 +451,15 @@ class Embedder:
 
   def _rows(self, encoded: Sequence[interleave.Encoded], rows: Sequence[Sequence[int]], length: int
             ) -> dict[str, np.ndarray]:
-    """One call's rows (`length` tokens; batch_size of them, or for a last call that fills fewer, the
-    power of two that holds them): row r packs inputs rows[r], and is a pack group of its own for
+    """One call's rows (`length` tokens; batch_size of them, or for a last call that fills fewer, that
+    many rounded up to a multiple of batch_size / 4): row r packs inputs rows[r], and is a pack group of its own for
     their media slots (as many as the call's most per row, rounded up to a power of two)."""
     def slots(kind):
       return max(packing.slot_bucket(sum(encoded[k].count(kind) for k in row)) for row in rows)
     images, audio = slots(interleave.IMAGE), slots(interleave.AUDIO)
-    num_rows = min(self.batch_size, packing.slot_bucket(len(rows)))
-    num_rows = -(-num_rows // self._shards) * self._shards
+    step = max(1, self.batch_size // 4)  # few row counts to compile, few empty rows to compute
+    num_rows = -(-len(rows) // step) * step
+    num_rows = min(self.batch_size, -(-num_rows // self._shards) * self._shards)
     out = packing.RowWriter(num_rows, length, groups=num_rows, images=images, audio=audio,
                             **self._media_shapes)
     for r, row in enumerate(rows):

@@ -104,7 +104,7 @@ def test_buckets_compile_once_and_order_is_kept(local_embedder, rng):
   e = local_embedder
   short = [sentence(rng, int(n)) for n in rng.integers(1, 4, 6)]  # <= 16 tokens
   before = e.num_compilations
-  a = e.embed(short)  # a call of 4 rows, then one of 2 (the last call's rows: a power of two)
+  a = e.embed(short)  # a call of 4 rows, then one of 2 (the last call: the rows it fills)
   assert e.num_compilations == before + 2
   e.embed([sentence(rng, 2) for _ in range(10)])  # the same bucket: 4 + 4 + 2 rows
   assert e.num_compilations == before + 2
