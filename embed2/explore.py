@@ -14,7 +14,7 @@ Four parts, one concept (inspecting a trained model):
                     cannot read yet (`MissingFrontendError`) becomes a printed note, not a crash, so
                     the notebook shows more as frontends arrive without being edited.
   analysis          cosine similarity, a PCA 2-D map, the MRL curve (retrieval quality per dim),
-                    training curves from a workdir's metrics.jsonl.
+                    training curves from a workdir's metrics (`metrics_writer.read_metrics`).
   plots             matplotlib figures of the above (matplotlib is imported only by them: the
                     `notebook` extra).
 """
@@ -24,15 +24,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from embed2.eval import bm25
 from embed2.eval import metrics as metrics_lib
 from embed2.eval import retrieval
 from embed2.inference import Audio, Image, MissingFrontendError, Text, Video
+from embed2.train import metrics_writer
 
 # ------------------------------------------------------------------------------ generated media
 
@@ -291,12 +292,15 @@ def bm25_scores(queries: Sequence[str], corpus: Sequence[str], relevance: metric
   return {n: float(m[n]) for n in names}
 
 
-def find_workdir(path: str | os.PathLike, levels: int = 3) -> pathlib.Path | None:
-  """The training workdir of a checkpoint path: the path or its nearest parent (up to `levels`
-  above) holding metrics.jsonl. Works for a workdir, its checkpoints/, a step, or its soup/."""
-  p = pathlib.Path(path).resolve()
+def find_workdir(path: str | os.PathLike, levels: int = 3) -> epath.Path | None:
+  """The training workdir of a checkpoint path (local or gs:// / s3://): the path or its nearest
+  parent (up to `levels` above) holding training metrics (`metrics_writer.has_metrics`). Works for a
+  workdir, its checkpoints/, a step, or its soup/."""
+  p = epath.Path(path)
+  if not metrics_writer.is_remote(p):
+    p = p.resolve()
   for cand in [p, *p.parents][:levels + 1]:
-    if (cand / "metrics.jsonl").is_file():
+    if metrics_writer.has_metrics(cand):
       return cand
   return None
 

@@ -32,7 +32,7 @@ from embed2 import soup as soup_lib
 from embed2.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and eval results go.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and eval results go (a local path, gs:// or s3://).")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
