@@ -7,7 +7,7 @@
 
 Inputs are strings or items (`Text`, `Image`, `Audio`, `Video`), or a list of items for one
 interleaved input. They are encoded by the training pipeline's own transforms
-(`embed2.data.pipeline.PrependTaskString` and `Tokenize`, which hands media to
+(`embed2.data.transforms.PrependTaskString` and `Tokenize`, which hands media to
 `embed2.data.interleave.InputEncoder`), so an input gets exactly the token ids and media it would get
 in a training batch, and the embedding equals the train step's for the same input and task string.
 A modality the model has no frontend for raises `MissingFrontendError`; media that cannot be read
@@ -68,7 +68,7 @@ from embed2 import checkpoint as ckpt_lib
 from embed2 import sharding
 from embed2.data import interleave
 from embed2.data import packing
-from embed2.data import pipeline
+from embed2.data import transforms
 from embed2.data import segments
 from embed2.data.segments import (Audio, Image, MediaError, MissingFrontendError, Text, Video,  # pylint: disable=unused-import
                                   missing_frontend)
@@ -214,7 +214,7 @@ class Embedder:
     self.pack_length = min(int(pack_length), self.max_length) if self.segments > 1 else 1
     self.encoder = interleave.InputEncoder(tokenizer, cfg)
     self._media_shapes = packing.media_shapes(cfg) if len(cfg.media.modalities) > 1 else {}
-    self._tokenize = pipeline.Tokenize(tokenizer=tokenizer, in_key="text", out_key="tokens",
+    self._tokenize = transforms.Tokenize(tokenizer=tokenizer, in_key="text", out_key="tokens",
                                        truncated_key="truncated", max_length=self.max_length,
                                        encoder=self.encoder)
     self._num_traces = 0

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from PIL import Image as PILImage
 
-from embed2.data import interleave, packing, pipeline, segments
+from embed2.data import interleave, packing, pipeline, segments, transforms
 from embed2.data import tokenizer as tok_lib
 from embed2.data.segments import Audio, Image, MediaError, MissingFrontendError, Text, Video
 from embed2.data.tokenizer import Tokenizer
@@ -321,9 +321,9 @@ def test_errors_name_the_callers_index_and_text_items_tokenize_as_in_training(to
     emb.embed(["ok", [Image(data=b"not an image"), "hello"]], task="t")
   # A Text item (or a text-only list) is one text, in Embedder and in the training pipeline alike.
   item = Text(text="red circle")
-  tokenize = pipeline.Tokenize(tokenizer=tok, in_key="q", out_key="q_tokens", truncated_key="t",
+  tokenize = transforms.Tokenize(tokenizer=tok, in_key="q", out_key="q_tokens", truncated_key="t",
                                max_length=32, encoder=interleave.InputEncoder(tok, cfg))
-  prepend = pipeline.PrependTaskString(task_string="find: ", key="q")
+  prepend = transforms.PrependTaskString(task_string="find: ", key="q")
   trained = tokenize.map(prepend.random_map({"q": [item, " now"]}, np.random.default_rng(0)))
   np.testing.assert_array_equal(trained["q_tokens"], emb.tokenize([[item, " now"]], task="t")[0])
   np.testing.assert_array_equal(trained["q_tokens"], emb.tokenize(["red circle now"], task="t")[0])

@@ -446,7 +446,7 @@ def test_read_and_skipped_are_counted_when_a_record_is_pulled(rng, w):
   for i, ex in enumerate(examples):
     ex["query_id"] = i
   kinds = rng.choice(["good", "bad", "oversize"], size=len(examples), p=[0.7, 0.25, 0.05])
-  for i in np.flatnonzero(kinds == "bad"):  # what pipeline.Tokenize makes of an undecodable record
+  for i in np.flatnonzero(kinds == "bad"):  # what transforms.Tokenize makes of an undecodable record
     examples[i] = {packing.SKIPPED: f"record {i}: corrupt image", "query_id": i}
   for i in np.flatnonzero(kinds == "oversize"):  # more images than the side has slots (none)
     examples[i]["query_media"] = (Media(kind="image", array=np.zeros((2, 2, 3), np.uint8),

@@ -12,6 +12,7 @@ from scipy import stats as scipy_stats
 
 from embed2.data import packing
 from embed2.data import pipeline as P
+from embed2.data import transforms
 from embed2.data.tokenizer import BOS_ID, EOS_ID
 
 
@@ -80,7 +81,7 @@ def _assert_same(batches_a, batches_b):
 
 
 def test_tokenize_bos_eos_and_truncation():
-  tok = P.Tokenize(tokenizer=ByteTokenizer(), in_key="query",
+  tok = transforms.Tokenize(tokenizer=ByteTokenizer(), in_key="query",
                    out_key="query_tokens", truncated_key="query_truncated",
                    max_length=8)
   out = tok.map({"query": "abc"})
@@ -91,14 +92,14 @@ def test_tokenize_bos_eos_and_truncation():
   np.testing.assert_array_equal(
       out["query_tokens"], [BOS_ID] + [c + 3 for c in b"abcdef"] + [EOS_ID])
   assert out["query_truncated"] == 1
-  negs = P.Tokenize(tokenizer=ByteTokenizer(), in_key="negatives",
+  negs = transforms.Tokenize(tokenizer=ByteTokenizer(), in_key="negatives",
                     out_key="negative_tokens", truncated_key="neg_trunc",
                     max_length=4, max_items=2)
   out = negs.map({"negatives": ["a", "bcdef", "zzz"]})
   assert len(out["negative_tokens"]) == 2 and out["neg_trunc"] == 1
   assert negs.map({})["negative_tokens"] == []
   with pytest.raises(ValueError, match="set the side's length"):
-    P.Tokenize(tokenizer=ByteTokenizer(), in_key="q", out_key="t",
+    transforms.Tokenize(tokenizer=ByteTokenizer(), in_key="q", out_key="t",
                truncated_key="x", max_length=2)
 
 
@@ -108,7 +109,7 @@ def test_tokenize_long_text_cut_matches_full(tokenizer):
   words = ["a", "bb", "ccc", "dddd", " ", "   "]
   long_text = "".join(rng.choice(words, 5000))
   spaces = " " * 3000 + "x y"  # whitespace collapses: the cut falls back
-  tok = P.Tokenize(tokenizer=tokenizer, in_key="t", out_key="o",
+  tok = transforms.Tokenize(tokenizer=tokenizer, in_key="t", out_key="o",
                    truncated_key="tr", max_length=16)
   for text in (long_text, spaces):
     full = tokenizer.encode(text)
@@ -121,7 +122,7 @@ def test_tokenize_long_text_cut_matches_full(tokenizer):
 def test_task_string_drop_rate_and_determinism():
   rng = np.random.default_rng(1)
   exs = _examples(rng, 50, "q")
-  t = P.PrependTaskString(task_string="task: x | query: ", p_drop=0.3)
+  t = transforms.PrependTaskString(task_string="task: x | query: ", p_drop=0.3)
   ds = grain.MapDataset.source(exs).repeat().random_map(t, seed=7)
   out = [ds[i] for i in range(4000)]
   kept = np.array([o["task_string_kept"] for o in out])

@@ -178,19 +178,19 @@ def length_tuples(args, rng: np.random.Generator, n: int, vocab_size: int) -> li
                                query_median=max(3.0, 0.14 * l), passage_median=max(3.0, 0.27 * l),
                                vocab_size=vocab_size)
   from data_pipelines import tasks  # pylint: disable=g-import-not-at-top
-  from embed2.data import pipeline  # pylint: disable=g-import-not-at-top
+  from embed2.data import transforms  # pylint: disable=g-import-not-at-top
   from embed2.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   examples = tasks.build_task("stdlib_code_search", "train")
   tok = Tokenizer.default()
   if tok.vocab_size > vocab_size:
     raise ValueError(f"--lengths=demo uses the package tokenizer ({tok.vocab_size} ids) but the model "
                      f"has vocab_size={vocab_size}; pick a preset with a larger vocabulary")
-  maps = [pipeline.Tokenize(tokenizer=tok, in_key="query", out_key="query_tokens",
+  maps = [transforms.Tokenize(tokenizer=tok, in_key="query", out_key="query_tokens",
                             truncated_key="query_truncated", max_length=l),
-          pipeline.Tokenize(tokenizer=tok, in_key="positive", out_key="positive_tokens",
+          transforms.Tokenize(tokenizer=tok, in_key="positive", out_key="positive_tokens",
                             truncated_key="positive_truncated", max_length=l)]
   if k:
-    maps.append(pipeline.Tokenize(tokenizer=tok, in_key="negatives", out_key="negative_tokens",
+    maps.append(transforms.Tokenize(tokenizer=tok, in_key="negatives", out_key="negative_tokens",
                                   truncated_key="negative_truncated", max_length=l, max_items=k))
   out = []
   for i in rng.permutation(len(examples))[:n]:

@@ -24,7 +24,7 @@ that fit, an audio item the chunks that fit, each still closed by its end token)
 the first item that did not fit is dropped, and `truncated` says so. Audio longer than
 `max_audio_chunks` chunks is cut to them (a budget, like video frame sampling: `cut`, not
 `truncated`), and the items after it still follow. A plain string encodes exactly as
-`pipeline.Tokenize` does ([bos] + ids + [eos], or the tokenizer's own frame), so text-only training
+`transforms.Tokenize` does ([bos] + ids + [eos], or the tokenizer's own frame), so text-only training
 is unchanged.
 
 The boundary tokens are the tokenizer's (`special_id`). A Hugging Face tokenizer.json may lack some

@@ -310,7 +310,7 @@ def _check_tokens(side: str, toks: np.ndarray, length: int):
   if toks.ndim != 1 or toks.size == 0 or toks.size > length:
     raise ValueError(
         f"{side} sequence of shape {toks.shape} does not fit length={length}; "
-        "tokenize with truncation to the side's length (pipeline.Tokenize) and "
+        "tokenize with truncation to the side's length (transforms.Tokenize) and "
         "never emit empty sequences.")
 
 
