@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Sequence
 
+from data_pipelines import hard_negatives
 from data_pipelines import media_datasets
 from data_pipelines import media_tasks
 from data_pipelines import stdlib_tasks
@@ -23,6 +24,8 @@ TASKS: dict[str, Callable[..., TaskSource]] = {
     "stdlib_code_search": functools.partial(stdlib_tasks.load_task, "code_search"),
     "stdlib_doc_retrieval": functools.partial(stdlib_tasks.load_task, "doc_retrieval"),
     "stdlib_module_cls": functools.partial(stdlib_tasks.load_task, "module_classification"),
+    # The retrieval tasks with BM25-mined hard negatives (data_pipelines/hard_negatives.py).
+    **hard_negatives.TASKS,
     # Generated, for tests and quick checks.
     "synthetic_pairs": functools.partial(synthetic.word_pairs, size=512),
     "synthetic_labels": functools.partial(synthetic.word_pairs, size=512, num_labels=6),

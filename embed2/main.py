@@ -121,12 +121,13 @@ def unprefixed(results: dict[str, float]) -> dict[str, float]:
 
 
 def variant_config(config, variant, workdir):
-  """The config of one fine-tuning variant: the last stage again, from the previous stage's export,
-  with the variant's overrides (`tasks` rates, `seed`, `optim` fields)."""
+  """The config of one fine-tuning variant: the last stage again, from the previous stage's export (a
+  one-stage run: from its `config.init_from`, e.g. a pretrained import), with the variant's overrides
+  (`tasks` rates, `seed`, `optim` fields)."""
   config = trainer.normalize(config)
-  if len(config.stages) < 2:
-    raise ValueError("config.soup.variants re-run the last stage from the one before it; "
-                     "config.stages needs at least two stages")
+  if len(config.stages) < 2 and not config.get("init_from"):
+    raise ValueError("config.soup.variants re-run the last stage from the one before it, or from "
+                     "config.init_from; give config.stages two stages or set config.init_from")
   v = trainer.normalize(config)
   last = v.stages[-1]
   with v.unlocked():
@@ -137,12 +138,14 @@ def variant_config(config, variant, workdir):
     if "seed" in variant:
       v.seed = int(variant["seed"])
     v.stages = [last]
-    v.init_from = str(trainer.stage_export_path(workdir, config.stages[-2].name))
+    if len(config.stages) > 1:
+      v.init_from = str(trainer.stage_export_path(workdir, config.stages[-2].name))
   return v
 
 
-def run_soup(config, workdir, data, eval_fn) -> dict[str, Any]:
-  """Fine-tunes each variant of `config.soup.variants`, soups them with the main run, evaluates all."""
+def run_soup(config, workdir, data, eval_fn, main_eval: dict[str, float] | None = None) -> dict[str, Any]:
+  """Fine-tunes each variant of `config.soup.variants`, soups them with the main run, evaluates all
+  (the main run by `main_eval`, its end-of-stage results, when given: the same model)."""
   workdir = epath.Path(workdir)
   ingredients = {config.stages[-1].name: workdir / "checkpoints"}
   for variant in config.soup.variants:
@@ -168,6 +171,9 @@ def run_soup(config, workdir, data, eval_fn) -> dict[str, Any]:
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = tuple(tuple(r) for r in config.sharding_rules)
     for name, path in list(ingredients.items()) + [("soup", out)]:
+      if name == config.stages[-1].name and main_eval:
+        results[name] = unprefixed(main_eval)
+        continue
       model, _ = ckpt_lib.load_model(path, mesh=mesh, rules=rules)
       results[name] = unprefixed(eval_fn(model, 0, f"soup_{name}"))
     if jax.process_index() == 0:
@@ -206,7 +212,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       (epath.Path(workdir) / "eval" / "final.json").write_text(json.dumps(final, indent=1, sort_keys=True))
       print(evaluate.format_table(unprefixed(final)))
   if config.get("soup") and config.soup.get("variants"):
-    summary["soup"] = run_soup(config, workdir, data, eval_fn)
+    summary["soup"] = run_soup(config, workdir, data, eval_fn, main_eval=summary.get("eval"))
   return summary
 
 
