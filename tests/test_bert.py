@@ -19,6 +19,7 @@ from flax import nnx
 
 from embed2 import convert
 from embed2.convert import layout
+from embed2.data import tokenizer as tok_lib
 from embed2.inference import Embedder
 from embed2.model import EmbeddingModel
 
@@ -156,3 +157,13 @@ def test_minilm_export_reproduces_in_sentence_transformers(minilm, rng, tmp_path
   back.max_seq_length = 512
   texts = _texts(rng)
   assert _rel_err(back.encode(texts), st.encode(texts)).max() < 1e-6
+
+
+def test_minilm_modality_tokens_take_unused_slots(minilm):
+  _, out, _, st = minilm
+  tok = Embedder.from_checkpoint(out).tokenizer
+  vocab = st.tokenizer.get_vocab()
+  assert tok.special_ids == {name: vocab[f"[unused{i}]"] for i, name in enumerate(tok_lib.SPECIAL_TOKENS)}
+  # user text cannot forge one: the slot's spelling is split into ordinary pieces
+  ids = tok.encode("[unused1] <start_of_image>")
+  assert not set(ids) & set(tok.special_ids.values())

@@ -25,7 +25,10 @@ Special tokens (`SPECIAL_TOKENS`) mark modality boundaries in a packed sequence:
   that sentencepiece alone would match. A document cannot forge a modality boundary. `decode`
   renders every special id as its name.
 - tokenizer.json: a special token is the vocabulary entry of that name (`<soft_token>` may also be
-  Gemma 3's `<image_soft_token>`); nothing is appended. A tokenizer without a modality's tokens
+  Gemma 3's `<image_soft_token>`); nothing is appended. A vocabulary with BERT's reserved slots
+  (`[unused0]`, `[unused1]`, ...) gives the tokens it lacks the first free ones, in `SPECIAL_TOKENS`
+  order (all-MiniLM-L6-v2: `<soft_token>` = `[unused0]` = 1, ..., `<timestamp>` = `[unused7]` = 8);
+  BERT's pre-tokenizer splits "[unused0]" in user text at the brackets, so text cannot forge them. A tokenizer without a modality's tokens
   embeds text; `special_id` of a missing one raises KeyError (the encoder turns it into a clear
   error naming the input). User text is tokenized exactly as `transformers` does it, added tokens
   included (unless the folder's tokenizer_config.json sets `split_special_tokens`).
@@ -508,6 +511,8 @@ class SentencePieceTokenizer(Tokenizer):
 
 # Names a special token may have in a Hugging Face vocabulary besides its own.
 _HF_ALIASES = {SOFT_TOKEN: (SOFT_TOKEN, "<image_soft_token>")}
+# Reserved vocabulary entries (BERT's WordPiece vocabularies) that modality tokens may take.
+_RESERVED_SLOT = "[unused{}]"
 # Texts that decide a tokenizer.json's framing (prefix and suffix ids around any text).
 _FRAMING_PROBES = ("a", "Hello world, 12 tokens.")
 
@@ -572,6 +577,16 @@ class HFTokenizer(Tokenizer):
         if i is not None:
           self._special_ids[name] = i
           break
+    slot = 0
+    for name in special_tokens:  # the ones the vocabulary lacks take its reserved slots, if it has any
+      if name in self._special_ids:
+        continue
+      while (i := tk.token_to_id(_RESERVED_SLOT.format(slot))) is not None and i in self._special_ids.values():
+        slot += 1
+      if i is None:
+        break
+      self._special_ids[name] = i
+      slot += 1
     self._special_names = {i: name for name, i in self._special_ids.items()}
     self._prefix, self._suffix = self._find_framing()
 
