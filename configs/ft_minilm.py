@@ -59,3 +59,9 @@ def tasks(b: int, max_length: int) -> config_dict.ConfigDict:
   t.module_cls = dict(source="stdlib_module_cls", task_string="", p_drop=0.0, batch_size=2 * b, query_len=96,
                       positive_len=48, segments=8)
   return t
+
+
+def sweep(arg: str | None = None) -> list[dict]:
+  """FT learning rate x seed."""
+  del arg
+  return [{"seed": s, "stages[0].optim.learning_rate": lr} for s in (0, 1) for lr in (2e-5, 5e-5, 1e-4)]

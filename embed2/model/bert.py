@@ -32,11 +32,7 @@ from embed2 import sharding
 from embed2.model import attention
 from embed2.model.presets import ModelConfig
 from embed2.model.transformer import _DTYPES, _param, _remat, check_inputs
-from embed2.model.vision import LayerNorm
-
-
-def _zeros(shape, axes):
-  return nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=axes)
+from embed2.model.vision import LayerNorm, _zeros
 
 
 class BertAttention(nnx.Module):
