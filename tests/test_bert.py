@@ -152,6 +152,10 @@ def test_minilm_export_reproduces_in_sentence_transformers(minilm, rng, tmp_path
   src, out, _, st = minilm
   res = convert.export_sentence_transformers(out, tmp_path / "st")
   assert res["modules"][-1].endswith("Normalize")
+  # every tensor BertModel builds is written (the unused pooler as zeros): nothing loads at random
+  names = set(convert.read_safetensors_header(tmp_path / "st" / "model.safetensors"))
+  assert names == {n for n in transformers.BertModel(transformers.BertConfig.from_pretrained(str(src))).state_dict()
+                   if not n.endswith("position_ids")}
   back = sentence_transformers.SentenceTransformer(str(tmp_path / "st"), device="cpu")
   assert back.max_seq_length == 256
   back.max_seq_length = 512

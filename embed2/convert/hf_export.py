@@ -13,6 +13,7 @@ prompt_name=TASK)` applies as `Embedder.embed(..., task=TASK)` does).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -103,10 +104,12 @@ def export_sentence_transformers(ckpt: str | os.PathLike, out: str | os.PathLike
   np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
   dense_dirs = [f"{j + 2}_Dense" for j in range(len(cfg.head_dims))]
 
-  def write(path, entries, rename=lambda n: n):
-    specs = [(rename(e.hf_name), e.hf_shape, np_dtype) for e in entries]
+  def write(path, entries, rename=lambda n: n, zeros=()):
+    specs = [(rename(e.hf_name), e.hf_shape, np_dtype) for e in entries] + [(n, s, np_dtype) for n, s in zeros]
     # One tensor at a time: gathered from its shards, laid out as HF, cast, written, dropped.
-    arrays = (e.to_hf(np.asarray(jax.device_get(get_path(params, e.path)))).astype(np_dtype) for e in entries)
+    arrays = itertools.chain(
+        (e.to_hf(np.asarray(jax.device_get(get_path(params, e.path)))).astype(np_dtype) for e in entries),
+        (np.zeros(s, np_dtype) for _, s in zeros))
     write_safetensors(path, specs, arrays)
 
   modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -120,7 +123,11 @@ def export_sentence_transformers(ckpt: str | os.PathLike, out: str | os.PathLike
     for name, content in tok_files.items():
       (tmp / name).write_bytes(content)
     folders.check_exported_tokenizer(tmp, tokenizer, prompts)  # before the weights: a refusal costs little
-    write(tmp / "model.safetensors", text_entries(cfg))
+    # BertModel always builds its pooler ([CLS] -> dense -> tanh), which no embedding reads: written as
+    # zeros, so loading the export initialises nothing at random (and reports nothing missing).
+    pooler = ((("pooler.dense.weight", (cfg.model_dim, cfg.model_dim)), ("pooler.dense.bias", (cfg.model_dim,)))
+              if cfg.arch == "bert" else ())
+    write(tmp / "model.safetensors", text_entries(cfg), zeros=pooler)
     (tmp / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
                                                                "do_lower_case": False}, indent=2))
     (tmp / "1_Pooling").mkdir()
