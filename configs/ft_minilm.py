@@ -21,28 +21,41 @@ negative each; module classification's short rows take twice the examples). The 
 FT from the same import with another seed and documentation-heavy rates; the soup averages the two FT
 runs (embed2/main.py). The FT run, the variant and the soup are each evaluated on the demo suite's
 held-out stdlib splits (nDCG@10 against BM25).
+
+`media=true` adds the demo's image / audio frontends and media tasks (configs/demo.py), which start
+fresh on top of the pretrained text tower (the modality tokens take BERT's [unused*] slots) and take
+half of the FT steps; the evaluation then covers the demo's cross-modal tasks as well.
 """
 
 from ml_collections import config_dict
 
 from configs import common
+from configs import demo
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   k = common.parse_arg(arg, ckpt="/tmp/minilm_embed2", steps=16, batch=32, lr=5e-5, seed=0, max_length=256,
-                       soup=True, data=-1, fsdp=1, tensor=1)
+                       soup=True, media=False, data=-1, fsdp=1, tensor=1)
   model = common.model("all-minilm-l6-v2", max_length=k.max_length, max_segments=8)
   ft = config_dict.ConfigDict()
   ft.name, ft.mode, ft.steps = "ft", "ft", k.steps
   ft.tasks = dict(code_search=0.5, doc_retrieval=0.3, module_cls=0.2)
+  if k.media:  # the demo's frontends start fresh on the pretrained text tower; text keeps half the steps
+    model.media = demo.MEDIA
+    ft.tasks = {**{n: r / 2 for n, r in ft.tasks.items()}, **demo.MEDIA_RATES}
   ft.optim = dict(learning_rate=k.lr, warmup_steps=max(k.steps // 8, 1), decay="cosine", final_lr_ratio=0.1,
                   weight_decay=0.01)
   ft.freeze = ()
   c = common.converted_gemma(k, model, [ft], save_every=1000, keep=1)
   c.tasks = tasks(k.batch, k.max_length)
+  if k.media:
+    for name, task in demo.media_tasks(k.batch).items():
+      c.tasks[name] = dict(task, task_string="", p_drop=0.0)
   c.eval_every = 0  # at the end of the stage only
   c.log_every = 4
   docs = dict(code_search=0.3, doc_retrieval=0.4, module_cls=0.3)
+  if k.media:
+    docs = {**{n: r / 2 for n, r in docs.items()}, **demo.MEDIA_RATES}
   c.soup = dict(method="uniform", variants=[dict(name="docs", seed=k.seed + 1, tasks=docs)] if k.soup else [])
   return c
 
