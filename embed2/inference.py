@@ -264,13 +264,16 @@ class Embedder:
 
   @classmethod
   def from_checkpoint(cls, path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                      dtype: str | None = None, rules=None, **kwargs) -> "Embedder":
+                      dtype: str | None = None, attention_impl: str | None = None, rules=None,
+                      **kwargs) -> "Embedder":
     """Loads a checkpoint (a training run's, a soup, an import) for inference.
 
     Args:
       path: a checkpoints directory (latest step), a step directory, or a workdir.
       mesh: where to place the model; default a data-parallel mesh over all devices.
       dtype: compute dtype override ("float32" / "bfloat16"); parameters stay float32.
+      attention_impl: attention kernel override (e.g. "blockwise" for inputs far longer than the run
+        trained on: memory linear in the row); None keeps the checkpoint's.
       rules: logical-axis rules; default `sharding.DEFAULT_RULES`.
       **kwargs: the constructor's keyword arguments (max_length, batch_size, buckets, on_overflow,
         segments, pack_length).
@@ -283,7 +286,8 @@ class Embedder:
     """
     directory, step, meta = ckpt_lib.read_checkpoint(path)
     tokenizer = tok_lib.checkpoint_tokenizer(meta, directory)  # before any restore: fail fast
-    model, meta = ckpt_lib.load_model(directory / str(step), mesh=mesh, rules=rules, dtype=dtype)
+    model, meta = ckpt_lib.load_model(directory / str(step), mesh=mesh, rules=rules, dtype=dtype,
+                                      attention_impl=attention_impl)
     cfg = model.cfg
     if meta.get("max_seq_length"):
       kwargs.setdefault("max_length", min(int(meta["max_seq_length"]), cfg.max_length))

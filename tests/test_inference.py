@@ -290,3 +290,12 @@ def test_from_checkpoint_embeds_only_with_the_checkpoints_own_tokenizer(local_em
   # A run on the packaged tokenizer says so with "" (what the trainer writes).
   assert Embedder.from_checkpoint(_save(tmp_path / "run", model, {"tokenizer": ""}),
                                   batch_size=4).tokenizer.source == str(tokenizer_lib.DEFAULT_MODEL_PATH)
+
+
+def test_from_checkpoint_takes_another_attention_kernel(ckpt_dir, embedder, rng):
+  """attention_impl overrides the checkpoint's kernel (long inputs: blockwise, memory linear in the
+  row); the embeddings are the same function of the input."""
+  blockwise = Embedder.from_checkpoint(ckpt_dir, batch_size=8, attention_impl="blockwise")
+  assert blockwise.config.attention_impl == "blockwise" and embedder.config.attention_impl != "blockwise"
+  texts = [sentence(rng, int(n)) for n in rng.integers(1, 25, size=6)]
+  np.testing.assert_allclose(blockwise.embed(texts), embedder.embed(texts), rtol=1e-5, atol=1e-6)
