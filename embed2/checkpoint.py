@@ -10,6 +10,8 @@ A checkpoint is a step directory `DIR/<step>/` with three items:
 Orbax writes each step into a temporary directory and renames it only when every process has finished,
 so a step directory that exists is complete; `CheckpointManager` lists only finished steps, and a
 leftover `*.orbax-checkpoint-tmp-*` directory from a killed run is never restored.
+On an object store (`gs://`: tensorstore's own GCS driver for the arrays, epath for the rest) there is
+no rename: Orbax writes the step in place and marks it finished with a `commit_success.txt` last.
 
 Restoring takes an abstract target (ShapeDtypeStruct with shardings) for each array item, so a checkpoint
 written on one mesh restores directly, shard by shard, onto another.
@@ -34,6 +36,12 @@ from embed2.model import EmbeddingModel, ModelConfig, presets
 FRONTENDS = ("image_frontend", "audio_frontend")
 
 ITEMS = ("params", "train", "meta")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` is on an object store (gs://bucket/..., s3://bucket/...): no append, no rename, no
+  local file for numpy or pyarrow to map; every tool goes through epath or Orbax there."""
+  return "://" in os.fspath(path)
 
 
 def architecture(cfg: ModelConfig) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import time
 from typing import Mapping, Sequence
 
 from absl import flags
+from etils import epath
 
 from embed2 import checkpoint as ckpt_lib
 from embed2 import cli
@@ -120,11 +121,10 @@ def main(argv: Sequence[str]) -> dict:
          "metrics": results}
   print(f"suite {suite.name}, checkpoint {directory} step {step} ({doc['seconds']:.1f} s)")
   print(format_table(results))
-  if args.out:
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(doc, f, indent=1, sort_keys=True)
+  if args.out:  # local, gs:// or s3://
+    out = epath.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1, sort_keys=True))
     print(f"wrote {args.out}")
   return doc
 

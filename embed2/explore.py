@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from etils import epath
 
+from embed2 import checkpoint as ckpt_lib
 from embed2.eval import bm25
 from embed2.eval import metrics as metrics_lib
 from embed2.eval import retrieval
@@ -297,7 +298,7 @@ def find_workdir(path: str | os.PathLike, levels: int = 3) -> epath.Path | None:
   parent (up to `levels` above) holding training metrics (`metrics_writer.has_metrics`). Works for a
   workdir, its checkpoints/, a step, or its soup/."""
   p = epath.Path(path)
-  if not metrics_writer.is_remote(p):
+  if not ckpt_lib.is_remote(p):
     p = p.resolve()
   for cand in [p, *p.parents][:levels + 1]:
     if metrics_writer.has_metrics(cand):

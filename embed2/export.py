@@ -10,7 +10,9 @@ per line (empty lines are inputs too, so row i is line i). Blank .jsonl lines ar
 Output: `<output>.npy`, float32 (N, dim), row i = input i, each row L2-normalised at dim; and, when
 pyarrow is installed, `<output>.parquet` with columns `id` (string: the --id_field value, else the
 row number) and `embedding` (fixed-size list of dim float32). Inputs are read and embedded in
-chunks of --chunk, so the corpus need not fit in memory; a tqdm bar shows progress.
+chunks of --chunk, so the corpus need not fit in memory; a tqdm bar shows progress. --input and
+--output may be on an object store (gs://, s3://): the input is streamed from there; the outputs are
+written in a local temporary folder (the .npy is filled chunk by chunk in place) and uploaded whole.
 
 By default inputs are embedded as documents (no task string; an imported sentence-transformers
 model's document prompt); `--query --task=NAME` embeds them as queries of a trained task instead.
@@ -19,15 +21,19 @@ A .jsonl text that is not valid Unicode (a `\ud800` escape) is refused naming it
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
 from absl import flags
+from etils import epath
 from tqdm import tqdm
 
 from embed2 import cli
+from embed2.checkpoint import is_remote
 from embed2.data.tokenizer import check_text
 from embed2.inference import Embedder
 
@@ -35,7 +41,7 @@ from embed2.inference import Embedder
 def _read(path: str, field: str, id_field: str) -> Iterator[tuple[str, str]]:
   """(id, text) per input, in file order."""
   jsonl = path.endswith(".jsonl")
-  with open(path, encoding="utf-8") as f:
+  with _open_text(path) as f:
     row = 0
     for line_no, line in enumerate(f, 1):
       if not jsonl:
@@ -61,11 +67,15 @@ def _read(path: str, field: str, id_field: str) -> Iterator[tuple[str, str]]:
       row += 1
 
 
+def _open_text(path: str) -> io.TextIOWrapper:
+  """`path` (local or on an object store) as UTF-8 text with universal newlines, streamed."""
+  return io.TextIOWrapper(epath.Path(path).open("rb"), encoding="utf-8")
+
+
 def count_inputs(path: str) -> int:
-  if path.endswith(".jsonl"):
-    with open(path, encoding="utf-8") as f:
+  with _open_text(path) as f:
+    if path.endswith(".jsonl"):
       return sum(1 for line in f if line.strip())
-  with open(path, encoding="utf-8") as f:
     return sum(1 for _ in f)
 
 
@@ -78,14 +88,35 @@ def export_embeddings(embedder, input_path: str, output_prefix: str, *, field: s
   Returns:
     {"count": N, "dim": dim, "npy": path, "parquet": path or None}.
   """
-  if not os.path.isfile(input_path):
+  input_path, output_prefix = os.fspath(input_path), os.fspath(output_prefix)
+  if not epath.Path(input_path).is_file():
     raise FileNotFoundError(f"--input={input_path} is not a file")
   dim = embedder.check_dim(dim)  # validate before reading anything
   if task is not None and not is_query:
     raise ValueError("--task applies to queries only; add --query to embed the inputs as queries")
+  kwargs = dict(field=field, id_field=id_field, dim=dim, task=task, is_query=is_query, chunk=chunk,
+                parquet=parquet, progress=progress)
+  if not is_remote(output_prefix):
+    epath.Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    return _export_local(embedder, input_path, output_prefix, **kwargs)
+  out = epath.Path(output_prefix)
+  with tempfile.TemporaryDirectory(prefix="embed2_export_") as tmp:
+    res = _export_local(embedder, input_path, os.path.join(tmp, out.name), **kwargs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for key in ("npy", "parquet"):
+      if res[key]:  # one whole object each
+        dst = out.parent / os.path.basename(res[key])
+        epath.Path(res[key]).copy(dst, overwrite=True)
+        res[key] = os.fspath(dst)
+  return res
+
+
+def _export_local(embedder, input_path: str, output_prefix: str, *, field: str, id_field: str,
+                  dim: int, task: str | None, is_query: bool, chunk: int, parquet: bool,
+                  progress: bool) -> dict:
+  """`export_embeddings` into local files `output_prefix`.npy / .parquet (its folder exists)."""
   total = count_inputs(input_path)
   npy_path = output_prefix + ".npy"
-  os.makedirs(os.path.dirname(os.path.abspath(npy_path)), exist_ok=True)
   out_nd = np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.float32, shape=(total, dim))
   writer, pq_path, pa = None, None, None
   if parquet:

@@ -48,7 +48,6 @@ import functools
 import json
 import math
 import os
-import shutil
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -499,14 +498,14 @@ def check_out(out: str | os.PathLike, paths: Sequence[str | os.PathLike], overwr
   out = epath.Path(out)
   if out.exists() and not out.is_dir():
     raise ValueError(f"--out={out} is a file; give a directory for the soup checkpoint")
-  real = lambda p: os.path.realpath(os.fspath(p))
+  real = lambda p: os.fspath(p).rstrip("/") if ckpt_lib.is_remote(p) else os.path.realpath(os.fspath(p))
   for p in paths:
     places = [real(p)]
     try:  # a workdir's or step's checkpoints directory too (a missing path is refused later)
       places.append(real(ckpt_lib.resolve_checkpoint_path(p)[0]))
     except FileNotFoundError:
       pass
-    if any(q == real(out) or q.startswith(real(out) + os.sep) for q in places):
+    if any(q == real(out) or q.startswith(real(out) + "/") for q in places):
       raise ValueError(f"--out={out} holds the ingredient {p}; write the soup to another directory")
   if _existing(out) and not overwrite:
     names = [p.name for p in _existing(out)]
@@ -518,7 +517,8 @@ def check_out(out: str | os.PathLike, paths: Sequence[str | os.PathLike], overwr
 def _soup_meta(ingredients: Sequence[Ingredient], record: dict[str, Any], step: int) -> dict[str, Any]:
   meta = {k: v for k, v in ingredients[0].meta.items() if k not in RESUME_FIELDS}
   if meta.get("tokenizer"):  # "" (the packaged one) stays ""; a file is named where it was found (then
-    meta["tokenizer"] = os.path.abspath(ingredients[0].tokenizer.source)  # copied by write_soup)
+    source = ingredients[0].tokenizer.source  # (copied by write_soup)
+    meta["tokenizer"] = source if ckpt_lib.is_remote(source) else os.path.abspath(source)
   # Ingredients fine-tuned on different task mixes: the soup knows every task string (first one wins).
   task_strings: dict[str, str] = {}
   for ing in ingredients:
@@ -565,7 +565,7 @@ def write_soup(out: str | os.PathLike, params, meta: dict[str, Any], record: dic
     for p in old:
       logging.info("soup: --overwrite removes %s", p)
       if p.is_dir():
-        shutil.rmtree(os.fspath(p))
+        p.rmtree()
       else:
         p.unlink()
   _sync("embed2_soup_cleared")
@@ -574,9 +574,13 @@ def write_soup(out: str | os.PathLike, params, meta: dict[str, Any], record: dic
   ck.save(step, params=params, meta=meta, force=True)
   ck.close()
   if jax.process_index() == 0:
-    tmp = out / f".{SOUP_JSON}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(os.fspath(tmp), os.fspath(out / SOUP_JSON))
+    text = json.dumps(record, indent=2, default=str)
+    if ckpt_lib.is_remote(out):  # an object appears whole or not at all
+      (out / SOUP_JSON).write_text(text)
+    else:  # a local file is renamed into place whole
+      tmp = out / f".{SOUP_JSON}.tmp-{os.getpid()}"
+      tmp.write_text(text)
+      tmp.replace(out / SOUP_JSON)
   _sync("embed2_soup_written")
   return out / str(step)
 

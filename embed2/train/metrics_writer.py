@@ -25,6 +25,8 @@ from etils import epath
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from embed2.checkpoint import is_remote
+
 # TensorBoard's tag alphabet; tensorboardX renames any other character to '_' with a log line each time.
 _NOT_IN_TAGS = re.compile(r"[^-/\w.]")
 
@@ -41,11 +43,6 @@ def tb_tag(name: str) -> str:
   """A metric name as a legal TensorBoard tag: '@' -> '_at_' ('ndcg@10' -> 'ndcg_at_10'), any other
   character TensorBoard refuses -> '_'. metrics.jsonl keeps the names as they are."""
   return _NOT_IN_TAGS.sub("_", name.replace("@", "_at_")).lstrip("/")
-
-
-def is_remote(path) -> bool:
-  """Whether `path` is on an object store (a URI such as gs://bucket/x or s3://bucket/x)."""
-  return "://" in str(path)
 
 
 def _parts(workdir) -> list[tuple[int, int, epath.Path]]:

@@ -1,0 +1,211 @@
+"""A whole run with its workdir on an object store: a GCS server on 127.0.0.1 started by the test.
+
+The server is `gcp-storage-emulator` (the JSON API of Cloud Storage, in memory). Every client in the
+run is pointed at it, the way one points them at a private endpoint:
+- epath (`gs://` through fsspec's gcsfs: metrics parts, eval JSON, soup.json, exports, ...) by
+  $STORAGE_EMULATOR_HOST;
+- Orbax's arrays (tensorstore's `gcs` kvstore driver) by $TENSORSTORE_GCS_HTTP_URL, with
+  $GOOGLE_AUTH_TOKEN_FOR_TESTING as the bearer token (the emulator checks none);
+- TensorBoard's event writer (google-cloud-storage) by $STORAGE_EMULATOR_HOST too.
+
+The run (configs/tiny.py, two stages, a soup variant, the soup) is killed mid-stage by the trainer's
+fault seam and resumed with the same command; then a suite is evaluated and a corpus exported from the
+soup, all reading and writing gs://. Nothing is written on the local disk but the eval data the test
+makes (and the JAX compilation cache).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import gcsfs  # noqa: F401  (the gs:// filesystem epath uses without TensorFlow: fail here when missing)
+import gcp_storage_emulator  # noqa: F401  (the server)
+import numpy as np
+import pytest
+from etils import epath
+
+from embed2 import checkpoint as ckpt_lib
+from embed2 import evaluate
+from embed2 import export
+from embed2.train import faults
+from embed2.train.metrics_writer import METRICS_DIR, read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "embed2-test"
+# tests/test_crash_safety.py's run (the same compiled programs through the session's compilation
+# cache): PFT ends at step 5, FT at 12, saves every 3 steps; then the variant "alt" and the soup.
+ARG = "pft_steps=5,ft_steps=7,every=3,seed=7"
+KILL_AT = 8  # steps done when the seam kills: the last checkpoint is at 6, so steps 7 and 8 replay
+
+
+# The emulator, with one gap filled: Cloud Storage sends an object's generation in the x-goog-generation
+# header of a media download, and tensorstore takes its read's generation from there. Without it a read is
+# stamped generation 0, and the conditional write that follows it (OCDBT's manifest, the second item of a
+# checkpoint) fails "Malformed StorageGeneration". (The emulator also ignores ifGenerationMatch; one
+# writer at a time, as here, does not need it.) The route table is built when `server` is imported, so the
+# handler is wrapped before.
+SERVER = """
+import sys
+from gcp_storage_emulator.handlers import objects
+
+_download = objects.download
+
+
+def download(request, response, storage, *args, **kwargs):
+  try:
+    obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    response["x-goog-generation"] = str(obj["generation"])
+  except Exception:  # missing: the handler answers 404
+    pass
+  return _download(request, response, storage, *args, **kwargs)
+
+
+objects.download = download
+from gcp_storage_emulator import __main__ as emulator
+emulator.main(sys.argv[1:])
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  """(environment pointing every client at a fresh emulator, gs:// root of this test's bucket)."""
+  port = _free_port()
+  # Its request log goes to a file: a pipe nobody reads would fill and stall the server.
+  log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
+  server = subprocess.Popen(
+      [sys.executable, "-c", SERVER, "start", "--host=127.0.0.1", f"--port={port}",
+       "--in-memory", f"--default-bucket={BUCKET}"],
+      stdout=log, stderr=subprocess.STDOUT)
+  url = f"http://127.0.0.1:{port}"
+  endpoint = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+              "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+              # gcsfs's zonal-bucket probe asks Google's control API for the bucket type (no
+              # credentials here: one warning per bucket); the plain GCS client is what runs.
+              "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  for _ in range(300):
+    try:
+      socket.create_connection(("127.0.0.1", port), timeout=1).close()
+      break
+    except OSError:
+      assert server.poll() is None, f"the emulator exited; see {log.name}"
+      time.sleep(0.1)
+  saved = {k: os.environ.get(k) for k in endpoint}
+  os.environ.update(endpoint)  # this process too: the eval and the export run in it
+  try:
+    yield endpoint, f"gs://{BUCKET}"
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=30)
+    log.close()
+
+
+def _main(workdir, endpoint, kill_at=""):
+  env = dict(os.environ, **endpoint, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop(faults.ENV, None)
+  if kill_at:
+    env[faults.ENV] = kill_at
+  cmd = [sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py:{ARG},soup",
+         f"--workdir={workdir}", "--config.checkpoint.keep=2"]
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _beir(folder, rng, n=8):
+  """A tiny BEIR-layout retrieval task (local: the eval data is the user's, not the run's)."""
+  words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta"]
+  docs = [" ".join(rng.choice(words, size=6)) for _ in range(n)]
+  folder.mkdir(parents=True)
+  (folder / "corpus.jsonl").write_text("".join(
+      json.dumps({"_id": f"d{i}", "title": "", "text": d}) + "\n" for i, d in enumerate(docs)))
+  (folder / "queries.jsonl").write_text("".join(
+      json.dumps({"_id": f"q{i}", "text": d}) + "\n" for i, d in enumerate(docs)))
+  (folder / "qrels").mkdir()
+  (folder / "qrels" / "test.tsv").write_text(
+      "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(n)))
+  return docs
+
+
+def test_run_kill_resume_eval_soup_export_on_gcs(store, tmp_path, rng):
+  endpoint, root = store
+  workdir = epath.Path(root) / "run"
+
+  killed = _main(workdir, endpoint, kill_at=f"kill@{KILL_AT}")
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  ck = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+  assert ck.latest_step() == 6
+  ck.close()
+  done = _main(workdir, endpoint)
+  assert done.returncode == 0, done.stderr[-3000:]
+  # This process listed the workdir before the resume wrote it: gcsfs keeps listings (no expiry).
+  epath.backend.fsspec_backend.fs(root).invalidate_cache()
+
+  # What the run left on the store.
+  ck = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+  assert ck.all_steps() == [9, 12] and ck.read_meta(12)["stage_name"] == "ft"
+  ck.close()
+  for rel in ("stages/pft", "stages/ft", "variants/alt/checkpoints", "variants/alt/stages/ft", "soup"):
+    _, step, meta = ckpt_lib.read_checkpoint(workdir / rel)
+    assert "tokenizer" in meta, rel
+  soup = json.loads((workdir / "soup" / "soup.json").read_text())
+  assert soup["method"] == "uniform" and len(soup["ingredients"]) == 2
+  assert list((workdir / "tensorboard").iterdir()), "no TensorBoard events"
+  assert not (workdir / "metrics.jsonl").exists()
+
+  # Metrics: the parts, written whole, hold steps 7 and 8 twice (before the kill and replayed); the
+  # reader gives every step of the run once, the replay's line winning.
+  parts = sorted((workdir / METRICS_DIR).iterdir())
+  assert {p.name.split("-")[1] for p in parts} == {"00000", "00001"}  # two sessions: kill, resume
+  raw = [json.loads(x) for p in parts for x in p.read_text().splitlines()]
+  raw_steps = [r["step"] for r in raw if "loss" in r]
+  assert sorted(raw_steps) == sorted(list(range(1, 13)) + [7, 8])
+  rows = [r for r in read_metrics(workdir) if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(1, 13))
+  assert [r["stage"] for r in rows] == ["pft"] * 5 + ["ft"] * 7
+  resumed = {r["step"]: r for r in raw[raw_steps.index(12) - 5:] if "loss" in r}  # session 1's lines
+  for r in rows:
+    if r["step"] in (7, 8):
+      assert r == resumed[r["step"]]
+  variant = [r["step"] for r in read_metrics(workdir / "variants" / "alt") if "loss" in r]
+  assert variant == list(range(1, 8))
+
+  # Eval of the soup, its JSON on the store; the data is a local folder.
+  data = tmp_path / "data"
+  _beir(data / "mteb_retrieval" / "Tiny", rng)
+  out = workdir / "eval" / "soup_mteb.json"
+  doc = evaluate.main([f"--checkpoint={workdir / 'soup'}", "--suite=mteb_retrieval", f"--data_dir={data}",
+                       f"--out={out}", "--no_bm25", "--batch_size=8"])
+  saved = json.loads(out.read_text())
+  assert saved["metrics"] == doc["metrics"] and saved["step"] == 0
+  assert any(k.startswith("Tiny/ndcg@10") for k in saved["metrics"])
+
+  # Export of a corpus that lives on the store, to the store.
+  texts = [f"{w} {i}" for i, w in enumerate(rng.choice(["def f(x):", "import os", "class A:"], size=11))]
+  corpus = workdir / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"id": f"c{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+  res = export.main([f"--checkpoint={workdir / 'soup'}", f"--input={corpus}",
+                     f"--output={workdir / 'export' / 'corpus'}", "--batch_size=8"])
+  assert res["count"] == len(texts) and res["npy"] == str(workdir / "export" / "corpus.npy")
+  with (workdir / "export" / "corpus.npy").open("rb") as f:
+    e_nd = np.load(f)
+  assert e_nd.shape == (len(texts), res["dim"]) and np.all(np.isfinite(e_nd))
+  np.testing.assert_allclose(np.linalg.norm(e_nd, axis=1), 1.0, rtol=1e-5)
+  pq = pytest.importorskip("pyarrow.parquet")  # the .parquet is written when pyarrow is installed
+  with (workdir / "export" / "corpus.parquet").open("rb") as f:
+    table = pq.read_table(f)
+  assert table.column("id").to_pylist() == [f"c{i}" for i in range(len(texts))]
+  np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), e_nd)
