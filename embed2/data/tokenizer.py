@@ -50,6 +50,7 @@ from typing import Any
 
 import sentencepiece as spm
 import tokenizers
+from etils import epath
 from sentencepiece import sentencepiece_model_pb2
 
 PAD_ID = 0
@@ -369,7 +370,7 @@ class SentencePieceTokenizer(Tokenizer):
       FileNotFoundError: no file at `path` (the message says how to get one).
       ValueError: not a sentencepiece model, or wrong pad/eos/bos/unk ids.
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)  # local, or in a gs:// / s3:// checkpoint folder
     if not path.is_file():
       raise FileNotFoundError(f"No tokenizer model at {str(path)!r}. {_HOW_TO_GET}")
     return cls(path.read_bytes(), special_tokens=special_tokens, source=str(path))
@@ -620,7 +621,7 @@ class HFTokenizer(Tokenizer):
       ImportError: the `tokenizers` package is missing.
       ValueError: not a tokenizer.json; a tokenizer_config.json asking for left truncation.
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)  # local, or in a gs:// / s3:// checkpoint folder
     if not path.is_file():
       raise FileNotFoundError(f"No tokenizer.json at {str(path)!r}.")
     split = False
@@ -867,7 +868,7 @@ def checkpoint_tokenizer(meta: dict[str, Any], directory: str | os.PathLike[str]
     ValueError: the meta names no tokenizer, or an import names none.
     FileNotFoundError: the named tokenizer is missing.
   """
-  directory = pathlib.Path(directory)
+  directory = epath.Path(directory)
   if "tokenizer" not in meta:
     raise ValueError(f"checkpoint {directory} names no tokenizer in its meta; embed2 embeds a "
                      "checkpoint only with the tokenizer it was trained with")
@@ -879,7 +880,7 @@ def checkpoint_tokenizer(meta: dict[str, Any], directory: str | os.PathLike[str]
           "tokenizer (an older embed2.convert); re-import it: python -m embed2.convert "
           "--hf_dir=... --out=... (the folder must hold tokenizer.json or tokenizer.model)")
     return Tokenizer.default()
-  path = pathlib.Path(name)
+  path = epath.Path(name)
   if not path.is_file():
     moved = directory / path.name
     if ("source" in meta or "soup" in meta) and moved.is_file():  # imports and soups carry a copy
