@@ -54,11 +54,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # soup: one fine-tuning variant (another seed and task mix) souped with the main run.
   c.soup = dict(method="uniform", variants=(
       dict(name="alt", seed=k.seed + 1, tasks=dict(pairs=0.3, labels=0.7)),) if k.soup else ())
-  # Test hooks: steps (0-based count of steps done) whose loss is made NaN, and a step at which the
-  # process kills itself (SIGKILL) or asks itself to stop (SIGTERM). Empty / -1 = off.
-  c.debug_nan_steps = ()
-  c.debug_kill_at_step = -1
-  c.debug_sigterm_at_step = -1
   return c
 
 

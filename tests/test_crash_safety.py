@@ -1,8 +1,8 @@
 """A run killed at any instant, and re-run with the same command, ends with the same bits as a run
 that was never interrupted: every checkpoint item, every stage export, the soup variant and the soup.
 
-Kills come from the trainer's test seam (`embed2/train/faults.py`: SIGKILL at a named point, e.g.
-between the two commits of a stage end) and from outside at random instants. Each run is the real
+Kills come from the trainer's test seam (`embed2/train/faults.py`, $EMBED2_FAULTS: SIGKILL at a
+named point, e.g. between the two commits of a stage end) and from outside at random instants. Each run is the real
 entry point (`python -m embed2.main`) in a subprocess. More random trials: EMBED2_KILL_TRIALS=10.
 """
 
@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from embed2 import checkpoint as ckpt_lib
+from embed2.train import faults
 from embed2.train.metrics_writer import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,9 +40,9 @@ def command(workdir, *flags, soup=True):
 def env(kill_at=""):
   e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
            PYTHONPATH=REPO)
-  e.pop("EMBED2_KILL_AT", None)
+  e.pop(faults.ENV, None)
   if kill_at:
-    e["EMBED2_KILL_AT"] = kill_at
+    e[faults.ENV] = kill_at
   return e
 
 
@@ -130,13 +131,13 @@ def test_stage_end_kill_in_either_commit_order_finishes_exactly(tmp_path, refere
   re-run fail with "Checkpoint for step 5 already exists"; the checkpoint committed without the export
   used to finish without ever writing stages/pft."""
   w = tmp_path / "w"
-  run(w, "--config.debug_kill_at_step=6", expect_kill=True, soup=False)
+  run(w, kill_at="kill@6", expect_kill=True, soup=False)
   # The export of PFT (step 5) committed, its checkpoint not.
   for p in (w / "checkpoints").iterdir():
     if p.name.startswith(("5", "6")):
       shutil.rmtree(p)
   assert (w / "stages" / "pft" / "5").exists()
-  run(w, "--config.debug_kill_at_step=6", expect_kill=True, soup=False)
+  run(w, kill_at="kill@6", expect_kill=True, soup=False)
   # Now the other order: the checkpoint at the stage end committed, its export not.
   for p in (w / "checkpoints").iterdir():
     if p.name.startswith("6"):
@@ -158,14 +159,14 @@ def test_kill_at_every_save_point_finishes_exactly(tmp_path, reference):
   # the test above.)
   # (A kill right after a committed checkpoint: the test above, and tests/test_multihost.py.)
   kills = [
-      "save@3",        # a periodic checkpoint half written
-      "export@5",      # stage end: the export committed, the checkpoint not yet saved
+      "kill_save@3",        # a periodic checkpoint half written
+      "kill_export@5",      # stage end: the export committed, the checkpoint not yet saved
   ]
   for point in kills:
     run(w, kill_at=point, expect_kill=True)
   # The main run finishes on this re-run; the variant (its own steps 1..7) is next; its last stage's end
-  # (what export@12 would be for the main run) is the soup's start.
-  run(w, kill_at="export@7", expect_kill=True)
+  # (what kill_export@12 would be for the main run) is the soup's start.
+  run(w, kill_at="kill_export@7", expect_kill=True)
   assert not (w / "soup" / "soup.json").exists()
   run(w)
   assert_bitwise_equal(run_state(w), reference[0])
@@ -201,9 +202,25 @@ def test_kill_9_at_random_instants_finishes_exactly(tmp_path, reference):
   print(f"killed at {moments} s (the uninterrupted run takes {duration:.1f} s)")
 
 
-def test_kill_switch_spec_is_checked():
-  from embed2.train import faults
-  assert faults.parse("export@5, step@7") == {("export", 5), ("step", 7)}
-  for bad in ("export", "exprot@5", "export@x"):
-    with pytest.raises(ValueError, match="POINT@STEP"):
+def test_faults_spec_is_checked():
+  assert faults.parse("kill_export@5, nan@7,sigterm@0") == {("kill_export", 5), ("nan", 7), ("sigterm", 0)}
+  for bad in ("kill_export", "kill_exprot@5", "kill_export@x", "nan@-1", "export@5"):
+    with pytest.raises(ValueError, match="FAULT@STEP"):
       faults.parse(bad)
+
+
+def test_nan_fault_replaces_the_token_ids_of_a_copy(rng):
+  host = {"query_tokens": rng.integers(3, 8192, (4, 16), dtype=np.int32),
+          "positive_tokens": rng.integers(3, 8192, (4, 16), dtype=np.int32),
+          "query_segment_ids": rng.integers(0, 3, (4, 16), dtype=np.int32), "num_tokens": np.int64(64)}
+  kept = {k: np.copy(v) for k, v in host.items()}
+  seam = faults.Faults("nan@2")
+  assert seam.before_step(1, host) is host and faults.Faults().before_step(2, host) is host
+  got = seam.before_step(2, host)
+  for k, v in host.items():
+    np.testing.assert_array_equal(v, kept[k])  # the batch the trainer logs is untouched
+    assert got[k].dtype == v.dtype and got[k].shape == v.shape  # the compiled step is reused
+    if k.endswith("_tokens"):
+      assert np.all(got[k] == faults.OUT_OF_VOCABULARY)
+    else:
+      np.testing.assert_array_equal(got[k], v)

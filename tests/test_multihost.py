@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from embed2 import checkpoint as ckpt_lib
+from embed2.train import faults
 from embed2.train.metrics_writer import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,9 +28,12 @@ def free_port():
     return s.getsockname()[1]
 
 
-def start(workdir, devices, *flags, arg=ARG):
+def start(workdir, devices, *flags, arg=ARG, fault=""):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop(faults.ENV, None)
+  if fault:
+    env[faults.ENV] = fault
   cmd = [sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py:{arg}",
          f"--workdir={workdir}", *flags]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -53,10 +57,10 @@ def batch_crcs(workdir):
   return {r["step"]: r["data/batch_crc"] for r in read_metrics(workdir) if "data/batch_crc" in r}
 
 
-def two_processes(workdir, devices, *flags):
+def two_processes(workdir, devices, *flags, fault=""):
   port = free_port()
   procs = [start(workdir, devices, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                 f"--process_id={i}", *flags) for i in range(2)]
+                 f"--process_id={i}", *flags, fault=fault) for i in range(2)]
   outs = finish(procs)
   for code, err in outs:
     assert code == 0, err[-3000:]
@@ -112,7 +116,7 @@ def test_preempted_mid_stage_resumes_on_another_mesh_and_process_count(two_proce
   """
   workdir = tmp_path / "run"
   two_processes(workdir, 2, "--config.mesh.data=2", "--config.mesh.fsdp=2",
-                "--config.debug_sigterm_at_step=1")  # asked to stop before step 2: saves at step 2
+                fault="sigterm@1")  # asked to stop before step 2: saves at step 2
   ck = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
   assert ck.latest_step() == 2
   meta = ck.read_meta(2)

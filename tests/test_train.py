@@ -12,6 +12,7 @@ from flax import nnx
 
 from configs import tiny
 from embed2 import checkpoint as ckpt_lib
+from embed2.train import faults
 from embed2.train import trainer
 from embed2.train.metrics_writer import read_metrics
 from embed2.main import resolve_tasks
@@ -33,7 +34,9 @@ def data():
 
 def run_main(workdir, arg="", *flags, check=True, env_devices=4, extra_env=None):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **(extra_env or {}))
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop(faults.ENV, None)
+  env.update(extra_env or {})
   cmd = [sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py" + (f":{arg}" if arg else ""),
          f"--workdir={workdir}", *flags]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -110,8 +113,8 @@ def test_frozen_parameters_do_not_move(tmp_path, data):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-  proc = run_main(tmp_path, "pft_steps=3,ft_steps=5,every=100", "--config.debug_sigterm_at_step=4",
-                  check=False)
+  proc = run_main(tmp_path, "pft_steps=3,ft_steps=5,every=100", check=False,
+                  extra_env={faults.ENV: "sigterm@4"})
   assert proc.returncode == 0, proc.stderr[-2000:]
   ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True)
   assert max(ck.all_steps()) == 5  # the step in flight when the signal came completes, then saves
@@ -135,8 +138,9 @@ def test_leftover_temporary_checkpoint_is_ignored(tmp_path, data):
 # ------------------------------------------------------------------------ guard rails
 
 
-def test_nan_batch_is_skipped_and_counted(tmp_path, data):
-  c = config("pft_steps=2,ft_steps=4,every=100", debug_nan_steps=(3,))
+def test_nan_batch_is_skipped_and_counted(tmp_path, data, monkeypatch):
+  monkeypatch.setenv(faults.ENV, "nan@3")  # the 4th step's token ids are out of vocabulary
+  c = config("pft_steps=2,ft_steps=4,every=100")
   result = trainer.train(c, str(tmp_path), data)
   assert result.skipped_steps == 1 and result.global_step == 6
   rows = [r for r in read_metrics(tmp_path) if "skipped" in r]
@@ -144,8 +148,9 @@ def test_nan_batch_is_skipped_and_counted(tmp_path, data):
   assert skipped[4] == 1 and all(v == 0 for s, v in skipped.items() if s != 4)
 
 
-def test_consecutive_nans_stop_the_run(tmp_path, data):
-  c = config("pft_steps=2,ft_steps=6,every=2", debug_nan_steps=(3, 4, 5, 6))
+def test_consecutive_nans_stop_the_run(tmp_path, data, monkeypatch):
+  monkeypatch.setenv(faults.ENV, "nan@3,nan@4,nan@5,nan@6")
+  c = config("pft_steps=2,ft_steps=6,every=2")
   with pytest.raises(trainer.TrainingStopped, match="3 consecutive steps had a non-finite loss"):
     trainer.train(c, str(tmp_path), data)
   # The last good checkpoint is intact and restorable.

@@ -45,12 +45,9 @@ def batch_loss(trainee: Trainee, batch: dict[str, jax.Array], *, loss_fn: Callab
   e = trainee.model.embed_sides(batch, num_groups, [s for s in SIDES if f"{s}_tokens" in batch])
   q, p, neg = e["query"], e["positive"], e.get("negative")
   params = {k: v[...] for k, v in trainee.loss.items()}
-  loss, aux = loss_fn(q, p, neg_bkd=neg, neg_valid_bk=batch.get("negative_valid") if neg is not None else None,
-                      q_ids_b=batch.get("query_ids"), p_ids_b=batch.get("positive_ids"),
-                      valid_b=batch.get("example_valid"), **params)
-  # `poison` multiplies the loss by 1, or by NaN where a test injects a non-finite batch.
-  loss = loss * batch["poison"]
-  return loss, aux
+  return loss_fn(q, p, neg_bkd=neg, neg_valid_bk=batch.get("negative_valid") if neg is not None else None,
+                 q_ids_b=batch.get("query_ids"), p_ids_b=batch.get("positive_ids"),
+                 valid_b=batch.get("example_valid"), **params)
 
 
 def grad_cache_loss_and_grads(trainee: Trainee, batch: dict[str, jax.Array], *, loss_fn: Callable,
@@ -83,11 +80,10 @@ def grad_cache_loss_and_grads(trainee: Trainee, batch: dict[str, jax.Array], *, 
 
   def loss_of_embeddings(embs, loss_params, li):
     e = {s: gather_slots(embs[s], li[f"{s}_slot"], num_groups) for s in sides}
-    loss, aux = loss_fn(e["query"], e["positive"], neg_bkd=e.get("negative"),
-                        neg_valid_bk=li.get("negative_valid") if "negative" in e else None,
-                        q_ids_b=li.get("query_ids"), p_ids_b=li.get("positive_ids"),
-                        valid_b=li.get("example_valid"), **loss_params)
-    return loss * li["poison"], aux
+    return loss_fn(e["query"], e["positive"], neg_bkd=e.get("negative"),
+                   neg_valid_bk=li.get("negative_valid") if "negative" in e else None,
+                   q_ids_b=li.get("query_ids"), p_ids_b=li.get("positive_ids"),
+                   valid_b=li.get("example_valid"), **loss_params)
 
   fn = grad_cache.grad_cache_value_and_grad(embed_fn, loss_of_embeddings, num_chunks=num_chunks,
                                             num_groups=num_groups, has_aux=True,
@@ -176,8 +172,7 @@ class StepFunctions:
     return len(self.compiled)
 
 
-def device_batch(host_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
-                 poison: float = 1.0) -> dict[str, jax.Array]:
+def device_batch(host_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """Host (process-local) numpy batch -> global arrays sharded over the batch axes.
 
   Every array's leading dim is rows or examples, which this process holds its own slice of; the global
@@ -191,5 +186,4 @@ def device_batch(host_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
     shard = sharding.batch_sharding(mesh, v.ndim)
     global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
     out[k] = jax.make_array_from_process_local_data(shard, v, global_shape)
-  out["poison"] = jax.device_put(np.float32(poison), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return out

@@ -6,39 +6,34 @@
     data      <- PFT: every batch mixes tasks at fixed rates | FT: one task per batch, sampled by rate
     for step: batch -> compiled step for this task's shape (cached) -> metrics / eval / checkpoint
 
-Resume order (a re-run of the same command on the same workdir):
-  1. the config is validated and compared with the checkpoint's (refused before anything is written);
-  2. the model is built sharded, then the latest finished checkpoint's parameters are restored onto it;
-  3. the stage index and the step within the stage are read from the checkpoint's meta;
-  4. that stage's optimizer is rebuilt and its state restored (skipped when the stage had just ended);
-  5. the data iterator is rebuilt and its state restored, so the batches continue exactly.
+Reading order: config checks -> tokenizer -> model -> data -> `train` (the resume order is written
+beside it) -> resume -> run stage -> guard rails -> log -> checkpoints.
 
 Guard rails: a step with a non-finite loss or gradient changes nothing and is counted; after
 `config.max_consecutive_skips` in a row the run stops with an error (the last checkpoint, written before
 the streak, is intact). SIGTERM (a preemption notice) saves at the current step and exits with code 0.
+Tests inject kills, SIGTERM and non-finite batches through `embed2/train/faults.py`, consulted on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
-import math
-import os
 import signal
 import time
 import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
 from ml_collections import config_dict
 
+from embed2 import checkpoint as ckpt_lib
+from embed2 import convert
 from embed2 import distributed
 from embed2 import losses
 from embed2 import sharding
@@ -47,7 +42,6 @@ from embed2.data import pipeline
 from embed2.data import tokenizer as tokenizer_lib
 from embed2.data.tokenizer import Tokenizer
 from embed2.model import EmbeddingModel, ModelConfig
-from embed2 import checkpoint as ckpt_lib
 from embed2.train import faults
 from embed2.train import optim
 from embed2.train import step as step_lib
@@ -285,7 +279,10 @@ def resolve_tokenizer(config) -> tuple[Tokenizer, str]:
 # ----------------------------------------------------------------------------- model
 
 
-def build_trainee(config, mesh, rules) -> step_lib.Trainee:
+def build_trainee(config, mesh, rules, resume: tuple[str, dict[str, Any]] | None = None) -> step_lib.Trainee:
+  """The model and the loss's learnable scalars, sharded over `mesh`, with their values from the first
+  that applies: the checkpoint a run resumes (`resume` = (its path, its meta)); `config.init_from`
+  (an import or an earlier run; then `config.vision_init_from` for a ViT frontend); `config.seed`."""
   model_cfg = ModelConfig.from_dict(config.model.to_dict())
   loss_params = losses.init_loss_params(loss_config(config))
   seed = int(config.seed)
@@ -293,7 +290,17 @@ def build_trainee(config, mesh, rules) -> step_lib.Trainee:
   def factory():
     return step_lib.Trainee(EmbeddingModel(model_cfg, rules=rules, rngs=nnx.Rngs(seed)), loss_params)
 
-  return sharding.create_sharded(factory, mesh, rules)
+  trainee = sharding.create_sharded(factory, mesh, rules)
+  if resume is not None:
+    path, meta = resume
+    ckpt_lib.load_model_params(trainee.model, path)
+    set_loss_params(trainee, meta)
+  elif config.get("init_from"):
+    set_loss_params(trainee, ckpt_lib.load_model_params(trainee.model, config.init_from))
+    logging.info("initialised from %s", config.init_from)
+    if config.get("vision_init_from"):
+      init_vision(trainee.model, config.vision_init_from)
+  return trainee
 
 
 def init_vision(model: EmbeddingModel, path: str) -> None:
@@ -301,13 +308,8 @@ def init_vision(model: EmbeddingModel, path: str) -> None:
   if model.cfg.media.image_frontend != "vit":
     raise ValueError(f"config.vision_init_from={path!r} needs config.model.media.image_frontend='vit' (got "
                      f"{model.cfg.media.image_frontend!r}); the SigLIP weights load into the ViT frontend")
-  from embed2 import convert  # pylint: disable=g-import-not-at-top
   convert.load_vision_params(model.image_frontend.encoder, path)
   logging.info("vision frontend initialised from %s", path)
-
-
-def model_params(trainee) -> dict:
-  return nnx.to_pure_dict(nnx.state(trainee.model, nnx.Param))
 
 
 # ------------------------------------------------------------------------------ data
@@ -337,7 +339,301 @@ def stage_iterator(config, stage, data: Mapping[str, TaskData], tokenizer, num_g
   return pipeline.build_ft_iterator(tasks, **kw)
 
 
-# ------------------------------------------------------------------------------ loop
+# ----------------------------------------------------------------------------- train
+#
+# Resume order (a re-run of the same command on the same workdir); each step needs the ones above it:
+#   1. `train`: the config is validated, then compared with the workdir's latest finished checkpoint
+#      (`_latest_checkpoint`: its fingerprint and tokenizer); a mismatch is refused before anything is
+#      written. The run keeps that checkpoint's pack groups, so its batches can continue on another mesh.
+#   2. `build_trainee`: the model is built sharded, then the checkpoint's parameters and loss scalars are
+#      restored onto it.
+#   3. `_resume_point`: the stage index and the step within it, from the checkpoint's meta. A checkpoint
+#      at a stage's last step moves on to the next stage, first writing the stage's export if the kill
+#      came between the two commits of the stage end.
+#   4. `_stage_state`: that stage's optimizer is rebuilt and its state restored (not when the stage had
+#      just ended: the next stage starts with a fresh optimizer);
+#   5. `_stage_state`: the stage's data iterator is rebuilt and its state restored, so the batches
+#      continue exactly; the skip counts continue from the meta.
+
+
+@dataclasses.dataclass
+class TrainResult:
+  global_step: int
+  preempted: bool
+  skipped_steps: int
+  compiled_steps: int
+  trainee: Any
+  last_eval: dict[str, float] | None = None  # the eval_fn results at the end of the last stage run
+
+
+def train(config, workdir: str, data: Mapping[str, TaskData], *,
+          eval_fn: Callable[[EmbeddingModel, int, str], dict[str, float]] | None = None) -> TrainResult:
+  """Runs (or resumes) every stage of `config` in `workdir`.
+
+  Args:
+    config: the experiment ConfigDict (see configs/demo.py for the fields).
+    workdir: where checkpoints, metrics (`metrics_writer`: JSON lines and TensorBoard events) go.
+    data: task name -> TaskData for every task the stages use.
+    eval_fn: called as eval_fn(model, global_step, stage_name) every `config.eval_every` steps and at the
+      end of each stage; returns scalars to log (named as they should appear, e.g. "eval/demo/...").
+  """
+  workdir = epath.Path(workdir)
+  config = normalize(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  shards = sharding.num_batch_shards(mesh)
+  num_groups = int(config.get("data_groups", 0)) or shards
+  validate(config, data, num_groups)
+
+  tokenizer, tokenizer_path = resolve_tokenizer(config)
+  with config.unlocked():
+    config.tokenizer = tokenizer_path  # what the checkpoints record (model_meta)
+  model_cfg = ModelConfig.from_dict(config.model.to_dict())
+  if tokenizer.base_vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.base_vocab_size} ids but config.model.vocab_size="
+                     f"{model_cfg.vocab_size}; raise vocab_size to at least {tokenizer.base_vocab_size}")
+
+  latest, meta = _latest_checkpoint(config, workdir, tokenizer, tokenizer_path)  # resume 1
+  if meta is not None and not config.get("data_groups"):
+    # Resuming on another mesh: keep the run's pack groups, so the batches continue exactly.
+    num_groups = int(meta.get("num_groups", num_groups))
+  if num_groups % shards:
+    raise ValueError(f"the run packs its batches in {num_groups} groups (config.data_groups or the "
+                     f"checkpoint), which the {shards} data shards of mesh {dict(mesh.shape)} do not divide; "
+                     f"use a mesh whose data x fsdp divides {num_groups}")
+  validate(config, data, num_groups)
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=int(config.checkpoint.every),
+                                       keep=config.checkpoint.get("keep", 3),
+                                       async_save=bool(config.checkpoint.get("async_save", True)))
+  writer = None
+  try:
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    run = _Run(config=config, workdir=workdir, data=data, mesh=mesh, rules=rules, num_groups=num_groups,
+               tokenizer=tokenizer, checkpointer=checkpointer, writer=writer, eval_fn=eval_fn,
+               faults=faults.Faults.from_env())
+    result = _run_stages(run, latest, meta)
+  except BaseException:
+    # Pending saves are of good states: let them finish, but never let a failure to close hide the
+    # error that brought us here.
+    _close_quietly(checkpointer, writer)
+    raise
+  checkpointer.close()
+  writer.close()
+  return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What every stage of one `train` call shares."""
+  config: config_dict.ConfigDict  # normalized; `tokenizer` set to what the checkpoints record
+  workdir: epath.Path
+  data: Mapping[str, TaskData]
+  mesh: jax.sharding.Mesh
+  rules: tuple[tuple[str, Any], ...]  # logical axis -> mesh axes (config.sharding_rules)
+  num_groups: int  # pack groups of the global batch (the checkpoint's on a resume)
+  tokenizer: Tokenizer
+  checkpointer: ckpt_lib.Checkpointer
+  writer: MetricsWriter
+  eval_fn: Callable[[EmbeddingModel, int, str], dict[str, float]] | None
+  faults: faults.Faults  # the test seam ($EMBED2_FAULTS); empty in a real run
+
+
+@dataclasses.dataclass
+class _Progress:
+  """What carries over from step to step and stage to stage (the checkpoints' meta keeps the counts)."""
+  global_step: int
+  skipped_total: int  # steps whose update was skipped (non-finite loss or gradient)
+  records: _RecordSkips
+  consecutive: int = 0  # skipped steps in a row, in this stage
+  compiled_steps: int = 0
+  last_eval: dict[str, float] | None = None
+  preempted: bool = False
+
+
+def _run_stages(run: _Run, latest: int | None, meta: dict[str, Any] | None) -> TrainResult:
+  """The stages of `train`, from the resume point (`latest`, `meta`: the checkpoint resumed, or None)."""
+  config = run.config
+  resume = (str(run.workdir / "checkpoints" / str(latest)), meta) if meta is not None else None
+  trainee = build_trainee(config, run.mesh, run.rules, resume)  # resume 2
+  if meta is not None:
+    logging.info("resuming from step %d (stage %d, step %d of it)", latest, meta["stage_index"],
+                 meta["stage_step"])
+  start_stage, start_stage_step = _resume_point(run, trainee, latest, meta)  # resume 3
+  progress = _Progress(global_step=latest or 0,
+                       skipped_total=int(meta.get("skipped_total", 0)) if meta else 0,
+                       records=_RecordSkips(config, meta))
+  with _Preemption() as preemption:
+    for si in range(start_stage, len(config.stages)):
+      # Only the stage the run resumes inside starts past its step 0; it restores from the checkpoint.
+      stage_step = start_stage_step if si == start_stage else 0
+      _run_stage(run, trainee, si, stage_step, (latest, meta) if stage_step else None, progress, preemption)
+      if progress.preempted:
+        break
+  return TrainResult(global_step=progress.global_step, preempted=progress.preempted,
+                     skipped_steps=progress.skipped_total, compiled_steps=progress.compiled_steps,
+                     trainee=trainee, last_eval=None if progress.preempted else progress.last_eval)
+
+
+def _close_quietly(checkpointer, writer) -> None:
+  for thing in (checkpointer, writer):
+    if thing is None:
+      continue
+    try:
+      thing.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("while stopping on an error, closing %s failed too: %s", type(thing).__name__, e)
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def _latest_checkpoint(config, workdir: epath.Path, tokenizer: Tokenizer,
+                       tokenizer_path: str) -> tuple[int | None, dict[str, Any] | None]:
+  """(step, meta) of the workdir's latest finished checkpoint, or (None, None) for a fresh run; refuses
+  a checkpoint of another config (`check_workdir_compatible`) or another tokenizer."""
+  latest, meta = None, None
+  # Decided together: a process must not see a directory that another has just created (the managers
+  # below synchronise all processes, so they must all take the same branch).
+  if distributed.any_process((workdir / "checkpoints").exists()):
+    reader = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+    latest = reader.latest_step()
+    if latest is not None:
+      meta = reader.read_meta(latest)
+      check_workdir_compatible(config, meta, workdir)
+      if (meta.get("tokenizer") or "") != tokenizer_path and not tokenizer_lib.same_tokenizer(
+          tokenizer_lib.checkpoint_tokenizer(meta, workdir / "checkpoints"), tokenizer):
+        raise ValueError(
+            f"workdir {workdir} was trained with the tokenizer {meta.get('tokenizer') or 'packaged with embed2'}, "
+            f"and this config gives {tokenizer_path or 'the packaged one'}, which tokenizes differently. Resume "
+            "with the run's own tokenizer (config.tokenizer), or use a new --workdir. Nothing in the workdir "
+            "was changed.")
+    reader.close()
+  return latest, meta
+
+
+def _resume_point(run: _Run, trainee, latest: int | None, meta: dict[str, Any] | None) -> tuple[int, int]:
+  """(stage index, steps done in it) where the run continues; (0, 0) for a fresh run."""
+  if meta is None:
+    return 0, 0
+  stage_index, stage_step = meta["stage_index"], meta["stage_step"]
+  if stage_step >= int(run.config.stages[stage_index].steps):
+    # The checkpoint is a stage's last step. Its export may not have been committed (a kill between the
+    # two commits of a stage end, or a workdir of an older version that saved the checkpoint first):
+    # write it from the restored parameters, which are the ones the stage ended with.
+    export_stage(run.workdir, run.config, trainee, run.config.stages[stage_index].name, latest)
+    return stage_index + 1, 0
+  return stage_index, stage_step
+
+
+def _stage_state(run: _Run, trainee, si: int, ocfg: optim.OptimConfig,
+                 restore: tuple[int, dict[str, Any]] | None) -> tuple[nnx.Optimizer, pipeline.StageIterator]:
+  """Stage `si`'s optimizer (over the trainee's parameters as they are) and data iterator, both at the
+  stage's start, or with their state from checkpoint `restore` = (step, meta) when resuming inside it."""
+  stage = run.config.stages[si]
+  tx = optim.make_optimizer(ocfg, int(stage.steps), nnx.state(trainee, nnx.Param),
+                            where=f"config.stages[{si}].optim")
+  with jax.set_mesh(run.mesh):
+    optimizer = nnx.Optimizer(trainee, tx, wrt=nnx.Param)
+  it = stage_iterator(run.config, stage, run.data, run.tokenizer, run.num_groups, si)
+  if restore is not None:
+    step, meta = restore
+    restored = run.checkpointer.restore(step, params=ckpt_lib.abstract_like(model_params(trainee)),
+                                        train=ckpt_lib.abstract_like(_train_tree(trainee, optimizer)))
+    _set_train_tree(trainee, optimizer, restored["train"])  # resume 4
+    it.set_state(meta["data_state"])  # resume 5
+  return optimizer, it
+
+
+# ------------------------------------------------------------------------- run stage
+
+
+def _run_stage(run: _Run, trainee, si: int, stage_step: int, restore: tuple[int, dict[str, Any]] | None,
+               progress: _Progress, preemption: _Preemption) -> None:
+  """Trains stage `si` from its step `stage_step` to its end, or until a preemption (then
+  `progress.preempted`). Each step: a batch from the stage's iterator -> the compiled step of its task's
+  shape (compiled once, cached) -> guard rail -> log -> eval -> stage export at the end -> checkpoint."""
+  config, writer = run.config, run.writer
+  stage = config.stages[si]
+  n_steps = int(stage.steps)
+  ocfg = optim_config(stage)
+  optimizer, it = _stage_state(run, trainee, si, ocfg, restore)
+  graphdef, state = nnx.split((trainee, optimizer))
+  steps = step_lib.StepFunctions(graphdef, jax.tree.map(lambda x: x.sharding, state), run.mesh,
+                                 run.num_groups)
+  task_names = list(dict(stage.tasks))
+  loss_cfgs = {n: loss_config(config, config.tasks[n]) for n in task_names}
+  pft_loss = loss_config(config)
+  gc_chunks = int(stage.get("grad_cache_chunks", 0))
+  progress.consecutive = 0
+  writer.progress_start(stage.name, stage_step, n_steps)
+  throughput = _Throughput()
+  while stage_step < n_steps:
+    host = next(it)
+    progress.records.update(host, progress.global_step, stage.name)
+    inputs = run.faults.before_step(progress.global_step, host)  # `host` itself in a real run
+    task_i = int(host["task_index"])
+    task = "mixture" if task_i < 0 else task_names[task_i]
+    batch = step_lib.device_batch(inputs, run.mesh)
+    compiled_before = steps.num_compiled
+    fn = steps.get(task, pft_loss if task_i < 0 else loss_cfgs[task], state, batch, grad_cache_chunks=gc_chunks)
+    state, metrics = fn(state, batch)
+    metrics = jax.device_get(metrics)
+    throughput.add(host, compiled=steps.num_compiled != compiled_before)
+    progress.global_step += 1
+    stage_step += 1
+    step = progress.global_step
+    _count_skip(run, progress, metrics, stage.name, task)
+    nnx.update((trainee, optimizer), state)
+    writer.progress_update(1, float(metrics["loss"]))
+    stage_done = stage_step == n_steps
+    if step % int(config.log_every) == 0 or stage_done:
+      lr = float(optim.schedule(ocfg, n_steps)(stage_step - 1))
+      writer.write(step, _log_row(host, metrics, stage.name, task, lr, throughput, progress))
+      throughput.restart()
+    if run.eval_fn is not None and (stage_done or (config.get("eval_every") and
+                                                   step % int(config.eval_every) == 0)):
+      progress.last_eval = run.eval_fn(trainee.model, step, stage.name)
+      writer.write(step, dict(progress.last_eval))
+    if jax.process_count() > 1:  # every process must agree to stop at the same step
+      preemption.requested = distributed.any_process(preemption.requested)
+    if stage_done:
+      # The export commits before the stage's last checkpoint is saved. A kill between the two leaves
+      # the export and an older checkpoint: the re-run replays to here and finds the export written
+      # (the same bits: resume is exact). The other order is repaired at resume (`_resume_point`).
+      export_stage(run.workdir, config, trainee, stage.name, step)
+      run.faults.after_export(step)
+    if preemption.requested or stage_done or step % int(config.checkpoint.every) == 0:
+      _save(run.checkpointer, config, trainee, optimizer, it, si, stage_step, step, progress)
+      run.faults.after_save(step, run.checkpointer.wait)
+    if preemption.requested:
+      progress.preempted = True
+      break
+  progress.compiled_steps += steps.num_compiled
+  writer.progress_end()
+
+
+def _count_skip(run: _Run, progress: _Progress, metrics: Mapping[str, Any], stage_name: str, task: str) -> None:
+  """Counts a step whose update was skipped (the step left the state as it was); the guard rail stops
+  the run after `config.max_consecutive_skips` in a row."""
+  if not int(metrics["skipped"]):
+    progress.consecutive = 0
+    return
+  progress.consecutive += 1
+  progress.skipped_total += 1
+  step = progress.global_step
+  logging.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped "
+                  "(%d in a row, %d in total)", step, metrics["loss"], metrics["grad_norm"],
+                  progress.consecutive, progress.skipped_total)
+  run.writer.write(step, {"skipped_total": progress.skipped_total, "stage": stage_name, "task": task})
+  if progress.consecutive >= int(run.config.get("max_consecutive_skips", 5)):
+    raise TrainingStopped(
+        f"{progress.consecutive} consecutive steps had a non-finite loss or gradient (last at step "
+        f"{step}, stage {stage_name}, task {task}); stopping. The last good checkpoint "
+        f"(step {run.checkpointer.latest_step()}) is intact. Lower the learning rate, check the data, "
+        "or raise config.max_consecutive_skips.")
+
+
+# ----------------------------------------------------------------------- guard rails
 
 
 def max_skipped_fraction(config) -> float:
@@ -412,242 +708,49 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-@dataclasses.dataclass
-class TrainResult:
-  global_step: int
-  preempted: bool
-  skipped_steps: int
-  compiled_steps: int
-  trainee: Any
-  last_eval: dict[str, float] | None = None  # the eval_fn results at the end of the last stage run
+# ------------------------------------------------------------------------------- log
 
 
-def train(config, workdir: str, data: Mapping[str, TaskData], *,
-          eval_fn: Callable[[EmbeddingModel, int, str], dict[str, float]] | None = None,
-          batch_hook: Callable[[int, dict], dict] | None = None) -> TrainResult:
-  """Runs (or resumes) every stage of `config` in `workdir`.
+class _Throughput:
+  """Examples and tokens per second since the last logged row, the steps that compiled left out."""
 
-  Args:
-    config: the experiment ConfigDict (see configs/demo.py for the fields).
-    workdir: where checkpoints, metrics.jsonl and TensorBoard events go.
-    data: task name -> TaskData for every task the stages use.
-    eval_fn: called as eval_fn(model, global_step, stage_name) every `config.eval_every` steps and at the
-      end of each stage; returns scalars to log (named as they should appear, e.g. "eval/demo/...").
-    batch_hook: test hook, called as batch_hook(global_step, host_batch) -> host_batch.
-  """
-  workdir = epath.Path(workdir)
-  config = normalize(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  shards = sharding.num_batch_shards(mesh)
-  num_groups = int(config.get("data_groups", 0)) or shards
-  validate(config, data, num_groups)
+  def __init__(self):
+    self.restart()
 
-  tokenizer, tokenizer_path = resolve_tokenizer(config)
-  with config.unlocked():
-    config.tokenizer = tokenizer_path  # what the checkpoints record (model_meta)
-  model_cfg = ModelConfig.from_dict(config.model.to_dict())
-  if tokenizer.base_vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.base_vocab_size} ids but config.model.vocab_size="
-                     f"{model_cfg.vocab_size}; raise vocab_size to at least {tokenizer.base_vocab_size}")
+  def restart(self) -> None:
+    self.t0, self.examples, self.tokens = time.perf_counter(), 0, 0
 
-  latest, meta = None, None
-  # Decided together: a process must not see a directory that another has just created (the managers
-  # below synchronise all processes, so they must all take the same branch).
-  if distributed.any_process((workdir / "checkpoints").exists()):
-    reader = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
-    latest = reader.latest_step()
-    if latest is not None:
-      meta = reader.read_meta(latest)
-      check_workdir_compatible(config, meta, workdir)
-      if (meta.get("tokenizer") or "") != tokenizer_path and not tokenizer_lib.same_tokenizer(
-          tokenizer_lib.checkpoint_tokenizer(meta, workdir / "checkpoints"), tokenizer):
-        raise ValueError(
-            f"workdir {workdir} was trained with the tokenizer {meta.get('tokenizer') or 'packaged with embed2'}, "
-            f"and this config gives {tokenizer_path or 'the packaged one'}, which tokenizes differently. Resume "
-            "with the run's own tokenizer (config.tokenizer), or use a new --workdir. Nothing in the workdir "
-            "was changed.")
-    reader.close()
-  if meta is not None and not config.get("data_groups"):
-    # Resuming on another mesh: keep the run's pack groups, so the batches continue exactly.
-    num_groups = int(meta.get("num_groups", num_groups))
-  if num_groups % shards:
-    raise ValueError(f"the run packs its batches in {num_groups} groups (config.data_groups or the "
-                     f"checkpoint), which the {shards} data shards of mesh {dict(mesh.shape)} do not divide; "
-                     f"use a mesh whose data x fsdp divides {num_groups}")
-  validate(config, data, num_groups)
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", every=int(config.checkpoint.every),
-                                       keep=config.checkpoint.get("keep", 3),
-                                       async_save=bool(config.checkpoint.get("async_save", True)))
-  writer = None
-  try:
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    result = _run_stages(config, workdir, data, mesh, rules, num_groups, tokenizer, checkpointer, writer,
-                         latest, meta, eval_fn=eval_fn, batch_hook=batch_hook)
-  except BaseException:
-    # Pending saves are of good states: let them finish, but never let a failure to close hide the
-    # error that brought us here.
-    _close_quietly(checkpointer, writer)
-    raise
-  checkpointer.close()
-  writer.close()
-  return result
+  def add(self, host: Mapping[str, Any], compiled: bool) -> None:
+    if compiled:  # keep compilation out of the throughput figures
+      self.restart()
+    else:
+      self.examples += int(np.sum(host["example_valid"]))
+      self.tokens += int(host.get("num_tokens", 0))
+
+  def rates(self) -> dict[str, float]:
+    dt = max(time.perf_counter() - self.t0, 1e-9)
+    return {"examples_per_s": self.examples / dt, "tokens_per_s": self.tokens / dt}
 
 
-def _close_quietly(checkpointer, writer) -> None:
-  for thing in (checkpointer, writer):
-    if thing is None:
-      continue
-    try:
-      thing.close()
-    except Exception as e:  # pylint: disable=broad-except
-      logging.error("while stopping on an error, closing %s failed too: %s", type(thing).__name__, e)
+def _log_row(host: Mapping[str, Any], metrics: Mapping[str, Any], stage_name: str, task: str,
+             learning_rate: float, throughput: _Throughput, progress: _Progress) -> dict[str, Any]:
+  """One metrics row: the step's metrics, the batch's statistics (`data/...`, its CRC), throughput."""
+  row = {"stage": stage_name, "task": task, **throughput.rates(), "skipped_total": progress.skipped_total,
+         "records_skipped_total": progress.records.skipped, "learning_rate": learning_rate}
+  row.update({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0})
+  row.update({f"data/{k}": float(v) for k, v in host.items() if np.ndim(v) == 0 and k not in ("task_index",)})
+  capacity = sum(v.size for k, v in host.items() if k.endswith("_tokens") and np.ndim(v) == 2)
+  row["nonpad_fraction"] = float(host["num_tokens"]) / max(capacity, 1)
+  # The batch's identity, to compare a resumed run's batches with an uninterrupted run's.
+  row["data/batch_crc"] = zlib.crc32(host["query_tokens"].tobytes())
+  return row
 
 
-def _run_stages(config, workdir, data, mesh, rules, num_groups, tokenizer, checkpointer, writer, latest,
-                meta, *, eval_fn, batch_hook) -> TrainResult:
-  """The loop of `train` over the stages, from the resume point (see the module docstring)."""
-  trainee = build_trainee(config, mesh, rules)
-  if meta is not None:
-    ckpt_lib.load_model_params(trainee.model, str(workdir / "checkpoints" / str(latest)))
-    set_loss_params(trainee, meta)
-    logging.info("resuming from step %d (stage %d, step %d of it)", latest, meta["stage_index"],
-                 meta["stage_step"])
-  elif config.get("init_from"):
-    set_loss_params(trainee, ckpt_lib.load_model_params(trainee.model, config.init_from))
-    logging.info("initialised from %s", config.init_from)
-    if config.get("vision_init_from"):
-      init_vision(trainee.model, config.vision_init_from)
+# ----------------------------------------------------------------------- checkpoints
 
-  max_skips = int(config.get("max_consecutive_skips", 5))
-  global_step = latest or 0
-  start_stage = meta["stage_index"] if meta else 0
-  start_stage_step = meta["stage_step"] if meta else 0
-  if meta and start_stage_step >= int(config.stages[start_stage].steps):
-    # The checkpoint is a stage's last step. Its export may not have been committed (a kill between the
-    # two commits of a stage end, or a workdir of an older version that saved the checkpoint first):
-    # write it from the restored parameters, which are the ones the stage ended with.
-    export_stage(workdir, config, trainee, config.stages[start_stage].name, latest)
-    start_stage, start_stage_step = start_stage + 1, 0
-  skipped_total = int(meta.get("skipped_total", 0)) if meta else 0
-  records = _RecordSkips(config, meta)
-  kill = faults.KillSwitch(int(config.get("debug_kill_at_step", -1)))
-  preempted = False
-  steps_compiled = 0
-  last_eval = None
-  debug_nan = set(int(s) for s in config.get("debug_nan_steps", ()))
 
-  with _Preemption() as preemption:
-    for si in range(start_stage, len(config.stages)):
-      stage = config.stages[si]
-      n_steps = int(stage.steps)
-      stage_step = start_stage_step if si == start_stage else 0
-      ocfg = optim_config(stage)
-      params_state = nnx.state(trainee, nnx.Param)
-      tx = optim.make_optimizer(ocfg, n_steps, params_state, where=f"config.stages[{si}].optim")
-      with jax.set_mesh(mesh):
-        optimizer = nnx.Optimizer(trainee, tx, wrt=nnx.Param)
-      it = stage_iterator(config, stage, data, tokenizer, num_groups, si)
-      if meta is not None and si == meta["stage_index"] and stage_step > 0:
-        restored = checkpointer.restore(latest, params=ckpt_lib.abstract_like(model_params(trainee)),
-                                        train=ckpt_lib.abstract_like(_train_tree(trainee, optimizer)))
-        _set_train_tree(trainee, optimizer, restored["train"])
-        it.set_state(meta["data_state"])
-      graphdef, state = nnx.split((trainee, optimizer))
-      state_shardings = jax.tree.map(lambda x: x.sharding, state)
-      steps = step_lib.StepFunctions(graphdef, state_shardings, mesh, num_groups)
-      task_names = list(dict(stage.tasks))
-      loss_cfgs = {n: loss_config(config, config.tasks[n]) for n in task_names}
-      pft_loss = loss_config(config)
-      gc_chunks = int(stage.get("grad_cache_chunks", 0))
-      consecutive = 0
-      writer.progress_start(stage.name, stage_step, n_steps)
-      t_last, examples_since, tokens_since = time.perf_counter(), 0, 0
-      while stage_step < n_steps:
-        kill("step", global_step)
-        if global_step == int(config.get("debug_sigterm_at_step", -1)):
-          os.kill(os.getpid(), signal.SIGTERM)
-        host = next(it)
-        records.update(host, global_step, stage.name)
-        if batch_hook is not None:
-          host = batch_hook(global_step, host)
-        task_i = int(host["task_index"])
-        task = "mixture" if task_i < 0 else task_names[task_i]
-        lcfg = pft_loss if task_i < 0 else loss_cfgs[task]
-        batch = step_lib.device_batch(host, mesh, poison=np.nan if global_step in debug_nan else 1.0)
-        compiled_before = steps.num_compiled
-        fn = steps.get(task, lcfg, state, batch, grad_cache_chunks=gc_chunks)
-        state, metrics = fn(state, batch)
-        metrics = jax.device_get(metrics)
-        if steps.num_compiled != compiled_before:  # keep compilation out of the throughput figures
-          t_last, examples_since, tokens_since = time.perf_counter(), 0, 0
-        else:
-          examples_since += int(np.sum(host["example_valid"]))
-          tokens_since += int(host.get("num_tokens", 0))
-        global_step += 1
-        stage_step += 1
-        if int(metrics["skipped"]):
-          consecutive += 1
-          skipped_total += 1
-          logging.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped "
-                          "(%d in a row, %d in total)", global_step, metrics["loss"], metrics["grad_norm"],
-                          consecutive, skipped_total)
-          writer.write(global_step, {"skipped_total": skipped_total, "stage": stage.name, "task": task})
-          if consecutive >= max_skips:
-            raise TrainingStopped(
-                f"{consecutive} consecutive steps had a non-finite loss or gradient (last at step "
-                f"{global_step}, stage {stage.name}, task {task}); stopping. The last good checkpoint "
-                f"(step {checkpointer.latest_step()}) is intact. Lower the learning rate, check the data, "
-                "or raise config.max_consecutive_skips.")
-        else:
-          consecutive = 0
-        nnx.update((trainee, optimizer), state)
-        writer.progress_update(1, float(metrics["loss"]))
-        if global_step % int(config.log_every) == 0 or stage_step == n_steps:
-          dt = max(time.perf_counter() - t_last, 1e-9)
-          row = {"stage": stage.name, "task": task, "examples_per_s": examples_since / dt,
-                 "tokens_per_s": tokens_since / dt, "skipped_total": skipped_total,
-                 "records_skipped_total": records.skipped,
-                 "learning_rate": float(optim.schedule(ocfg, n_steps)(stage_step - 1))}
-          row.update({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0})
-          row.update({f"data/{k}": float(v) for k, v in host.items()
-                      if np.ndim(v) == 0 and k not in ("task_index",)})
-          capacity = sum(v.size for k, v in host.items() if k.endswith("_tokens") and np.ndim(v) == 2)
-          row["nonpad_fraction"] = float(host["num_tokens"]) / max(capacity, 1)
-          row["data/batch_crc"] = zlib.crc32(host["query_tokens"].tobytes())
-          writer.write(global_step, row)
-          t_last, examples_since, tokens_since = time.perf_counter(), 0, 0
-        stage_done = stage_step == n_steps
-        if eval_fn is not None and (stage_done or (config.get("eval_every") and
-                                                   global_step % int(config.eval_every) == 0)):
-          last_eval = eval_fn(trainee.model, global_step, stage.name)
-          writer.write(global_step, dict(last_eval))
-        if jax.process_count() > 1:  # every process must agree to stop at the same step
-          preemption.requested = distributed.any_process(preemption.requested)
-        if stage_done:
-          # The export commits before the stage's last checkpoint is saved. A kill between the two leaves
-          # the export and an older checkpoint: the re-run replays to here and finds the export written
-          # (the same bits: resume is exact). The other order is repaired at resume (above).
-          export_stage(workdir, config, trainee, stage.name, global_step)
-          kill("export", global_step)
-        if preemption.requested or stage_done or global_step % int(config.checkpoint.every) == 0:
-          _save(checkpointer, config, trainee, optimizer, it, si, stage_step, global_step, skipped_total,
-                records)
-          kill("save", global_step)
-          if kill.wants("checkpoint", global_step):
-            checkpointer.wait()
-            kill("checkpoint", global_step)
-        if preemption.requested:
-          preempted = True
-          break
-      steps_compiled += steps.num_compiled
-      writer.progress_end()
-      del state
-      if preempted:
-        break
-  return TrainResult(global_step=global_step, preempted=preempted, skipped_steps=skipped_total,
-                     compiled_steps=steps_compiled, trainee=trainee,
-                     last_eval=last_eval if not preempted else None)
+def model_params(trainee) -> dict:
+  return nnx.to_pure_dict(nnx.state(trainee.model, nnx.Param))
 
 
 def _train_tree(trainee, optimizer) -> dict:
@@ -719,7 +822,7 @@ def export_stage(workdir, config, trainee, stage_name: str, step: int) -> None:
 
 
 def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step, global_step,
-          skipped_total, records):
+          progress: _Progress):
   # Each process holds its own pack groups' iterator state; merged, it restores on any process layout.
   states = distributed.allgather_json(it.get_state())
   data_state = states[0] if len(states) == 1 else pipeline.merge_states(states)
@@ -727,9 +830,9 @@ def _save(checkpointer, config, trainee, optimizer, it, stage_index, stage_step,
   meta.update({
       "stage_index": stage_index, "stage_step": stage_step,
       "stage_name": config.stages[stage_index].name, "data_state": data_state,
-      "fingerprint": _canonical(fingerprint(config)), "skipped_total": skipped_total,
+      "fingerprint": _canonical(fingerprint(config)), "skipped_total": progress.skipped_total,
       "process_count": jax.process_count(), "num_groups": it.num_groups,
-      "records_skipped": records.skipped, "records_read": records.read,
+      "records_skipped": progress.records.skipped, "records_read": progress.records.read,
   })
   checkpointer.save(global_step, params=model_params(trainee), train=_train_tree(trainee, optimizer),
                     meta=meta, force=True)
