@@ -170,7 +170,7 @@ def test_notebook_executes_every_cell_and_draws_every_modality(media_workdir):
   dims = [8, 16, 32]  # the demo's MRL dims at dim=32
   assert [int(line.split()[0]) for line in text.splitlines()[1:4]] == dims
   text, _ = outputs("curves")
-  assert "3 rows" in text and "[(1, 'pft')]" in text
+  assert "3 metric rows" in text and "[(1, 'pft')]" in text
 
 
 # -------------------------------------------------------------------------------- explore helpers
