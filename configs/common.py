@@ -9,6 +9,7 @@ from __future__ import annotations
 from ml_collections import config_dict
 
 from embed2 import sharding
+from embed2.model import presets
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -32,11 +33,19 @@ def parse_arg(arg: str | None, **defaults):
   return config_dict.ConfigDict(out)
 
 
+# Run-time knobs of the model (they change no parameter): always present in `config.model`, so the
+# command line can set them on any config (`--config.model.attention_impl=blockwise`).
+RUNTIME_KNOBS = ("attention_impl", "dtype", "remat")
+
+
 def model(preset: str, **overrides) -> config_dict.ConfigDict:
   """`config.model`: a preset name plus field overrides (see embed2.model.presets.ModelConfig); the
   frontends and media preprocessing go in `media=dict(...)` (`MediaConfig` fields), which the command
-  line reaches as `--config.model.media.image_size=...`."""
-  return config_dict.ConfigDict(dict(preset=preset, **overrides))
+  line reaches as `--config.model.media.image_size=...`. The run-time knobs (`RUNTIME_KNOBS`) are
+  written out with the preset's values unless overridden."""
+  base = presets.ModelConfig.from_name(preset)
+  knobs = {k: getattr(base, k) for k in RUNTIME_KNOBS}
+  return config_dict.ConfigDict(dict(preset=preset, **{**knobs, **overrides}))
 
 
 def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> config_dict.ConfigDict:

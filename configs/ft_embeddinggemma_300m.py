@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # sliding_window=257: transformers' bidirectional window for the checkpoint's 512 (|i - j| <= 256);
   # see embed2.convert. The checkpoint's architecture must match this one for init_from to load it.
   model = common.model("embeddinggemma-300m", sliding_window=257, max_length=k.max_length,
-                       max_segments=8, dtype=k.dtype, remat=k.remat)
+                       max_segments=8, dtype=k.dtype, remat=k.remat,
+                       attention_impl="auto")
   stages = common.paper_stages(pft_steps=k.pft_steps, ft_steps=k.ft_steps, lr=k.lr, pft_batch=4 * k.batch,
                                pft_warmup_frac=0.1, pft_final_lr_ratio=0.5, ft_lr=k.lr / 2)
   return common.converted_gemma(k, model, stages, save_every=250)

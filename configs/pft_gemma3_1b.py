@@ -24,7 +24,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   k = common.parse_arg(arg, ckpt="/ckpt/gemma3-1b", pft_steps=2000, ft_steps=1000, batch=128, lr=1e-4,
                        seed=0, max_length=512, data=-1, fsdp=1, tensor=1, dtype="bfloat16", remat="dots")
   model = common.model("gemma3-1b", causal=False, mrl_dims=(128, 256, 512, 1152), max_length=k.max_length,
-                       max_segments=8, dtype=k.dtype, remat=k.remat)
+                       max_segments=8, dtype=k.dtype, remat=k.remat,
+                       attention_impl="auto")
   stages = common.paper_stages(pft_steps=k.pft_steps, ft_steps=k.ft_steps, lr=k.lr, pft_batch=8 * k.batch,
                                pft_warmup_frac=0.05, pft_final_lr_ratio=0.1, ft_lr=k.lr / 5)
   return common.converted_gemma(k, model, stages, save_every=500)

@@ -31,7 +31,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
                image_tokens=v.mm_tokens_per_image, vit_width=v.width, vit_depth=v.depth, vit_heads=v.num_heads,
                vit_mlp_dim=v.mlp_dim)
   model = common.model("gemma3-4b", causal=False, mrl_dims=(256, 768, 1536, 2560), max_length=k.max_length,
-                       max_segments=8, dtype=k.dtype, remat=k.remat, media=media)
+                       max_segments=8, dtype=k.dtype, remat=k.remat,
+                       attention_impl="auto", media=media)
   stages = common.paper_stages(pft_steps=k.pft_steps, ft_steps=k.ft_steps, lr=k.lr, pft_batch=8 * k.batch,
                                pft_warmup_frac=0.05, pft_final_lr_ratio=0.1, ft_lr=k.lr / 5)
   c = common.converted_gemma(k, model, stages, save_every=500, keep=2)

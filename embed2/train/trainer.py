@@ -232,12 +232,23 @@ def _canonical(x):
   return json.loads(json.dumps(x, sort_keys=True, default=str))
 
 
+def _same_model(a, b) -> bool:
+  """Two `config.model` dicts name the same model: compared as the ModelConfig each builds, so a preset's
+  defaults written out or left implicit, or media fields stored flat (runs before `MediaConfig`) or
+  nested, are the same model."""
+  try:
+    return ModelConfig.from_dict(a).to_dict() == ModelConfig.from_dict(b).to_dict()
+  except (TypeError, ValueError):
+    return a == b
+
+
 def check_workdir_compatible(config, meta: dict[str, Any], workdir) -> None:
   want, have = _canonical(fingerprint(config)), meta.get("fingerprint")
   if have is None:
     raise ValueError(f"workdir {workdir} holds a checkpoint without a config fingerprint; use a new workdir")
   for key in _IDENTITY_FIELDS:
-    if want.get(key) != have.get(key):
+    same = _same_model(want.get(key), have.get(key)) if key == "model" else want.get(key) == have.get(key)
+    if not same:
       raise ValueError(
           f"workdir {workdir} holds a checkpoint from an incompatible config: config.{key} differs "
           f"(checkpoint: {json.dumps(have.get(key), sort_keys=True)[:300]} ; now: "
