@@ -107,6 +107,24 @@ def save_random_checkpoint(random_tiny_model):
   return save
 
 
+@pytest.fixture(scope="session")
+def saved_item():
+  """saved_item(path) -> the Orbax checkpoint item at PATH (e.g. WORKDIR/checkpoints/12/params) as a
+  pytree of numpy arrays, read as saved: no model is built, and any device count reads it (list indices
+  come back as string keys)."""
+  # Imported here for random_tiny_model's reason.
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  def read(path):
+    ck = ocp.PyTreeCheckpointer()
+    tree = getattr(ck.metadata(path), "item_metadata", None) or ck.metadata(path)
+    tree = getattr(tree, "tree", tree)
+    return ck.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+
+  return read
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
   """Adds the seeds a failed test drew from (its own and its fixtures') to its report."""

@@ -1,9 +1,9 @@
 """A run killed at any instant, and re-run with the same command, ends with the same bits as a run
 that was never interrupted: every checkpoint item, every stage export, the soup variant and the soup.
 
-Kills come from the trainer's test seam (`embed2/train/faults.py`, $EMBED2_FAULTS: SIGKILL at a
-named point, e.g. between the two commits of a stage end) and from outside at random instants. Each run is the real
-entry point (`python -m embed2.main`) in a subprocess. More random trials: EMBED2_KILL_TRIALS=10.
+Kills come from the trainer's test seam (`embed2/train/faults.py`, $EMBED2_FAULTS: SIGKILL at a named
+point, e.g. between the two commits of a stage end) and from outside at random instants. Each run is the
+real entry point (`python -m embed2.main`) in a subprocess. More random trials: EMBED2_KILL_TRIALS=10.
 """
 
 import json
@@ -16,7 +16,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from embed2 import checkpoint as ckpt_lib
@@ -26,14 +25,14 @@ from embed2.train.metrics_writer import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two stages (PFT ends at step 5, FT at 12), saves every 3 steps, two kept; then the variant "alt"
 # (7 FT steps from the PFT export) and the soup of the two.
-# (The tiny config's other shapes, so the subprocesses share compiled programs with tests/test_train.py.)
+# (The tiny config's batch shapes on 4 devices: the subprocesses share compiled programs with
+# tests/test_multihost.py's one-process run through the session's compilation cache, tests/conftest.py.)
 ARG = "pft_steps=5,ft_steps=7,every=3,seed=7"
 FLAGS = ("--config.checkpoint.keep=2",)
-MAIN_RUN = ("checkpoint", "export_pft", "export_ft")  # what a run without the soup leaves
 
 
-def command(workdir, *flags, soup=True):
-  return [sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py:{ARG}" + (",soup" if soup else ""),
+def command(workdir, *flags):
+  return [sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py:{ARG},soup",
           f"--workdir={workdir}", *FLAGS, *flags]
 
 
@@ -46,8 +45,8 @@ def env(kill_at=""):
   return e
 
 
-def run(workdir, *flags, kill_at="", expect_kill=False, soup=True):
-  proc = subprocess.run(command(workdir, *flags, soup=soup), cwd=REPO, env=env(kill_at), capture_output=True,
+def run(workdir, *flags, kill_at="", expect_kill=False):
+  proc = subprocess.run(command(workdir, *flags), cwd=REPO, env=env(kill_at), capture_output=True,
                         text=True, timeout=600)
   if expect_kill:
     assert proc.returncode == -signal.SIGKILL, (kill_at, proc.returncode, proc.stderr[-3000:])
@@ -59,17 +58,9 @@ def run(workdir, *flags, kill_at="", expect_kill=False, soup=True):
 # ------------------------------------------------------------------------------- what must be equal
 
 
-def _numpy_item(path):
-  ck = ocp.PyTreeCheckpointer()
-  md = ck.metadata(path)
-  tree = getattr(md, "item_metadata", md)
-  tree = getattr(tree, "tree", tree)
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ck.restore(path, restore_args=args)
-
-
-def snapshot(directory, workdir):
-  """The latest finished step of a checkpoints directory: {"step", "meta", "params", "train"?} as numpy."""
+def snapshot(directory, workdir, read):
+  """The latest finished step of a checkpoints directory: {"step", "meta", "params", "train"?} as numpy
+  (`read`: the `saved_item` fixture)."""
   ck = ckpt_lib.Checkpointer(directory, read_only=True)
   step = ck.latest_step()
   assert step is not None, f"no finished checkpoint in {directory}"
@@ -80,25 +71,24 @@ def snapshot(directory, workdir):
   out = {"step": step, "meta": meta}
   for item in ("params", "train"):
     if (directory / str(step) / item).exists():
-      out[item] = _numpy_item(directory / str(step) / item)
+      out[item] = read(directory / str(step) / item)
   return out
 
 
-def run_state(workdir, names=None):
+def run_state(workdir, read):
   """Everything a finished run leaves that a later run or a user reads, as numpy and JSON."""
-  return {name: snapshot(workdir / rel, workdir) for name, rel in {
+  return {name: snapshot(workdir / rel, workdir, read) for name, rel in {
       "checkpoint": "checkpoints", "export_pft": "stages/pft", "export_ft": "stages/ft",
       "variant": "variants/alt/checkpoints", "variant_export": "variants/alt/stages/ft",
-      "soup": "soup"}.items() if names is None or name in names}
+      "soup": "soup"}.items()}
 
 
 def batch_crcs(workdir):
-  """{step: crc32 of the step's query tokens} from metrics.jsonl."""
+  """{step: crc32 of the step's query tokens} from the run's metrics."""
   return {r["step"]: r["data/batch_crc"] for r in read_metrics(workdir) if "data/batch_crc" in r}
 
 
 def assert_bitwise_equal(got, want):
-  want = {k: v for k, v in want.items() if k in got}
   assert got.keys() == want.keys()
   for name in want:
     g, w = got[name], want[name]
@@ -115,69 +105,53 @@ def assert_bitwise_equal(got, want):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, saved_item):
   """One uninterrupted run, and how long it took."""
   workdir = tmp_path_factory.mktemp("reference")
   t0 = time.perf_counter()
   run(workdir)
-  return run_state(workdir), time.perf_counter() - t0, workdir
+  return run_state(workdir, saved_item), time.perf_counter() - t0, workdir
 
 
 # ----------------------------------------------------------------------------------------- tests
 
 
-def test_stage_end_kill_in_either_commit_order_finishes_exactly(tmp_path, reference):
-  """Regression (issue 16.1): the export of a stage committed without its checkpoint used to make every
+def test_kill_at_every_save_point_finishes_exactly(tmp_path, reference, saved_item):
+  """The seam kills the run at each kind of save point in turn, each re-run going further, through the
+  main run, the soup variant and the soup; at the end every item has the uninterrupted run's bits, and
+  every step (the replayed ones included) trained on the same batch.
+
+  Regression (issue 16.1): the export of a stage committed without its checkpoint used to make every
   re-run fail with "Checkpoint for step 5 already exists"; the checkpoint committed without the export
   used to finish without ever writing stages/pft."""
   w = tmp_path / "w"
-  run(w, kill_at="kill@6", expect_kill=True, soup=False)
-  # The export of PFT (step 5) committed, its checkpoint not.
-  for p in (w / "checkpoints").iterdir():
-    if p.name.startswith(("5", "6")):
-      shutil.rmtree(p)
+  # PFT's end: its export committed, the checkpoint half written. The re-run replays steps 4 and 5 from
+  # checkpoint 3 (committed: a save waits for the one before).
+  run(w, kill_at="kill_save@5", expect_kill=True)
   assert (w / "stages" / "pft" / "5").exists()
-  run(w, kill_at="kill@6", expect_kill=True, soup=False)
-  # Now the other order: the checkpoint at the stage end committed, its export not.
-  for p in (w / "checkpoints").iterdir():
-    if p.name.startswith("6"):
-      shutil.rmtree(p)
+  assert ckpt_lib.Checkpointer(w / "checkpoints", read_only=True).latest_step() == 3
+  # The other order (a workdir of an older version): the stage-end checkpoint committed, its export not.
+  run(w, kill_at="kill_checkpoint@5", expect_kill=True)
   assert ckpt_lib.Checkpointer(w / "checkpoints", read_only=True).latest_step() == 5
   shutil.rmtree(w / "stages" / "pft")
-  run(w, soup=False)
-  assert_bitwise_equal(run_state(w, MAIN_RUN), reference[0])
-  # The same batches, step by step, the replayed ones included (a replayed step's line comes later in
-  # metrics.jsonl and wins).
-  assert batch_crcs(w) == batch_crcs(reference[2])
-
-
-def test_kill_at_every_save_point_finishes_exactly(tmp_path, reference):
-  """The seam kills the run at each kind of save point in turn, each re-run going further, through the
-  main run, the soup variant and the soup."""
-  w = tmp_path / "w"
-  # (Mid-stage kills between saves: tests/test_train.py. The stage-end checkpoint without its export:
-  # the test above.)
-  # (A kill right after a committed checkpoint: the test above, and tests/test_multihost.py.)
-  kills = [
-      "kill_save@3",        # a periodic checkpoint half written
-      "kill_export@5",      # stage end: the export committed, the checkpoint not yet saved
-  ]
-  for point in kills:
-    run(w, kill_at=point, expect_kill=True)
-  # The main run finishes on this re-run; the variant (its own steps 1..7) is next; its last stage's end
-  # (what kill_export@12 would be for the main run) is the soup's start.
+  # The main run finishes on this re-run (writing PFT's export from checkpoint 5 first); the variant (its
+  # own steps 1..7) is next; its last stage's end (what kill_export@12 would be for the main run) is the
+  # soup's start.
   run(w, kill_at="kill_export@7", expect_kill=True)
   assert not (w / "soup" / "soup.json").exists()
   run(w)
-  assert_bitwise_equal(run_state(w), reference[0])
+  assert_bitwise_equal(run_state(w, saved_item), reference[0])
+  # The same batches, step by step (`read_metrics` keeps a replayed step's row from the re-run).
+  assert batch_crcs(w) == batch_crcs(reference[2])
+  assert batch_crcs(w / "variants" / "alt") == batch_crcs(reference[2] / "variants" / "alt")
   # A soup checkpoint committed without its soup.json (a kill between the two) is made again.
   (w / "soup" / "soup.json").unlink()
   run(w)
   assert (w / "soup" / "soup.json").exists()
-  assert_bitwise_equal(run_state(w), reference[0])
+  assert_bitwise_equal(run_state(w, saved_item), reference[0])
 
 
-def test_kill_9_at_random_instants_finishes_exactly(tmp_path, reference):
+def test_kill_9_at_random_instants_finishes_exactly(tmp_path, reference, saved_item):
   """kill -9 from outside at random instants, then a re-run to the end. EMBED2_KILL_TRIALS=N trials
   (default 1), EMBED2_KILLS_PER_TRIAL=K kills in each (default 1)."""
   want, duration, _ = reference
@@ -198,7 +172,7 @@ def test_kill_9_at_random_instants_finishes_exactly(tmp_path, reference):
       assert proc.returncode in (0, -signal.SIGKILL), (proc.returncode, err[-3000:])
       moments.append(round(delay, 1))
     run(w)
-    assert_bitwise_equal(run_state(w), want)
+    assert_bitwise_equal(run_state(w, saved_item), want)
   print(f"killed at {moments} s (the uninterrupted run takes {duration:.1f} s)")
 
 

@@ -1,5 +1,10 @@
 """Real multi-controller runs on loopback: 2 processes x 2 CPU devices against 1 process x 4 devices,
-and a run preempted mid-stage that resumes on another mesh and process count."""
+and a run preempted mid-stage that resumes on another mesh and process count.
+
+The runs of a mesh and process count are few and shared (the compiled programs too, through the session's
+compilation cache, tests/conftest.py): 2 x 2 devices as data=2 x fsdp=2 (`two_process_run`, the
+preempted run), 1 x 4 as data=4 (`one_process_run`) and as data=2 x tensor=2 in 4 pack groups (the
+resumed run, the run from `init_from`), all with the same stages."""
 
 import os
 import socket
@@ -9,7 +14,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from embed2 import checkpoint as ckpt_lib
@@ -28,13 +32,13 @@ def free_port():
     return s.getsockname()[1]
 
 
-def start(workdir, devices, *flags, arg=ARG, fault=""):
+def start(workdir, devices, *flags, fault=""):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop(faults.ENV, None)
   if fault:
     env[faults.ENV] = fault
-  cmd = [sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py:{arg}",
+  cmd = [sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py:{ARG}",
          f"--workdir={workdir}", *flags]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -67,20 +71,15 @@ def two_processes(workdir, devices, *flags, fault=""):
   return outs
 
 
-def checkpoint_item(workdir, step, item, where="checkpoints"):
-  """A checkpoint item ("params" or "train") as a pytree of host numpy arrays."""
-  path = workdir / where / str(step) / item
-  ck = ocp.PyTreeCheckpointer()
-  tree = getattr(ck.metadata(path), "item_metadata", None) or ck.metadata(path)
-  tree = getattr(tree, "tree", tree)
-  return ck.restore(path, restore_args=jax.tree.map(
-      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+# The 2-process runs' mesh; the resumed one's (1 process x 4 devices, the preempted run's 4 pack groups).
+TWO_PROCESS_MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=2")
+RESUME_MESH = ("--config.mesh.data=2", "--config.mesh.tensor=2", "--config.data_groups=4")
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("mp")
-  two_processes(workdir, 2)
+  two_processes(workdir, 2, *TWO_PROCESS_MESH)
   return workdir
 
 
@@ -93,6 +92,7 @@ def one_process_run(tmp_path_factory):
 
 
 def test_two_processes_equal_one_process(two_process_run, one_process_run):
+  # Equal to float tolerance: fsdp splits the reductions of the passes differently (see the next test).
   a, b = losses(two_process_run), losses(one_process_run)
   assert len(a) == len(b) == STEPS
   for (sa, ta, la), (sb, tb, lb) in zip(a, b):
@@ -100,8 +100,8 @@ def test_two_processes_equal_one_process(two_process_run, one_process_run):
     assert abs(la - lb) / abs(lb) < 1e-5, (sa, la, lb)
 
 
-def test_preempted_mid_stage_resumes_on_another_mesh_and_process_count(two_process_run,
-                                                                       one_process_run, tmp_path):
+def test_preempted_mid_stage_resumes_on_another_mesh_and_process_count(two_process_run, one_process_run,
+                                                                       tmp_path, saved_item):
   """Preempted (SIGTERM) inside PFT on 2 processes x 2 devices, mesh data=2 x fsdp=2; resumed on
   1 process x 4 devices, mesh data=2 x tensor=2. The resumed run continues PFT with the restored
   optimizer state (Adam moments, step count) and data state, crosses into FT and finishes: every
@@ -115,8 +115,7 @@ def test_preempted_mid_stage_resumes_on_another_mesh_and_process_count(two_proce
   data state gives step 3 another batch (its CRC differs, its loss is 28% off).
   """
   workdir = tmp_path / "run"
-  two_processes(workdir, 2, "--config.mesh.data=2", "--config.mesh.fsdp=2",
-                fault="sigterm@1")  # asked to stop before step 2: saves at step 2
+  two_processes(workdir, 2, *TWO_PROCESS_MESH, fault="sigterm@1")  # asked to stop before step 2: saves at 2
   ck = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
   assert ck.latest_step() == 2
   meta = ck.read_meta(2)
@@ -124,7 +123,7 @@ def test_preempted_mid_stage_resumes_on_another_mesh_and_process_count(two_proce
   assert (meta["stage_name"], meta["stage_step"], meta["process_count"]) == ("pft", 2, 2)
   assert not (workdir / "stages" / "pft").exists()  # mid-stage: PFT has not ended
 
-  (code, err), = finish([start(workdir, 4, "--config.mesh.data=2", "--config.mesh.tensor=2")])
+  (code, err), = finish([start(workdir, 4, *RESUME_MESH)])
   assert code == 0, err[-3000:]
   assert "resuming from step 2 (stage 0, step 2 of it)" in err
 
@@ -144,8 +143,8 @@ def test_preempted_mid_stage_resumes_on_another_mesh_and_process_count(two_proce
   for where, step, items in (("checkpoints", STEPS, ("params", "train")),
                              ("stages/pft", 3, ("params",))):
     for item in items:
-      got_tree = checkpoint_item(workdir, step, item, where)
-      want_tree = checkpoint_item(two_process_run, step, item, where)
+      got_tree = saved_item(workdir / where / str(step) / item)
+      want_tree = saved_item(two_process_run / where / str(step) / item)
       assert jax.tree.structure(got_tree) == jax.tree.structure(want_tree)
       for (path, g), w in zip(jax.tree.flatten_with_path(got_tree)[0],
                               jax.tree.leaves(want_tree)):
@@ -158,12 +157,10 @@ def test_preempted_mid_stage_resumes_on_another_mesh_and_process_count(two_proce
 def test_init_from_a_two_process_run_on_another_mesh(two_process_run, tmp_path):
   # A finished run cannot get more steps (its stages are part of its identity): continue it in ONE
   # process with a (data=2, tensor=2) mesh through init_from.
-  (code, err), = finish([start(tmp_path / "next", 4, "--config.mesh.data=2", "--config.mesh.tensor=2",
-                               f"--config.init_from={two_process_run}",
-                               arg="pft_steps=1,ft_steps=2,every=100")])
+  (code, err), = finish([start(tmp_path / "next", 4, *RESUME_MESH, f"--config.init_from={two_process_run}")])
   assert code == 0, err[-3000:]
   assert "initialised from" in err
-  assert ckpt_lib.Checkpointer(tmp_path / "next" / "checkpoints", read_only=True).latest_step() == 3
+  assert ckpt_lib.Checkpointer(tmp_path / "next" / "checkpoints", read_only=True).latest_step() == STEPS
 
 
 def test_unreachable_coordinator_fails_fast(tmp_path):
