@@ -22,7 +22,6 @@ from typing import Any, Iterator
 
 from absl import logging
 from etils import epath
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from embed2.checkpoint import is_remote
@@ -75,6 +74,7 @@ class MetricsWriter:
     self.folder.mkdir(parents=True, exist_ok=True)
     self._session = max((s for s, _, _ in _parts(workdir)), default=-1) + 1
     if tensorboard:
+      from tensorboardX import SummaryWriter  # imports torch when installed (~2 s): only with TensorBoard on
       self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
   @property
