@@ -33,6 +33,7 @@ from embed2 import checkpoint as ckpt_lib
 from embed2.eval import bm25
 from embed2.eval import metrics as metrics_lib
 from embed2.eval import retrieval
+from embed2.eval import suites
 from embed2.inference import Audio, Image, MissingFrontendError, Text, Video
 from embed2.train import metrics_writer
 
@@ -341,11 +342,7 @@ def stage_starts(rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
 
 def eval_keys(rows: Sequence[Mapping[str, Any]], metric: str = "ndcg@10") -> list[str]:
   """Logged eval keys ("eval/<suite>/<task>/<metric>/dim_<d>") of `metric` at the largest dim."""
-  keys = sorted({k for r in rows for k in r if k.startswith("eval/") and f"/{metric}/dim_" in k})
-  if not keys:
-    return []
-  top = max(int(k.rsplit("dim_", 1)[1]) for k in keys)
-  return [k for k in keys if k.endswith(f"/dim_{top}")]
+  return suites.full_dim_keys((k for r in rows for k in r if k.startswith("eval/")), metric)
 
 
 # ---------------------------------------------------------------------------------------- plots

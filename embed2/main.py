@@ -29,6 +29,7 @@ from embed2 import distributed
 from embed2 import evaluate
 from embed2 import sharding
 from embed2 import soup as soup_lib
+from embed2.eval import suites
 from embed2.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).")
@@ -107,12 +108,11 @@ def make_eval_fn(config, workdir):
 
 def headline(results: dict[str, float], metric: str = "ndcg@10") -> str:
   """"task metric value, ..." at the full MRL dim, for one log line (BM25 and means left out)."""
-  keys = [k for k in results if f"/{metric}/dim_" in k and not k.startswith(("bm25", "mean"))]
+  keys = suites.full_dim_keys((k for k in results if not k.startswith(("bm25", "mean"))), metric)
   if not keys:
     return "no " + metric
-  full = max(int(k.rsplit("dim_", 1)[1]) for k in keys)
-  return f"{metric} at dim {full}: " + ", ".join(
-      f"{k.split('/')[0]} {results[k]:.3f}" for k in sorted(keys) if k.endswith(f"/dim_{full}"))
+  return f"{metric} at dim {keys[0].rsplit('dim_', 1)[1]}: " + ", ".join(
+      f"{k.split('/')[0]} {results[k]:.3f}" for k in keys)
 
 
 def unprefixed(results: dict[str, float]) -> dict[str, float]:
@@ -185,10 +185,8 @@ def run_soup(config, workdir, data, eval_fn, main_eval: dict[str, float] | None 
 def soup_table(results: dict[str, dict[str, float]], metric: str = "ndcg@10") -> str:
   """Rows: ingredients and the soup; columns: each task's `metric` at the full MRL dim."""
   names = list(results)
-  keys = sorted({k for r in results.values() for k in r
-                 if f"/{metric}/" in k and not k.startswith(("bm25", "mean"))})
-  dims = sorted({int(k.rsplit("dim_", 1)[1]) for k in keys if "dim_" in k})
-  keys = [k for k in keys if not dims or k.endswith(f"dim_{dims[-1]}")]
+  keys = suites.full_dim_keys((k for r in results.values() for k in r
+                               if not k.startswith(("bm25", "mean"))), metric)
   head = ["model"] + [k.split("/")[0] for k in keys]
   rows = [head] + [[n] + [f"{results[n].get(k, float('nan')):.3f}" for k in keys] for n in names]
   width = [max(len(r[i]) for r in rows) for i in range(len(head))]

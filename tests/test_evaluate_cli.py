@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from embed2 import evaluate, export
+from embed2 import main as main_lib
 from embed2.eval import suites
 from embed2.inference import Embedder, MissingFrontendError
 
@@ -190,3 +191,15 @@ def test_export_npy_parquet_and_cli(ckpt_dir, tmp_path, embedder, rng):
     export.export_embeddings(embedder, str(src), str(tmp_path / "bad"), dim=7)
   with pytest.raises(ValueError, match="no string field 'text'"):
     export.export_embeddings(embedder, str(src), str(tmp_path / "bad"), progress=False)
+
+
+def test_the_full_dim_columns_of_tables_and_log_lines():
+  """One rule picks what a table or a log line shows: each task's metric at the largest dim."""
+  res = {"code/ndcg@10/dim_8": 0.1, "code/ndcg@10/dim_16": 0.25, "docs/ndcg@10/dim_16": 0.5,
+         "code/ndcg@10/bm25": 0.9, "mean/ndcg@10/dim_16": 0.4, "code/recall@1/dim_16": 0.3}
+  assert suites.full_dim_keys(res) == ["code/ndcg@10/dim_16", "docs/ndcg@10/dim_16", "mean/ndcg@10/dim_16"]
+  assert suites.full_dim_keys(res, "mrr@10") == []
+  assert main_lib.headline(res) == "ndcg@10 at dim 16: code 0.250, docs 0.500"
+  table = main_lib.soup_table({"ft": res, "soup": {**res, "docs/ndcg@10/dim_16": 0.75}}).splitlines()
+  assert table[0].split() == ["model", "code", "docs"]
+  assert table[1].split() == ["ft", "0.250", "0.500"] and table[2].split() == ["soup", "0.250", "0.750"]

@@ -324,6 +324,16 @@ SUITES: dict[str, Suite] = {
 }
 
 
+def full_dim_keys(keys, metric: str = "ndcg@10") -> list[str]:
+  """The result keys ("...<task>/<metric>/dim_<d>") of `metric` at the largest dim among them, sorted
+  (the one column a table or a log line shows per task)."""
+  keys = sorted({k for k in keys if f"/{metric}/dim_" in k})
+  if not keys:
+    return []
+  top = max(int(k.rsplit("dim_", 1)[1]) for k in keys)
+  return [k for k in keys if k.endswith(f"/dim_{top}")]
+
+
 def get_suite(suite: str | Suite) -> Suite:
   if isinstance(suite, Suite):
     return suite
