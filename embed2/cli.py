@@ -107,6 +107,8 @@ def run(main: Callable[[list[str]], Any], flag_values: flags.FlagValues) -> None
   app.run sets up absl logging (here at WARNING) and prints the usage (the module docstring) with the
   message of an app.UsageError, exiting 1. `--help` prints the docstring and the program's flags and
   exits 0. What `main` returns (a JSON document, for callers in process) is not the exit status.
+  Errors of the input (ValueError, FileNotFoundError: each names the file or field and the fix) print
+  `error: ...` and exit 1, as `embed2.main` does, not a traceback.
   """
 
   def parse_argv(argv: list[str]) -> list[str]:
@@ -123,6 +125,10 @@ def run(main: Callable[[list[str]], Any], flag_values: flags.FlagValues) -> None
     # app.run turns absl's INFO on; these programs log warnings only, as they did before app.run ran
     # them (libraries such as orbax log every checkpoint read at INFO).
     logging.set_verbosity(logging.WARNING)
-    main(argv)
+    try:
+      main(argv)
+    except (ValueError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
 
   app.run(run_main, flags_parser=parse_argv)

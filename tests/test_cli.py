@@ -84,6 +84,19 @@ def test_command_line_help_and_usage_error():
   assert bad.returncode == 1 and "Unknown command line flag 'seeds'" in bad.stderr
 
 
+def test_a_bad_path_is_an_error_line_not_a_traceback(tmp_path):
+  """Regression: evaluate / export given a checkpoint that does not exist died with a traceback; the
+  programs now say `error: ...` (naming the path) and exit 1, as the main job does."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  missing = tmp_path / "no_such_run"
+  out = subprocess.run([sys.executable, "-m", "embed2.export", f"--checkpoint={missing}",
+                        f"--input={tmp_path / 'in.jsonl'}", f"--output={tmp_path / 'out'}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr
+  assert f"error: checkpoint path {missing} does not exist" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
 def test_mesh_flag():
   fv = flags.FlagValues()
   cli.DEFINE_mesh("mesh", "fsdp=-1", "mesh axis sizes", flag_values=fv)
