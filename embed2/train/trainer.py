@@ -293,7 +293,8 @@ def resolve_tokenizer(config) -> tuple[Tokenizer, str]:
 def build_trainee(config, mesh, rules, resume: tuple[str, dict[str, Any]] | None = None) -> step_lib.Trainee:
   """The model and the loss's learnable scalars, sharded over `mesh`, with their values from the first
   that applies: the checkpoint a run resumes (`resume` = (its path, its meta)); `config.init_from`
-  (an import or an earlier run; then `config.vision_init_from` for a ViT frontend); `config.seed`."""
+  (an import or an earlier run) and/or `config.vision_init_from` (a ViT frontend's tower, loaded last,
+  with or without init_from); `config.seed`."""
   model_cfg = ModelConfig.from_dict(config.model.to_dict())
   loss_params = losses.init_loss_params(loss_config(config))
   seed = int(config.seed)
@@ -306,11 +307,12 @@ def build_trainee(config, mesh, rules, resume: tuple[str, dict[str, Any]] | None
     path, meta = resume
     ckpt_lib.load_model_params(trainee.model, path)
     set_loss_params(trainee, meta)
-  elif config.get("init_from"):
+    return trainee
+  if config.get("init_from"):
     set_loss_params(trainee, ckpt_lib.load_model_params(trainee.model, config.init_from))
     logging.info("initialised from %s", config.init_from)
-    if config.get("vision_init_from"):
-      init_vision(trainee.model, config.vision_init_from)
+  if config.get("vision_init_from"):  # after init_from: its tower (if it has one) is replaced
+    init_vision(trainee.model, config.vision_init_from)
   return trainee
 
 
@@ -466,6 +468,7 @@ def _run_stages(run: _Run, latest: int | None, meta: dict[str, Any] | None) -> T
   config = run.config
   resume = (str(run.workdir / "checkpoints" / str(latest)), meta) if meta is not None else None
   trainee = build_trainee(config, run.mesh, run.rules, resume)  # resume 2
+  _check_freeze_patterns(config, trainee)
   if meta is not None:
     logging.info("resuming from step %d (stage %d, step %d of it)", latest, meta["stage_index"],
                  meta["stage_step"])
@@ -483,6 +486,16 @@ def _run_stages(run: _Run, latest: int | None, meta: dict[str, Any] | None) -> T
   return TrainResult(global_step=progress.global_step, preempted=progress.preempted,
                      skipped_steps=progress.skipped_total, compiled_steps=progress.compiled_steps,
                      trainee=trainee, last_eval=None if progress.preempted else progress.last_eval)
+
+
+def _check_freeze_patterns(config, trainee) -> None:
+  """Refuses a stage's freeze pattern that matches no parameter before the first step, not when (hours
+  later) that stage begins."""
+  params = nnx.state(trainee, nnx.Param)
+  for si, stage in enumerate(config.stages):
+    freeze = optim_config(stage).freeze
+    if freeze:
+      optim.param_labels(params, freeze, where=f"config.stages[{si}].optim")
 
 
 def _close_quietly(checkpointer, writer) -> None:
