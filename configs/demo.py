@@ -15,6 +15,14 @@ shapes -> descriptions (v2t), an image plus an edit instruction -> the edited im
 spelling a word in a tone alphabet -> the written word (spell). Images are 32x32 through the linear patch
 frontend (16 soft tokens), audio 8 kHz log-mel through the conv frontend (25 soft tokens a second).
 `media=false` trains the text-only demo.
+
+`prepared=DIR` reads every task from the TFDS ArrayRecord datasets `python -m embed2.prepare` wrote
+into DIR (local or gs://) instead of running the Python builders; the same examples, the same run:
+
+  python -m embed2.prepare --task=stdlib_code_search,stdlib_doc_retrieval,stdlib_module_cls,\
+      shapes_caption,shapes_caption_reversed,tone_description,moving_shapes,image_edit,tone_spelling \
+      --data_dir=/tmp/embed2_tfds
+  python -m embed2.main --config=configs/demo.py:prepared=/tmp/embed2_tfds --workdir=/tmp/embed2_demo
 """
 
 from ml_collections import config_dict
@@ -24,7 +32,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   k = common.parse_arg(arg, pft_steps=240, ft_steps=120, layers=2, dim=128, batch=64, lr=3e-3, seed=0,
-                       soup=True, eval="demo", media=True)
+                       soup=True, eval="demo", media=True, prepared="")
   c = config_dict.ConfigDict()
   c.seed = k.seed
   c.model = common.model("small", num_layers=k.layers, model_dim=k.dim, head_dim=k.dim // 4,
@@ -50,6 +58,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   if k.media:
     for name, task in media_tasks(k.batch).items():
       c.tasks[name] = task
+  if k.prepared:  # each task's builder output, prepared: source tfds:embed2/<builder name>
+    for task in c.tasks.values():
+      task.source, task.data_dir = f"tfds:embed2/{task.source}", k.prepared
 
   pft = config_dict.ConfigDict()
   pft.name, pft.mode, pft.steps = "pft", "pft", k.pft_steps

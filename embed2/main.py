@@ -7,7 +7,8 @@ Re-running the same command on the same workdir resumes from the last finished c
 saves a checkpoint at the current step and exits with code 0.
 
 This entry point is the one place where `embed2` reads `data_pipelines`: it resolves each task's
-`source` name (config.tasks.NAME.source) through `data_pipelines.tasks.TASKS`.
+`source` name (config.tasks.NAME.source) through `data_pipelines.tasks.TASKS`, or reads a prepared
+TFDS dataset (`source="tfds:embed2/TASK"`, `data_dir=...`; `python -m embed2.prepare` writes them).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from embed2 import distributed
 from embed2 import evaluate
 from embed2 import sharding
 from embed2 import soup as soup_lib
+from embed2.data import tfds_source
 from embed2.eval import suites
 from embed2.train import trainer
 
@@ -63,18 +65,37 @@ def quiet_libraries() -> None:
 
 
 def resolve_tasks(config) -> dict[str, trainer.TaskData]:
-  """Task name -> its train/eval examples, from `config.tasks.NAME.source`.
+  """Task name -> its train/eval examples, from `config.tasks.NAME.source`: a task name of
+  data_pipelines.tasks.TASKS (its Python builder), or "tfds:NAME[/CONFIG][:VERSION]", a TFDS ArrayRecord
+  dataset in `config.tasks.NAME.data_dir` (local or gs://; `python -m embed2.prepare` writes them from
+  the builders; one prepared elsewhere also needs `config.tasks.NAME.fields`: see
+  embed2/data/tfds_source.py).
 
   Real datasets skip (and count) examples whose media file is missing, up to
   `config.max_skipped_fraction` of a split: the same limit the trainer puts on undecodable records.
+
+  Raises:
+    ValueError / FileNotFoundError: an unknown task, a tfds: dataset that is missing, incomplete, of
+      another version or without the train or eval split; the message names config.tasks.NAME and the fix.
   """
   max_skipped = trainer.max_skipped_fraction(config)
   data = {}
   for name, tc in config.tasks.items():
     source = tc.get("source", name)
+    where = f"config.tasks.{name}"
+    if tfds_source.is_tfds(source):
+      fields = tc.get("fields")
+      kw = dict(data_dir=str(tc.get("data_dir", "")), where=where, fields=dict(fields) if fields else None)
+      data[name] = trainer.TaskData(train=tfds_source.load(source, "train", **kw),
+                                    eval=tfds_source.load(source, "eval", **kw))
+      continue
     if source not in task_defs.TASKS:
-      raise ValueError(f"config.tasks.{name}.source={source!r} is not a known task; known: "
-                       f"{sorted(task_defs.TASKS)}")
+      raise ValueError(f"{where}.source={source!r} is not a known task; known: "
+                       f"{sorted(task_defs.TASKS)}, or a prepared dataset 'tfds:NAME/CONFIG:VERSION'")
+    for key in ("data_dir", "fields"):
+      if tc.get(key):
+        raise ValueError(f"{where}.{key} is for tfds: sources; {where}.source={source!r} is a Python "
+                         f"builder: drop {key}, or set source='tfds:{tfds_source.NAME}/{source}'")
     data[name] = trainer.TaskData(
         train=task_defs.build_task(source, "train", max_skipped_fraction=max_skipped),
         eval=task_defs.build_task(source, "eval", max_skipped_fraction=max_skipped))

@@ -74,7 +74,7 @@ def loss_config(config, task_cfg=None) -> losses.LossConfig:
 
 
 # Keys of a task's config that are not batch-shape fields.
-_TASK_KEYS = ("source", "task_string", "p_drop", "in_batch_negatives")
+_TASK_KEYS = ("source", "task_string", "p_drop", "in_batch_negatives", "data_dir", "fields")
 _STAGE_KEYS = ("name", "mode", "steps", "tasks", "batch", "optim", "freeze", "grad_cache_chunks")
 _BATCH_KEYS = tuple(f.name for f in dataclasses.fields(pipeline.BatchSpec))
 
