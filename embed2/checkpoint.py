@@ -66,6 +66,8 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, every: int = 1, keep: int | None = 3,
                async_save: bool = True, read_only: bool = False):
     self.directory = epath.Path(directory)
+    if not is_remote(self.directory):  # Orbax restores from absolute paths only
+      self.directory = self.directory.absolute()
     if read_only:  # (the save options would only draw warnings)
       options = ocp.CheckpointManagerOptions(save_interval_steps=0, max_to_keep=None, create=False,
                                              read_only=True)

@@ -479,10 +479,11 @@ def test_unsupported_architectures_are_refused(tmp_path, edit, match, rng):
   _no_output_left(tmp_path)
 
 
-def test_unsupported_sentence_transformers_heads_are_refused(tmp_path, rng):
+def test_unsupported_sentence_transformers_heads_are_refused(tmp_path, monkeypatch, rng):
   cfg = ModelConfig.from_name("tiny", vocab_size=8192, num_layers=2, head_dims=(16,), mrl_dims=())
   random_checkpoint(tmp_path / "ckpt", cfg, rng=rng)
-  convert.export_sentence_transformers(tmp_path / "ckpt", tmp_path / "hf")
+  monkeypatch.chdir(tmp_path)  # paths relative to the working directory, as typed in a shell
+  convert.main(["--to_safetensors", "--ckpt=ckpt", "--out=hf"])
   pooling = tmp_path / "hf" / "1_Pooling" / "config.json"
   good = pooling.read_text()
   pooling.write_text(json.dumps({"pooling_mode": "cls", "include_prompt": True}))
