@@ -27,6 +27,9 @@ An import's OUT receives
   OUT/tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model
                         the source's tokenizer files (those it has)
 
+Every folder (source, output, checkpoint) may be local or on an object store (`gs://`, `s3://`): files
+go through etils.epath, checkpoints through Orbax (folders.py says how an output is made complete there).
+
 The modules, in the order the data flows:
   safetensors_io.py   the safetensors format (memory-mapped reads, one-tensor-at-a-time writes)
   hf_config.py        config.json <-> ModelConfig / VisionConfig; what cannot be represented is refused

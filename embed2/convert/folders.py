@@ -2,6 +2,11 @@
 tokenizer, prompts), writing the tokenizer files of a converted or exported folder, and the output
 directory every conversion builds aside and renames into place.
 
+Folders may be local or on an object store (`gs://`, `s3://`): every file goes through etils.epath. An
+object store has no rename: there the output is written in place, its completion marker last (see
+`tmp_dir`). transformers reads tokenizers from a local folder only: the few tokenizer files of a remote
+folder are copied into a temporary local one for it (`local_folder`).
+
 The tokenizer. An import carries the source's own tokenizer, or is refused (a folder without one,
 or one embed2 cannot reproduce). A tokenizer.json (what current transformers / sentence-transformers
 save), and any tokenizer of a sentence-transformers folder, is loaded with transformers'
@@ -14,17 +19,19 @@ folder with only a sentencepiece tokenizer.model keeps it (`SentencePieceTokeniz
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
+import tempfile
 import uuid
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import logging
+from etils import epath
 
+from embed2.checkpoint import is_remote
 from embed2.convert import layout
 from embed2.convert.hf_config import UnsupportedArchitecture, model_config_from_hf, vision_config_from_hf
 from embed2.convert.layout import Entry
@@ -45,7 +52,7 @@ _IDENTITY_ACTIVATIONS = ("torch.nn.modules.linear.Identity", "torch.nn.Identity"
 @dataclasses.dataclass
 class Source:
   """Everything known about a Hugging Face checkpoint before a byte of it is converted."""
-  hf_dir: Path
+  hf_dir: epath.Path
   format: str  # "transformers" | "sentence-transformers"
   hf_config: dict[str, Any]
   model_config: ModelConfig
@@ -70,7 +77,7 @@ class SourceTokenizer:
   modality tokens). `folder`'s other tokenizer files are copied verbatim.
   """
   kind: str
-  folder: Path
+  folder: epath.Path
   json: str | None = None
   config: dict[str, Any] | None = None
   model_max_length: int | None = None
@@ -80,7 +87,7 @@ class SourceTokenizer:
     return "tokenizer.json" if self.kind == "tokenizers" else "tokenizer.model"
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: epath.Path) -> Any:
   try:
     return json.loads(path.read_text())
   except FileNotFoundError:
@@ -89,7 +96,7 @@ def _read_json(path: Path) -> Any:
     raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
-def _sentence_transformers_modules(hf_dir: Path) -> tuple[Path, list[str], list[int], dict[str, str]]:
+def _sentence_transformers_modules(hf_dir: epath.Path) -> tuple[epath.Path, list[str], list[int], dict[str, str]]:
   """(backbone dir, Dense folders, their out dims, prompts) of a sentence-transformers folder."""
   modules = sorted(_read_json(hf_dir / "modules.json"), key=lambda m: int(m.get("idx", 0)))
   kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
@@ -131,7 +138,7 @@ def _sentence_transformers_modules(hf_dir: Path) -> tuple[Path, list[str], list[
   return backbone, dense_dirs, dims, prompts
 
 
-def _default_prompt_name(hf_dir: Path, prompts: dict[str, str]) -> str | None:
+def _default_prompt_name(hf_dir: epath.Path, prompts: dict[str, str]) -> str | None:
   st_cfg = hf_dir / "config_sentence_transformers.json"
   name = _read_json(st_cfg).get("default_prompt_name") if st_cfg.exists() else None
   if name is not None and name not in prompts:
@@ -140,7 +147,7 @@ def _default_prompt_name(hf_dir: Path, prompts: dict[str, str]) -> str | None:
   return name
 
 
-def _sentence_bert_max_length(model_dir: Path, cfg: ModelConfig, model_max_length: int | None) -> int:
+def _sentence_bert_max_length(model_dir: epath.Path, cfg: ModelConfig, model_max_length: int | None) -> int:
   """The length sentence-transformers (6.x) truncates inputs at: sentence_bert_config.json's
   max_seq_length when set, else the tokenizer's model_max_length capped at max_position_embeddings;
   refuses the settings that change tokenization in ways embed2 does not reproduce."""
@@ -177,7 +184,7 @@ def probe_texts(prompts: dict[str, str]) -> list[str]:
   return list(tok_lib.PROBE_TEXTS) + [p + t for p in prompts.values() for t in ("", tok_lib.PROBE_TEXTS[0])]
 
 
-def _hf_tokenizer(folder: Path, cfg: ModelConfig, prompts: dict[str, str]) -> SourceTokenizer:
+def _hf_tokenizer(folder: epath.Path, cfg: ModelConfig, prompts: dict[str, str]) -> SourceTokenizer:
   """Reads a Hugging Face tokenizer folder the way transformers (and so sentence-transformers) does,
   and checks that embed2's `HFTokenizer` gives the same ids on probe texts (prompts included)."""
   try:
@@ -187,7 +194,8 @@ def _hf_tokenizer(folder: Path, cfg: ModelConfig, prompts: dict[str, str]) -> So
                      "does, which needs transformers (pip install -e '.[parity]', or pip install "
                      f"transformers): {e}. Nothing was written.") from None
   try:
-    hf = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    with local_folder(folder, TOKENIZER_FILES + ("config.json",)) as local:
+      hf = transformers.AutoTokenizer.from_pretrained(str(local), local_files_only=True)
   except Exception as e:  # transformers raises many types for unreadable folders
     raise ValueError(f"transformers cannot load the tokenizer in {folder} ({type(e).__name__}: {e})") from None
   backend = getattr(hf, "backend_tokenizer", None)
@@ -221,7 +229,7 @@ def _hf_tokenizer(folder: Path, cfg: ModelConfig, prompts: dict[str, str]) -> So
   return SourceTokenizer(kind="tokenizers", folder=folder, json=text, config=config, model_max_length=limit)
 
 
-def _source_tokenizer(fmt: str, dirs: Sequence[Path], cfg: ModelConfig,
+def _source_tokenizer(fmt: str, dirs: Sequence[epath.Path], cfg: ModelConfig,
                       prompts: dict[str, str]) -> SourceTokenizer:
   """The source's own tokenizer: tokenizer.json (read as transformers reads it), or for a
   transformers folder with only a sentencepiece tokenizer.model, that model; refuses a folder with
@@ -249,7 +257,7 @@ LEGACY_POOLING = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling
                    "pooling_mode_lasttoken")
 
 
-def _check_pooling(cfg: dict[str, Any], folder: Path) -> None:
+def _check_pooling(cfg: dict[str, Any], folder: epath.Path) -> None:
   if "pooling_mode" in cfg:
     mode = cfg["pooling_mode"]
     modes = [mode] if isinstance(mode, str) else list(mode)
@@ -271,7 +279,7 @@ def read_source(hf_dir: str | os.PathLike, *, text_only: bool = False) -> Source
     ValueError: missing, unexpected or mis-shaped tensors (each named).
     FileNotFoundError: no config.json / safetensors.
   """
-  hf_dir = Path(hf_dir).absolute()
+  hf_dir = absolute(hf_dir)
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"--hf_dir={hf_dir} is not a directory")
   dense_dirs, head_dims, prompts = [], [], {}
@@ -342,37 +350,77 @@ def read_source(hf_dir: str | os.PathLike, *, text_only: bool = False) -> Source
                 default_prompt_name=default_prompt, max_seq_length=max_seq_length)
 
 
+# ================================================================================ folders
+
+
+def absolute(path: str | os.PathLike) -> epath.Path:
+  """`path` as an epath, made absolute when local (an object-store URI already is)."""
+  path = epath.Path(path)
+  return path if is_remote(path) else path.absolute()
+
+
+@contextlib.contextmanager
+def local_folder(folder: epath.Path, names: Sequence[str]) -> Iterator[epath.Path]:
+  """`folder` itself when local; for a remote one, a temporary local folder holding those of `names`
+  that `folder` has (for libraries that read local files only), removed on exit."""
+  if not is_remote(folder):
+    yield folder
+    return
+  with tempfile.TemporaryDirectory(prefix="embed2-convert-") as tmp:
+    local = epath.Path(tmp)
+    for name in names:
+      if (folder / name).is_file():
+        (local / name).write_bytes((folder / name).read_bytes())
+    yield local
+
+
 # ================================================================================ output directories
 
 
-def check_out(out: Path) -> None:
+def check_out(out: epath.Path) -> None:
   """Refuses an `out` that exists and is not an empty directory."""
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory or delete it")
 
 
-def commit(tmp: Path, out: Path) -> None:
-  """Renames the finished `tmp` (from `tmp_dir`) to `out`, so `out` appears complete or not at all."""
-  if out.exists():
-    out.rmdir()  # empty (checked by check_out)
-  os.rename(tmp, out)
-
-
-def tmp_dir(out: Path) -> Path:
-  """A fresh hidden sibling of `out` to build the output in (the same filesystem, so `commit` renames)."""
+def tmp_dir(out: epath.Path) -> epath.Path:
+  """Where the output is built: locally a fresh hidden sibling of `out` (the same filesystem, so `commit`
+  renames it); on an object store, which has no rename, `out` itself, and the writer writes the file
+  that makes the folder loadable last (an import's OUT/0 checkpoint, an export's config.json), so a
+  killed conversion leaves a folder that loads nowhere (and that `check_out` refuses to reuse)."""
+  if is_remote(out):
+    return out
   out.parent.mkdir(parents=True, exist_ok=True)
   return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def commit(tmp: epath.Path, out: epath.Path) -> None:
+  """Renames the finished `tmp` (from `tmp_dir`) to `out`, so `out` appears complete or not at all."""
+  if tmp == out:  # an object store: written in place
+    return
+  if out.exists():
+    out.rmdir()  # empty (checked by check_out)
+  tmp.rename(out)
+
+
+def discard(tmp: epath.Path) -> None:
+  """Removes what a failed conversion wrote into `tmp` (from `tmp_dir`)."""
+  try:
+    tmp.rmtree(missing_ok=True)
+  except OSError as e:  # the conversion's own error is the one to report
+    logging.warning("convert: could not remove %s (%s)", tmp, e)
 
 
 # ================================================================================ tokenizer files
 
 
-def write_source_tokenizer(tok: SourceTokenizer, directory: Path) -> None:
+def write_source_tokenizer(tok: SourceTokenizer, directory: epath.Path) -> None:
   """The source's tokenizer files into the checkpoint folder (it is self-contained): verbatim, except
   tokenizer.json / tokenizer_config.json, written as read (see SourceTokenizer)."""
+  directory.mkdir(parents=True, exist_ok=True)
   for name in TOKENIZER_FILES:
     if (tok.folder / name).is_file():
-      shutil.copyfile(tok.folder / name, directory / name)
+      (directory / name).write_bytes((tok.folder / name).read_bytes())
   if tok.kind == "tokenizers":
     (directory / "tokenizer.json").write_text(tok.json, encoding="utf-8")
     (directory / "tokenizer_config.json").write_text(json.dumps(tok.config, indent=2, ensure_ascii=False),
@@ -383,13 +431,13 @@ def export_tokenizer_files(tokenizer: tok_lib.Tokenizer, hf_tokenizer: str | os.
                             max_seq_length: int) -> dict[str, bytes]:
   """File name -> content of the tokenizer an export writes (see export_sentence_transformers)."""
   if hf_tokenizer:
-    folder = Path(hf_tokenizer)
+    folder = epath.Path(hf_tokenizer)
     files = {f: (folder / f).read_bytes() for f in TOKENIZER_FILES if (folder / f).is_file()}
     if not files:
       raise FileNotFoundError(f"--hf_tokenizer={hf_tokenizer} has none of {TOKENIZER_FILES}")
     return files
   if isinstance(tokenizer, tok_lib.HFTokenizer):
-    folder = Path(tokenizer.source).parent
+    folder = epath.Path(tokenizer.source).parent
     files = {f: (folder / f).read_bytes() for f in TOKENIZER_FILES
              if f != "tokenizer.model" and (folder / f).is_file()}
     config = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {
@@ -403,23 +451,29 @@ def export_tokenizer_files(tokenizer: tok_lib.Tokenizer, hf_tokenizer: str | os.
   return {"tokenizer.json": text.encode(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
 
 
-def check_exported_tokenizer(folder: Path, tokenizer: tok_lib.Tokenizer, prompts: dict[str, str]) -> None:
-  """Loads the tokenizer written to `folder` as sentence-transformers will (transformers'
-  AutoTokenizer; without transformers, embed2's HFTokenizer) and refuses the export unless it gives
-  `tokenizer`'s ids, framing included, on probe texts and the prompts, and pads a batch."""
+def check_exported_tokenizer(files: dict[str, bytes], tokenizer: tok_lib.Tokenizer,
+                             prompts: dict[str, str]) -> None:
+  """Loads the tokenizer an export will write (`files`: name -> content, config.json included: its
+  model_type may pick the tokenizer class) as sentence-transformers will (transformers' AutoTokenizer;
+  without transformers, embed2's HFTokenizer), from a temporary local folder, and refuses the export
+  unless it gives `tokenizer`'s ids, framing included, on probe texts and the prompts, and pads a batch."""
   try:
     import transformers  # parity extra (else HFTokenizer checks); pylint: disable=g-import-not-at-top
   except ImportError:
     transformers = None
   probes = probe_texts(prompts)
   try:
-    if transformers is not None:
-      hf = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-      got = [list(ids) for ids in hf(probes, verbose=False)["input_ids"]]
-      hf(probes[:2], padding=True, verbose=False)  # sentence-transformers pads its batches: a pad token is needed
-    else:
-      reader = tok_lib.HFTokenizer.from_file(folder / "tokenizer.json")
-      got = [reader.encode(t, add_bos=True, add_eos=True) for t in probes]
+    with tempfile.TemporaryDirectory(prefix="embed2-export-") as tmp:
+      folder = epath.Path(tmp)
+      for name, content in files.items():
+        (folder / name).write_bytes(content)
+      if transformers is not None:
+        hf = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        got = [list(ids) for ids in hf(probes, verbose=False)["input_ids"]]
+        hf(probes[:2], padding=True, verbose=False)  # sentence-transformers pads its batches: a pad token is needed
+      else:
+        reader = tok_lib.HFTokenizer.from_file(folder / "tokenizer.json")
+        got = [reader.encode(t, add_bos=True, add_eos=True) for t in probes]
   except Exception as e:  # whatever the library raises, the export is refused with the reason
     raise ValueError(f"the tokenizer files written for the export do not load ({type(e).__name__}: {e}). "
                      "Nothing was written.") from None

@@ -9,6 +9,11 @@ checkpoint tokenizer's ids on probe texts and the prompts before anything is wri
 max_seq_length is an imported model's own, else the model's max_length; its prompts an imported
 model's own, else the checkpoint's task strings (which `SentenceTransformer.encode_query(...,
 prompt_name=TASK)` applies as `Embedder.embed(..., task=TASK)` does).
+
+The folder is built aside and renamed into place when complete (`folders.tmp_dir`); on an object store
+(`--out=gs://...`, no rename) it is written in place with config.json last, without which neither
+transformers nor sentence-transformers loads a folder. model.safetensors streams into the store
+tensor by tensor (`write_safetensors`); no local copy of it is made.
 """
 
 from __future__ import annotations
@@ -16,8 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -72,7 +75,7 @@ def export_sentence_transformers(ckpt: str | os.PathLike, out: str | os.PathLike
   """
   if dtype not in folders.DTYPES:
     raise ValueError(f"--dtype={dtype!r}; choose one of {folders.DTYPES}")
-  out = Path(out).absolute()
+  out = folders.absolute(out)
   folders.check_out(out)
   directory, step = ckpt_lib.resolve_checkpoint_path(ckpt)
   reader = ckpt_lib.Checkpointer(directory, read_only=True)
@@ -95,6 +98,11 @@ def export_sentence_transformers(ckpt: str | os.PathLike, out: str | os.PathLike
                       "encode_query / encode_document apply by default; embed2 applies a task string only "
                       "when asked (task=...)", clash)
   tok_files = folders.export_tokenizer_files(tokenizer, hf_tokenizer, max_seq_length)
+  hf_cfg = hf_config_from_model_config(cfg)
+  hf_cfg["dtype"] = dtype
+  config_json = json.dumps(hf_cfg, indent=2)
+  # Before the weights are read: a refusal costs little and writes nothing.
+  folders.check_exported_tokenizer({**tok_files, "config.json": config_json.encode()}, tokenizer, prompts)
   mesh = mesh if mesh is not None else sharding.make_mesh({"fsdp": -1})
   rules = sharding.DEFAULT_RULES
   shapes, shardings = abstract_params(lambda: EmbeddingModel(cfg, rules=rules, rngs=nnx.Rngs(0)), mesh, rules)
@@ -116,13 +124,9 @@ def export_sentence_transformers(ckpt: str | os.PathLike, out: str | os.PathLike
              {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
   tmp = folders.tmp_dir(out)
   try:
-    tmp.mkdir()
-    hf_cfg = hf_config_from_model_config(cfg)
-    hf_cfg["dtype"] = dtype
-    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    tmp.mkdir(parents=True, exist_ok=True)
     for name, content in tok_files.items():
       (tmp / name).write_bytes(content)
-    folders.check_exported_tokenizer(tmp, tokenizer, prompts)  # before the weights: a refusal costs little
     # BertModel always builds its pooler ([CLS] -> dense -> tanh), which no embedding reads: written as
     # zeros, so loading the export initialises nothing at random (and reports nothing missing).
     pooler = ((("pooler.dense.weight", (cfg.model_dim, cfg.model_dim)), ("pooler.dense.bias", (cfg.model_dim,)))
@@ -130,13 +134,13 @@ def export_sentence_transformers(ckpt: str | os.PathLike, out: str | os.PathLike
     write(tmp / "model.safetensors", text_entries(cfg), zeros=pooler)
     (tmp / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
                                                                "do_lower_case": False}, indent=2))
-    (tmp / "1_Pooling").mkdir()
+    (tmp / "1_Pooling").mkdir(exist_ok=True)
     pooling = {k: k == "pooling_mode_mean_tokens" for k in folders.LEGACY_POOLING}
     (tmp / "1_Pooling" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": cfg.model_dim, **pooling, "include_prompt": True}, indent=2))
     dims = (cfg.model_dim,) + tuple(cfg.head_dims)
     for j, (folder, entry) in enumerate(zip(dense_dirs, head_entries(cfg, dense_dirs))):
-      (tmp / folder).mkdir()
+      (tmp / folder).mkdir(exist_ok=True)
       (tmp / folder / "config.json").write_text(json.dumps(
           {"in_features": dims[j], "out_features": dims[j + 1], "bias": False,
            "activation_function": "torch.nn.modules.linear.Identity"}, indent=2))
@@ -144,15 +148,17 @@ def export_sentence_transformers(ckpt: str | os.PathLike, out: str | os.PathLike
       modules.append({"idx": j + 2, "name": str(j + 2), "path": folder,
                       "type": "sentence_transformers.models.Dense"})
     norm_idx = len(modules)
-    (tmp / f"{norm_idx}_Normalize").mkdir()
+    # Empty (an object store keeps no empty folder; sentence-transformers loads Normalize without it).
+    (tmp / f"{norm_idx}_Normalize").mkdir(exist_ok=True)
     modules.append({"idx": norm_idx, "name": str(norm_idx), "path": f"{norm_idx}_Normalize",
                     "type": "sentence_transformers.models.Normalize"})
     (tmp / "modules.json").write_text(json.dumps(modules, indent=2))
     (tmp / "config_sentence_transformers.json").write_text(json.dumps(
         {"prompts": prompts, "default_prompt_name": default_prompt,
          "similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}, indent=2))
+    (tmp / "config.json").write_text(config_json)  # last: what makes the folder loadable
     folders.commit(tmp, out)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    folders.discard(tmp)
     raise
   return {"out": str(out), "model_config": cfg.to_dict(), "modules": [m["type"] for m in modules]}

@@ -5,25 +5,28 @@ file straight onto its `NamedSharding` on the mesh (the target shardings come fr
 axes and `embed2.sharding.DEFAULT_RULES`), so the host holds about one shard beyond what the devices
 hold; on accelerators the model is never whole in host memory. On a CPU-only machine the devices are
 host memory: `dtype="bfloat16"` halves what the converted model takes there (a bfloat16 checkpoint
-restores into float32 parameters).
+restores into float32 parameters). A source on an object store (`--hf_dir=gs://...`) cannot be mapped:
+each tensor is read whole (one ranged read) before its shards are cut, so the host holds one tensor
+(the largest is the embedding table: vocab x model dim) beyond what the devices hold.
 
 Failure. Architecture, tensor names and shapes are all checked from config.json and the safetensors
 headers before any output is written (`folders.read_source`); a clear error names each missing,
 unexpected or mis-shaped tensor. The output is built in a temporary sibling directory and renamed into
-place only when complete, so a failed run leaves no partial output behind.
+place only when complete, so a failed run leaves no partial output behind. On an object store (no
+rename) it is written in place, the text checkpoint OUT/0 last: Orbax marks it finished last, so a
+killed import leaves a folder that no loader takes ("no finished checkpoint"); a failure removes it.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import ml_dtypes
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from embed2 import checkpoint as ckpt_lib
@@ -57,7 +60,7 @@ def _place(entries: Sequence[Entry], tensors: dict[str, TensorInfo], factory, me
   return out
 
 
-def _save_params(directory: Path, params: dict, meta: dict[str, Any]) -> None:
+def _save_params(directory: epath.Path, params: dict, meta: dict[str, Any]) -> None:
   """`params` and `meta` as step 0 of a checkpoint in `directory`, written before returning."""
   ck = ckpt_lib.Checkpointer(directory, keep=None, async_save=False)
   ck.save(0, params=params, meta=meta, force=True)
@@ -80,7 +83,7 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str 
   """
   if dtype not in folders.DTYPES:
     raise ValueError(f"--dtype={dtype!r}; choose one of {folders.DTYPES}")
-  out = Path(out).absolute()
+  out = folders.absolute(out)
   folders.check_out(out)
   src = folders.read_source(hf_dir, text_only=text_only)
   mesh = mesh if mesh is not None else sharding.make_mesh({"fsdp": -1})
@@ -99,10 +102,8 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str 
                 max_seq_length=src.max_seq_length)
   tmp = folders.tmp_dir(out)
   try:
-    params = _place(src.text, src.tensors, lambda: EmbeddingModel(cfg, rules=rules, rngs=nnx.Rngs(0)),
-                    mesh, rules, dtype)
-    _save_params(tmp, params, meta)
-    del params
+    # The text checkpoint last: in place on an object store, its commit marks the folder complete.
+    folders.write_source_tokenizer(src.tokenizer, tmp)
     if src.vision_config is not None:
       vcfg = src.vision_config
       vparams = _place(src.vision, src.tensors, lambda: VisionEncoder(vcfg, rngs=nnx.Rngs(0)), mesh, rules,
@@ -110,10 +111,13 @@ def convert_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str 
       _save_params(tmp / "vision", vparams, {"step": 0, "vision_config": vcfg.to_dict(),
                                              "source": meta["source"]})
       del vparams
-    folders.write_source_tokenizer(src.tokenizer, tmp)
+    params = _place(src.text, src.tensors, lambda: EmbeddingModel(cfg, rules=rules, rngs=nnx.Rngs(0)),
+                    mesh, rules, dtype)
+    _save_params(tmp, params, meta)
+    del params
     folders.commit(tmp, out)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    folders.discard(tmp)
     raise
   logging.info("convert: %s (%s, %s) -> %s", src.hf_dir, src.format, cfg.name, out)
   return meta
@@ -125,7 +129,7 @@ def load_vision_params(model: VisionEncoder, path: str | os.PathLike) -> dict[st
   Returns:
     the vision checkpoint's meta.
   """
-  p = Path(path)
+  p = epath.Path(path)
   if (p / "vision").is_dir():
     p = p / "vision"
   ck = ckpt_lib.Checkpointer(p, read_only=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Sequence
 
 from absl import app, flags
@@ -15,9 +14,9 @@ from embed2.convert.hf_export import export_sentence_transformers
 from embed2.convert.hf_import import convert_hf
 
 FLAGS = flags.FlagValues()  # this program's own flags (embed2/cli.py says why)
-flags.DEFINE_string("hf_dir", None, "Hugging Face transformers / sentence-transformers folder to import",
-                    flag_values=FLAGS)
-flags.DEFINE_string("out", None, "new directory for the result", flag_values=FLAGS)
+flags.DEFINE_string("hf_dir", None, "Hugging Face transformers / sentence-transformers folder to import "
+                    "(local or gs://, s3://)", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "new directory for the result (local or gs://, s3://)", flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "float32", folders.DTYPES, "stored parameter dtype", flag_values=FLAGS)
 cli.DEFINE_mesh("mesh", "fsdp=-1", "mesh the tensors are placed on, e.g. data=1,fsdp=-1", flag_values=FLAGS)
 flags.DEFINE_bool("text_only", False, "multimodal source: skip the vision tower", flag_values=FLAGS)
@@ -52,5 +51,5 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
       res = convert_hf(args.hf_dir, args.out, dtype=args.dtype, mesh=mesh, text_only=args.text_only)
   except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:  # refusals, naming the fix
     raise SystemExit(f"embed2.convert: {e}") from e
-  print(json.dumps({"out": str(Path(args.out).absolute()), "model": res["model_config"]["name"]}))
+  print(json.dumps({"out": str(folders.absolute(args.out)), "model": res["model_config"]["name"]}))
   return res
