@@ -24,6 +24,10 @@ Suites (the `SUITES` dict; each entry's `load` builds its tasks from `data_dir`)
                     qrels/test.tsv (query-id, corpus-id, score; a header line). nDCG@10, R@10, MRR@10.
                   (`python -m embed2.mteb_adapter` runs the official MTEB harness instead.)
 
+`data_dir` may be local or on an object store (`gs://`, `s3://`): manifests, BEIR files and judgments are
+read through etils.epath. (The image and video files a manifest names are opened by the media decoders,
+which read local paths.)
+
 Image and video suites need the model's image frontend; evaluating them with a model that has none
 raises `MissingFrontendError` ("this model has no image frontend") before any data is read.
 
@@ -41,13 +45,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
-import pathlib
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
+from etils import epath
 
 from embed2.eval import bm25 as bm25_lib
 from embed2.eval import metrics
@@ -154,14 +159,14 @@ class Suite:
   name: str
   description: str
   modalities: tuple[str, ...]
-  load: Callable[[pathlib.Path], list[Task]]
+  load: Callable[[epath.Path], list[Task]]
   skip_unreadable: bool = False
 
 
 # -------------------------------------------------------------------------------------- loaders
 
 
-def load_demo(data_dir: pathlib.Path | None = None) -> list[Task]:
+def load_demo(data_dir: epath.Path | None = None) -> list[Task]:
   """The offline stdlib eval split (data_dir is unused: the data is mined from this Python)."""
   del data_dir
   from data_pipelines import stdlib_tasks  # the demo's task data: see the module docstring
@@ -197,12 +202,17 @@ def load_demo_media() -> list[Task]:
   return out
 
 
-def _read_jsonl(path: pathlib.Path, what: str) -> list[dict]:
+def _open_text(path: epath.Path) -> io.TextIOWrapper:
+  """A local or remote file as UTF-8 text with universal newlines, as builtin open reads it locally."""
+  return io.TextIOWrapper(path.open("rb"), encoding="utf-8")
+
+
+def _read_jsonl(path: epath.Path, what: str) -> list[dict]:
   if not path.is_file():
     raise FileNotFoundError(f"no {what} at {path}; see embed2/eval/suites.py for the expected "
                             f"layout, and pass --data_dir (or set ${DATA_DIR_ENV})")
   rows = []
-  with open(path, encoding="utf-8") as f:
+  with _open_text(path) as f:
     for line_no, line in enumerate(f, 1):
       if line.strip():
         try:
@@ -219,7 +229,7 @@ def _read_jsonl(path: pathlib.Path, what: str) -> list[dict]:
   return rows
 
 
-def _media_text_tasks(manifest: pathlib.Path, key: str, item_type, short: str, *,
+def _media_text_tasks(manifest: epath.Path, key: str, item_type, short: str, *,
                       ks: tuple[int, ...], report: tuple[str, ...]) -> list[Task]:
   """A media-captions manifest -> text-to-media and media-to-text retrieval tasks."""
   rows = _read_jsonl(manifest, f"{key}-text manifest")
@@ -228,7 +238,7 @@ def _media_text_tasks(manifest: pathlib.Path, key: str, item_type, short: str, *
     if key not in row or not row.get("captions"):
       raise ValueError(f"{manifest} row {i} needs {key!r} and a non-empty 'captions' list; got keys "
                        f"{sorted(row)}")
-    path = pathlib.Path(row[key])
+    path = epath.Path(row[key])
     media.append(item_type(path=str(path if path.is_absolute() else manifest.parent / path)))
     mine = {}
     for cap in row["captions"]:
@@ -242,24 +252,25 @@ def _media_text_tasks(manifest: pathlib.Path, key: str, item_type, short: str, *
                         report=report)]
 
 
-def load_image_text(folder: pathlib.Path, split: str = "test") -> list[Task]:
+def load_image_text(folder: epath.Path, split: str = "test") -> list[Task]:
   """`<folder>/<split>.jsonl` of {"image", "captions"} -> t2i and i2t, R@1/5/10."""
-  return _media_text_tasks(folder / f"{split}.jsonl", "image", Image, "i", ks=(1, 5, 10),
+  return _media_text_tasks(epath.Path(folder) / f"{split}.jsonl", "image", Image, "i", ks=(1, 5, 10),
                            report=("recall@1", "recall@5", "recall@10"))
 
 
-def load_video_text(folder: pathlib.Path, split: str = "test") -> list[Task]:
+def load_video_text(folder: epath.Path, split: str = "test") -> list[Task]:
   """`<folder>/<split>.jsonl` of {"video", "captions"} -> t2v and v2t, nDCG@10 and R@1/5/10."""
-  return _media_text_tasks(folder / f"{split}.jsonl", "video", Video, "v", ks=(1, 5, 10),
+  return _media_text_tasks(epath.Path(folder) / f"{split}.jsonl", "video", Video, "v", ks=(1, 5, 10),
                            report=("ndcg@10", "recall@1", "recall@5", "recall@10"))
 
 
-def load_beir(folder: pathlib.Path, *, name: str | None = None, split: str = "test") -> RetrievalTask:
+def load_beir(folder: epath.Path, *, name: str | None = None, split: str = "test") -> RetrievalTask:
   """One MTEB / BEIR-layout retrieval task. Documents are "title text" (MTEB's joining).
 
   Only queries with a judged document are kept (BEIR evaluates those only); judgments naming an
   unknown query or document are an error.
   """
+  folder = epath.Path(folder)
   corpus_rows = _read_jsonl(folder / "corpus.jsonl", "corpus")
   query_rows = _read_jsonl(folder / "queries.jsonl", "queries")
   qrels_path = folder / "qrels" / f"{split}.tsv"
@@ -270,7 +281,7 @@ def load_beir(folder: pathlib.Path, *, name: str | None = None, split: str = "te
   corpus = [f"{r.get('title') or ''} {r.get('text') or ''}".strip() for r in corpus_rows]
   query_text = {str(r["_id"]): r["text"] for r in query_rows}
   judged: dict[str, dict[int, float]] = {}
-  with open(qrels_path, encoding="utf-8") as f:
+  with _open_text(qrels_path) as f:
     for line_no, line in enumerate(f, 1):
       parts = line.rstrip("\n").split("\t")
       if not line.strip() or (line_no == 1 and parts[0] == "query-id"):
@@ -288,8 +299,9 @@ def load_beir(folder: pathlib.Path, *, name: str | None = None, split: str = "te
                        report=("ndcg@10", "recall@10", "mrr@10"), bm25=True)
 
 
-def load_beir_folder(folder: pathlib.Path, expected: Sequence[str] = ()) -> list[Task]:
+def load_beir_folder(folder: epath.Path, expected: Sequence[str] = ()) -> list[Task]:
   """Every BEIR-layout task folder under `folder` (those holding corpus.jsonl), sorted by name."""
+  folder = epath.Path(folder)
   if not folder.is_dir():
     raise FileNotFoundError(f"no folder {folder}; put MTEB retrieval tasks there in the BEIR layout "
                             "(<Task>/corpus.jsonl, queries.jsonl, qrels/test.tsv)")
@@ -342,19 +354,19 @@ def get_suite(suite: str | Suite) -> Suite:
   return SUITES[suite]
 
 
-def default_data_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get(DATA_DIR_ENV, "~/embed2_data")).expanduser()
+def default_data_dir() -> epath.Path:
+  return epath.Path(os.environ.get(DATA_DIR_ENV, "~/embed2_data")).expanduser()
 
 
 @functools.lru_cache(maxsize=16)
-def _load_cached(suite: Suite, data_dir: pathlib.Path) -> tuple[Task, ...]:
+def _load_cached(suite: Suite, data_dir: epath.Path) -> tuple[Task, ...]:
   return tuple(suite.load(data_dir))
 
 
 def load_suite(suite: str | Suite, data_dir: str | os.PathLike | None = None) -> tuple[Task, ...]:
   """The suite's tasks (cached per process: in-training evaluation reads the data once)."""
   suite = get_suite(suite)
-  return _load_cached(suite, pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir())
+  return _load_cached(suite, epath.Path(data_dir).expanduser() if data_dir else default_data_dir())
 
 
 # ------------------------------------------------------------------------------------ evaluation
