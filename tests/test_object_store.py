@@ -8,10 +8,14 @@ run is pointed at it, the way one points them at a private endpoint:
   $GOOGLE_AUTH_TOKEN_FOR_TESTING as the bearer token (the emulator checks none);
 - TensorBoard's event writer (google-cloud-storage) by $STORAGE_EMULATOR_HOST too.
 
-The run (configs/tiny.py, two stages, a soup variant, the soup) is killed mid-stage by the trainer's
-fault seam and resumed with the same command; then a suite is evaluated and a corpus exported from the
-soup, all reading and writing gs://. Nothing is written on the local disk but the eval data the test
-makes (and the JAX compilation cache).
+First a "pretrained" model is converted into the bucket: a checkpoint of the run's architecture
+(random weights) is exported by `embed2.convert --to_safetensors` to a sentence-transformers folder
+there and imported back from it by `embed2.convert --hf_dir=gs://...`. The run (configs/tiny.py, two
+stages, a soup variant, the soup) starts from that import (`--config.init_from=gs://...`, whose
+tokenizer.json it trains with), is killed mid-stage by the trainer's fault seam and resumed with the same
+command; then a suite whose data is in the bucket is evaluated and a corpus exported from the soup, all
+reading and writing gs://. Nothing is written on the local disk but temporary folders (the converter's
+tokenizer checks) and the JAX compilation cache.
 """
 
 import json
@@ -24,13 +28,18 @@ import time
 
 import gcsfs  # noqa: F401  (the gs:// filesystem epath uses without TensorFlow: fail here when missing)
 import gcp_storage_emulator  # noqa: F401  (the server)
+import jax
 import numpy as np
 import pytest
 from etils import epath
+from flax import nnx
 
+from configs import tiny
 from embed2 import checkpoint as ckpt_lib
+from embed2 import convert
 from embed2 import evaluate
 from embed2 import export
+from embed2.model import EmbeddingModel, ModelConfig
 from embed2.train import faults
 from embed2.train.metrics_writer import METRICS_DIR, read_metrics
 
@@ -114,19 +123,51 @@ def store(tmp_path_factory):
     log.close()
 
 
-def _main(workdir, endpoint, kill_at=""):
+def _main(workdir, endpoint, init_from, kill_at=""):
   env = dict(os.environ, **endpoint, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop(faults.ENV, None)
   if kill_at:
     env[faults.ENV] = kill_at
   cmd = [sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py:{ARG},soup",
-         f"--workdir={workdir}", "--config.checkpoint.keep=2"]
+         f"--workdir={workdir}", "--config.checkpoint.keep=2", f"--config.init_from={init_from}"]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _pure_params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _convert_into_bucket(root, rng):
+  """A model of the run's architecture (random weights, small enough to train from) saved in the bucket,
+  exported there to a sentence-transformers folder and imported back from it, both by the
+  `embed2.convert` command line; checks the files each wrote and that the weights came back bit for bit.
+  Returns the import's path."""
+  cfg = ModelConfig.from_dict(tiny.get_config(ARG).model.to_dict())
+  shapes = _pure_params(nnx.eval_shape(lambda: EmbeddingModel(cfg, rngs=nnx.Rngs(0))))
+  params = jax.tree.map(lambda x: (0.02 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+  ck = ckpt_lib.Checkpointer(root / "pretrained" / "ckpt", keep=None, async_save=False)
+  ck.save(0, params=params, meta={"model_config": cfg.to_dict(), "tokenizer": ""}, force=True)
+  ck.close()
+  st, imported = root / "pretrained" / "st", root / "pretrained" / "embed2"
+  convert.main(["--to_safetensors", f"--ckpt={root / 'pretrained' / 'ckpt'}", f"--out={st}"])
+  files = sorted(str(p.relative_to(st)) for p in st.glob("*") if p.is_file())
+  files += sorted(str(p.relative_to(st)) for p in st.glob("*/*"))
+  assert files == ["config.json", "config_sentence_transformers.json", "model.safetensors", "modules.json",
+                   "sentence_bert_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors"], files
+  assert json.loads((st / "modules.json").read_text())[-1]["type"].endswith("Normalize")
+  res = convert.main([f"--hf_dir={st}", f"--out={imported}"])
+  assert sorted(p.name for p in imported.iterdir()) == ["0", "tokenizer.json", "tokenizer_config.json"]
+  assert res["tokenizer"] == str(imported / "tokenizer.json") and res["source"]["hf_dir"] == str(st)
+  back, meta = ckpt_lib.load_model(imported)
+  assert meta["source"]["format"] == "sentence-transformers"
+  jax.tree.map(np.testing.assert_array_equal, _pure_params(back), params)
+  return imported
+
+
 def _beir(folder, rng, n=8):
-  """A tiny BEIR-layout retrieval task (local: the eval data is the user's, not the run's)."""
+  """A tiny BEIR-layout retrieval task in `folder` (an epath)."""
   words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta"]
   docs = [" ".join(rng.choice(words, size=6)) for _ in range(n)]
   folder.mkdir(parents=True)
@@ -140,12 +181,14 @@ def _beir(folder, rng, n=8):
   return docs
 
 
-def test_run_kill_resume_eval_soup_export_on_gcs(store, tmp_path, rng):
+def test_convert_then_run_kill_resume_eval_soup_export_on_gcs(store, rng):
   endpoint, root = store
   workdir = epath.Path(root) / "run"
+  init = _convert_into_bucket(epath.Path(root), rng)
 
-  killed = _main(workdir, endpoint, kill_at=f"kill@{KILL_AT}")
+  killed = _main(workdir, endpoint, init, kill_at=f"kill@{KILL_AT}")
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert f"initialised from {init}" in killed.stderr, killed.stderr[-3000:]
   ck = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
   # Step 6's save is asynchronous: the kill at 8 may come before it commits, and then the stage end (5)
   # is the last finished checkpoint. Either way the resume replays the steps after it.
@@ -153,9 +196,14 @@ def test_run_kill_resume_eval_soup_export_on_gcs(store, tmp_path, rng):
   assert latest in (5, 6), latest
   ck.close()
   replayed = list(range(latest + 1, KILL_AT + 1))
-  done = _main(workdir, endpoint)
+  before = [r["step"] for r in read_metrics(workdir) if "loss" in r]  # lists the metric parts here
+  assert before == list(range(1, KILL_AT + 1)), before
+  done = _main(workdir, endpoint, init)
   assert done.returncode == 0, done.stderr[-3000:]
-  # This process listed the workdir before the resume wrote it: gcsfs keeps listings (no expiry).
+  # The reader lists the parts afresh, though this process listed them before the resume wrote more.
+  rows = [r for r in read_metrics(workdir) if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(1, 13))
+  # Orbax's step listing is not: gcsfs keeps listings (no expiry).
   epath.backend.fsspec_backend.fs(root).invalidate_cache()
 
   # What the run left on the store.
@@ -164,7 +212,10 @@ def test_run_kill_resume_eval_soup_export_on_gcs(store, tmp_path, rng):
   ck.close()
   for rel in ("stages/pft", "stages/ft", "variants/alt/checkpoints", "variants/alt/stages/ft", "soup"):
     _, step, meta = ckpt_lib.read_checkpoint(workdir / rel)
-    assert "tokenizer" in meta, rel
+    # The run trained with the import's own tokenizer, read from the bucket (a soup carries a copy).
+    own = workdir / "soup" / "tokenizer.json" if rel == "soup" else init / "tokenizer.json"
+    assert meta["tokenizer"] == str(own), (rel, meta.get("tokenizer"))
+  assert (workdir / "soup" / "tokenizer.json").read_bytes() == (init / "tokenizer.json").read_bytes()
   soup = json.loads((workdir / "soup" / "soup.json").read_text())
   assert soup["method"] == "uniform" and len(soup["ingredients"]) == 2
   assert list((workdir / "tensorboard").iterdir()), "no TensorBoard events"
@@ -177,8 +228,6 @@ def test_run_kill_resume_eval_soup_export_on_gcs(store, tmp_path, rng):
   raw = [json.loads(x) for p in parts for x in p.read_text().splitlines()]
   raw_steps = [r["step"] for r in raw if "loss" in r]
   assert sorted(raw_steps) == sorted(list(range(1, 13)) + replayed)
-  rows = [r for r in read_metrics(workdir) if "loss" in r]
-  assert [r["step"] for r in rows] == list(range(1, 13))
   assert [r["stage"] for r in rows] == ["pft"] * 5 + ["ft"] * 7
   resumed = {r["step"]: r for p in parts if p.name.split("-")[1] == "00001"
              for r in map(json.loads, p.read_text().splitlines()) if "loss" in r}  # session 1's lines
@@ -188,8 +237,8 @@ def test_run_kill_resume_eval_soup_export_on_gcs(store, tmp_path, rng):
   variant = [r["step"] for r in read_metrics(workdir / "variants" / "alt") if "loss" in r]
   assert variant == list(range(1, 8))
 
-  # Eval of the soup, its JSON on the store; the data is a local folder.
-  data = tmp_path / "data"
+  # Eval of the soup, its JSON on the store; the data too.
+  data = epath.Path(root) / "data"
   _beir(data / "mteb_retrieval" / "Tiny", rng)
   out = workdir / "eval" / "soup_mteb.json"
   doc = evaluate.main([f"--checkpoint={workdir / 'soup'}", "--suite=mteb_retrieval", f"--data_dir={data}",

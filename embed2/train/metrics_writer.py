@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -47,6 +48,13 @@ def tb_tag(name: str) -> str:
 def _parts(workdir) -> list[tuple[int, int, epath.Path]]:
   """(session, part, path) of the metric parts of `workdir`, in write order."""
   folder = epath.Path(workdir) / METRICS_DIR
+  if is_remote(folder):
+    # gcsfs / s3fs keep a folder's listing (names and sizes) for the life of the process; the trainer,
+    # another process, adds parts and rewrites the open one: list afresh.
+    try:
+      epath.backend.fsspec_backend.fs(folder).invalidate_cache(os.fspath(folder))
+    except ImportError:  # no gcsfs / s3fs: epath reads through TensorFlow's gfile, which keeps no listing
+      pass
   if not folder.is_dir():
     return []
   found = [(int(m[1]), int(m[2]), p) for p in folder.iterdir() if (m := _PART.fullmatch(p.name))]
