@@ -3,8 +3,8 @@
 
 - every stdlib and generated media task, prepared, yields the builder's examples (ids, texts, arrays,
   rates, bytes), and a real dataset's records hold its files' bytes;
-- the demo config's switch (`configs/demo.py:prepared=DIR`) reads every task prepared; a tiny run
-  from prepared text and image tasks has the losses of the same run from the builders;
+- the demo config's switch (`configs/demo.py:prepared=DIR`) reads every task prepared; the tiny
+  config's two-stage run from prepared sources has the losses of the same run from the builders;
 - a missing folder, another version, a missing split and an interrupted preparation are refused, naming
   the task and the fix; prepare refuses to write over another dataset and resumes where it stopped;
 - a dataset written the way TensorFlow's TFDS writes one (Image / Audio / Video features) is read
@@ -40,6 +40,7 @@ from embed2.main import resolve_tasks
 from embed2.model.presets import MediaConfig
 from embed2.train import trainer
 from embed2.train.metrics_writer import read_metrics
+from test_object_store import store  # noqa: F401  (the fixture: a GCS emulator on 127.0.0.1)
 
 LIMIT = 24  # examples per split of each prepared task
 STDLIB = ("stdlib_code_search", "stdlib_doc_retrieval", "stdlib_module_cls")
@@ -55,7 +56,7 @@ def _prepare(*flags):
 def prepared(tmp_path_factory):
   """DATA_DIR holding the first LIMIT examples of every split of the demo's tasks."""
   data_dir = tmp_path_factory.mktemp("tfds")
-  _prepare(f"--task={','.join(STDLIB + MEDIA)}", f"--data_dir={data_dir}", f"--limit={LIMIT}")
+  _prepare(f"--task={','.join(STDLIB + MEDIA)}", f"--data_dir={data_dir}", f"--limit={LIMIT}", "--workers=2")
   return str(data_dir)
 
 
@@ -160,38 +161,27 @@ def test_real_dataset_records_hold_the_files_bytes(tmp_path, rng):
 # ------------------------------------------------------------------------------- a run, both ways
 
 
-def _run_config(prepared_dir=""):
-  """configs/tiny.py with an image frontend: three PFT steps mixing a stdlib text task, text->image,
-  image->text and interleaved image editing; sources from the builders, or from `prepared_dir`."""
-  c = tiny.get_config("pft_steps=3,layers=1,dim=32,every=100")
-  c.model.media = dict(image_frontend="patch", image_size=16, patch_size=4, image_tokens=4)
-  c.stages = [c.stages[0]]
-  kw = dict(p_drop=0.1, batch_size=8, query_len=64, positive_len=64, segments=4)
-  c.tasks = {n: dict(source=s, **kw) for n, s in (("code", "stdlib_code_search"), ("t2i", "shapes_caption"),
-                                                  ("i2t", "shapes_caption_reversed"), ("edit", "image_edit"))}
-  if prepared_dir:
-    for t in c.tasks.values():
-      t.source, t.data_dir = f"tfds:embed2/{t.source}", prepared_dir
-  c.stages[0].tasks = {n: 0.25 for n in c.tasks}
-  c.stages[0].batch = dict(batch_size=16, query_len=64, positive_len=64, segments=4)
-  return c
-
-
-def test_a_run_from_prepared_sources_has_the_builders_losses(prepared, tmp_path):
+def test_a_run_from_prepared_sources_has_the_builders_losses(tmp_path):
+  """configs/tiny.py's two stages (PFT mixing, FT sampling one task a step), from its builders and from
+  the same tasks prepared whole: the same losses at every step. The config is tests/test_train.py's
+  finished run, so both runs reuse its programs through the session's compilation cache."""
+  data_dir = str(tmp_path / "tfds")
+  _prepare("--task=synthetic_pairs,synthetic_labels", f"--data_dir={data_dir}")
   losses = {}
   for how in ("builders", "prepared"):
-    config = _run_config(prepared if how == "prepared" else "")
+    config = tiny.get_config("pft_steps=3,ft_steps=8,every=100")
+    config.stages[1].freeze = ("transformer/embedder", "transformer/blocks/0/")
+    if how == "prepared":
+      for t in config.tasks.values():
+        t.source, t.data_dir = f"tfds:embed2/{t.source}", data_dir
     data = resolve_tasks(config)
-    if how == "builders":  # the examples that were prepared: each split's first LIMIT
-      data = {n: trainer.TaskData(train=d.train[:LIMIT], eval=d.eval[:LIMIT]) for n, d in data.items()}
-    else:
-      assert all(isinstance(d.train, tfds_source.PreparedExamples) for d in data.values())
+    assert all(isinstance(d.train, tfds_source.PreparedExamples) == (how == "prepared") for d in data.values())
     trainer.train(config, str(tmp_path / how), data)
     rows = read_metrics(tmp_path / how)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    losses[how] = [(r["loss"], r["num_valid"]) for r in rows]
+    assert [r["step"] for r in rows] == list(range(1, 12))
+    losses[how] = [(r["stage"], r["task"], r["loss"], r["num_valid"]) for r in rows]
   assert losses["prepared"] == losses["builders"]
-  assert all(np.isfinite(loss) and n > 0 for loss, n in losses["prepared"])
+  assert {task for _, task, _, _ in losses["prepared"]} == {"mixture", "pairs", "labels"}
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -310,6 +300,24 @@ def test_prepare_refuses_to_write_over_another_dataset(tmp_path):
   assert os.listdir(other) == ["notes.txt"]
   with pytest.raises(ValueError, match=r"--task='nope' is unknown; known tasks: \["):
     _prepare("--task=nope", f"--data_dir={data_dir}")
+
+
+def test_prepare_and_read_on_gcs(store, monkeypatch):  # pylint: disable=redefined-outer-name
+  """gs:// end to end: prepare writes through epath (gcsfs), the source reads through ArrayRecord's own
+  GCS client (pointed at the emulator by $CLOUD_STORAGE_EMULATOR_ENDPOINT)."""
+  endpoint, bucket = store
+  monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", endpoint["STORAGE_EMULATOR_HOST"])
+  data_dir = f"{bucket}/tfds"
+  _prepare("--task=synthetic_labels", f"--data_dir={data_dir}", "--limit=12", "--examples_per_shard=5")
+  data = resolve_tasks(_tiny_config("tfds:embed2/synthetic_labels:1.0.0", data_dir))["pairs"]
+  for split in ("train", "eval"):
+    want = task_defs.build_task("synthetic_labels", split)
+    got = getattr(data, split)
+    assert len(got) == 12
+    for i in range(12):
+      assert_same_examples(want[i], got[i], f"{split}[{i}]")
+  with pytest.raises(ValueError, match=r"holds another dataset"):
+    _prepare("--task=synthetic_pairs", f"--data_dir={data_dir}", "--limit=12", "--config=synthetic_labels")
 
 
 # ------------------------------------------------------------------------- prepared elsewhere, by TF
