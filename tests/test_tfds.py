@@ -225,6 +225,16 @@ def test_missing_wrong_version_missing_split_and_incomplete_name_the_task_and_fi
 PAIRS = task_defs.TASKS["synthetic_pairs"]
 
 
+def assert_prepared_is_the_builder(task, data_dir, n):
+  """config.tasks.pairs read from tfds:embed2/TASK in data_dir: the builder's first n examples."""
+  data = resolve_tasks(_tiny_config(f"tfds:embed2/{task}:1.0.0", data_dir))["pairs"]
+  for split in ("train", "eval"):
+    want, got = task_defs.build_task(task, split), getattr(data, split)
+    assert len(got) == n
+    for i in range(n):
+      assert_same_examples(want[i], got[i], f"{split}[{i}]")
+
+
 def _failing(split_to_fail, index, calls):
   """TASKS["synthetic_pairs"] with example `index` of `split_to_fail` raising, counting reads per split."""
 
@@ -270,13 +280,7 @@ def test_prepare_resumes_where_it_stopped_and_never_reads_as_complete_before(tmp
   assert {s: os.stat(out / s).st_mtime_ns for s in shards} == stamps
   assert not (out / prepare.STATE_FILE).exists()
   monkeypatch.undo()
-  data = resolve_tasks(_tiny_config("tfds:embed2/synthetic_pairs", data_dir))["pairs"]
-  for split in ("train", "eval"):
-    want = task_defs.build_task("synthetic_pairs", split)
-    got = getattr(data, split)
-    assert len(got) == 40
-    for i in range(40):
-      assert_same_examples(want[i], got[i], f"{split}[{i}]")
+  assert_prepared_is_the_builder("synthetic_pairs", data_dir, 40)
   assert _prepare(*flags)["synthetic_pairs"]["written"] == {"train": 0, "eval": 0}  # already complete
 
 
@@ -309,13 +313,7 @@ def test_prepare_and_read_on_gcs(store, monkeypatch):  # pylint: disable=redefin
   monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", endpoint["STORAGE_EMULATOR_HOST"])
   data_dir = f"{bucket}/tfds"
   _prepare("--task=synthetic_labels", f"--data_dir={data_dir}", "--limit=12", "--examples_per_shard=5")
-  data = resolve_tasks(_tiny_config("tfds:embed2/synthetic_labels:1.0.0", data_dir))["pairs"]
-  for split in ("train", "eval"):
-    want = task_defs.build_task("synthetic_labels", split)
-    got = getattr(data, split)
-    assert len(got) == 12
-    for i in range(12):
-      assert_same_examples(want[i], got[i], f"{split}[{i}]")
+  assert_prepared_is_the_builder("synthetic_labels", data_dir, 12)
   with pytest.raises(ValueError, match=r"holds another dataset"):
     _prepare("--task=synthetic_pairs", f"--data_dir={data_dir}", "--limit=12", "--config=synthetic_labels")
 
@@ -379,8 +377,9 @@ def test_a_dataset_prepared_with_tf_features_reads_without_tensorflow(tmp_path, 
   path = builder.data_path
   feats = json.loads((path / "features.json").read_text())
   top = feats["featuresDict"]["features"]
-  top["clip"] = _tf_feature_json("Audio", dtype="int64", file_format="wav", sample_rate=8000, lazy_decode=True)
-  top["pcm"] = _tf_feature_json("Audio", dtype="int64", sample_rate=8000)
+  top["clip"] = _tf_feature_json("Audio", dtype="int64", file_format="wav", sample_rate=8000, lazy_decode=True,
+                                 encoding="none")
+  top["pcm"] = _tf_feature_json("Audio", dtype="int64", sample_rate=8000, encoding="none")
   top["video"] = _tf_feature_json("Video", dtype="uint8", encoding_format="png")
   (path / "features.json").write_text(json.dumps(feats))
   if importlib.util.find_spec("tensorflow") is None:  # why embed2 reads the records itself

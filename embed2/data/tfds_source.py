@@ -486,28 +486,38 @@ def _embed2_meta(path: epath.Path) -> dict[str, Any] | None:
 # -------------------------------------------------------------------------------------- reading
 
 
-class PreparedExamples(collections.abc.Sequence):
-  """The examples of one split of a dataset `embed2.prepare` wrote, read with `tfds.data_source`.
+class _Records(collections.abc.Sequence):
+  """A split's examples by index over records opened on first use: `len`, `[i]` (negative i and slices
+  too). Safe to share between threads (ArrayRecord's readers are; the records are opened once, under a
+  lock) and picklable (the open records are not pickled; a worker process reopens the files).
 
-  Random access (`len`, `[i]`), as the builder's sequence: example i is the builder's example i.
-  Safe to share between threads (the ArrayRecord readers are; the data source is opened once, under a
-  lock) and picklable (what is pickled is the path and split; a worker process reopens the files).
+  Subclasses set `ref`, `split`, `_len` and define `_open()` (the records, random access) and
+  `_example(record, i)`.
   """
 
-  def __init__(self, *, ref: DatasetRef, data_dir: str, path: epath.Path, split: str, length: int):
-    self.ref, self.data_dir, self.path, self.split, self._len = ref, data_dir, path, split, length
-    self._source = None
-    self._lock = threading.Lock()
+  ref: DatasetRef
+  split: str
+  _len: int
 
-  def _data_source(self):
-    if self._source is None:
+  def _records(self):
+    if self.__dict__.get("_source") is None:
       with self._lock:
-        if self._source is None:
-          v = self.path.name
-          self._source = tfds.data_source(f"{self.ref.name}/{self.path.parent.name}:{v}"
-                                          if self.ref.config else f"{self.ref.name}:{v}",
-                                          data_dir=self.data_dir, split=self.split)
+        if self.__dict__.get("_source") is None:
+          self._source = self._open()
     return self._source
+
+  @property
+  def _lock(self) -> threading.Lock:
+    lock = self.__dict__.get("_lock_")
+    if lock is None:  # created once per object (and per unpickled copy), before any thread reads
+      lock = self.__dict__.setdefault("_lock_", threading.Lock())
+    return lock
+
+  def _open(self):
+    raise NotImplementedError
+
+  def _example(self, record, i: int) -> dict[str, Any]:
+    raise NotImplementedError
 
   def __len__(self) -> int:
     return self._len
@@ -518,17 +528,27 @@ class PreparedExamples(collections.abc.Sequence):
     i = int(i)
     if not -self._len <= i < self._len:
       raise IndexError(f"{self.ref} {self.split}: index {i} out of range for {self._len} examples")
-    return decode_example(self._data_source()[i % self._len])
+    i %= self._len
+    return self._example(self._records()[i], i)
 
   def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_source"] = None
-    del state["_lock"]
-    return state
+    return {k: v for k, v in self.__dict__.items() if k not in ("_source", "_lock_")}
 
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
+
+class PreparedExamples(_Records):
+  """The examples of one split of a dataset `embed2.prepare` wrote, read with `tfds.data_source`;
+  example i is the builder's example i."""
+
+  def __init__(self, *, ref: DatasetRef, data_dir: str, path: epath.Path, split: str, length: int):
+    self.ref, self.data_dir, self.path, self.split, self._len = ref, data_dir, path, split, length
+
+  def _open(self):
+    v = self.path.name
+    name = f"{self.ref.name}/{self.path.parent.name}:{v}" if self.ref.config else f"{self.ref.name}:{v}"
+    return tfds.data_source(name, data_dir=self.data_dir, split=self.split)
+
+  def _example(self, record, i: int) -> dict[str, Any]:
+    return decode_example(record)
 
   def __repr__(self) -> str:
     return f"PreparedExamples({str(self.ref)!r}, split={self.split!r}, examples={self._len}, path={str(self.path)!r})"
@@ -598,7 +618,7 @@ def _first(values: Sequence[Any], key: str, where: str):
   return values[0]
 
 
-class ForeignExamples(collections.abc.Sequence):
+class ForeignExamples(_Records):
   """The examples of one split of a TFDS ArrayRecord dataset prepared elsewhere (e.g. with TensorFlow),
   read without TensorFlow: each record is parsed as the tf.train.Example TFDS wrote (TFDS's bundled
   proto) and mapped to an example by `fields`, e.g. for coco_captions
@@ -615,7 +635,7 @@ class ForeignExamples(collections.abc.Sequence):
     Audio (the default)       Audio(samples=int16 PCM, sample_rate=the feature's sample_rate)
     Video                     Video(frames=the decoded frames, fps=fields["fps"])
 
-  Random access, thread-safe and picklable like PreparedExamples.
+  Random access, thread-safe and picklable (`_Records`).
   """
 
   def __init__(self, *, ref: DatasetRef, path: epath.Path, split: str, fields: Mapping[str, Any] | None,
@@ -653,18 +673,9 @@ class ForeignExamples(collections.abc.Sequence):
     split_info = tfds_splits.SplitDict.from_proto(proto.splits, filename_template=template)[split]
     self._instructions = split_info.file_instructions
     self._len = int(split_info.num_examples)
-    self._source = None
-    self._lock = threading.Lock()
 
-  def _records(self):
-    if self._source is None:
-      with self._lock:
-        if self._source is None:
-          self._source = array_record_data_source.ArrayRecordDataSource(self._instructions)
-    return self._source
-
-  def __len__(self) -> int:
-    return self._len
+  def _open(self):
+    return array_record_data_source.ArrayRecordDataSource(self._instructions)
 
   def _values(self, ex, role: str):
     key = self.fields[role]
@@ -690,14 +701,8 @@ class ForeignExamples(collections.abc.Sequence):
     frames = np.stack([_unpng(v) for v in values]) if values else np.zeros((0, 1, 1, 3), np.uint8)
     return segments.Video(frames=frames, fps=float(self.fields["fps"]))
 
-  def __getitem__(self, i):
-    if isinstance(i, slice):
-      return [self[j] for j in range(*i.indices(self._len))]
-    i = int(i)
-    if not -self._len <= i < self._len:
-      raise IndexError(f"{self.ref} {self.split}: index {i} out of range for {self._len} examples")
-    i %= self._len
-    ex = tf_example_pb2.Example.FromString(self._records()[i])
+  def _example(self, record, i: int) -> dict[str, Any]:
+    ex = tf_example_pb2.Example.FromString(record)
     where = f"{self.where} ({self.ref} {self.split} record {i})"
     sides = {r: self._side(ex, r, where) for r in _SIDE_FIELDS}
     ids = {}
@@ -709,16 +714,6 @@ class ForeignExamples(collections.abc.Sequence):
       g = _first(self._values(ex, "group"), self.fields["group"], where)
       group = g.decode("utf-8") if isinstance(g, bytes) else str(g)
     return {"query": sides["query"], "positive": sides["positive"], "negatives": [], **ids, "group": group}
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_source"] = None
-    del state["_lock"]
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
 
   def __repr__(self) -> str:
     return f"ForeignExamples({str(self.ref)!r}, split={self.split!r}, examples={self._len}, fields={self.fields})"
