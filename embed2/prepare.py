@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import tensorflow_datasets as tfds
 import tqdm
 from absl import flags
+from absl import logging
 from etils import epath
 
 from data_pipelines import media_datasets
@@ -178,8 +179,13 @@ def prepare(task: str, *, data_dir: str, config: str = "", version: str = tfds_s
     sources[s] = ex if not limit or len(ex) <= limit else tfds_source._Head(ex, limit)  # pylint: disable=protected-access
   identity = {"task": task, "limit": int(limit), "splits": list(splits),
               "examples": {s: len(ex) for s, ex in sources.items()}, "fingerprint": _fingerprint(sources)}
-  builder = tfds_source.Embed2(task=task, examples=sources.__getitem__, splits=splits, limit=limit, identity=identity,
-                               config=config, version=version, data_dir=data_dir)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # TFDS warns "Using custom data configuration" of any config made here
+  try:
+    builder = tfds_source.Embed2(task=task, examples=sources.__getitem__, splits=splits, limit=limit,
+                                 identity=identity, config=config, version=version, data_dir=data_dir)
+  finally:
+    logging.set_verbosity(verbosity)
   out = epath.Path(builder.data_path)
   ref = tfds_source.DatasetRef(tfds_source.NAME, builder.builder_config.name, version)
   result = {"path": os.fspath(out), "source": str(ref), "examples": identity["examples"],

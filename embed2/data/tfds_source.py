@@ -274,9 +274,31 @@ def _item(kind: str, text: str, fmt: str, data: bytes, rate: str, frames: int):
   raise ValueError(f"item kind {kind!r} is not one embed2.prepare writes (schema {SCHEMA})")
 
 
+def _feature_values(ex: tf_example_pb2.Example, key: str) -> list:
+  f = ex.features.feature.get(key)
+  kind = f.WhichOneof("kind") if f is not None else None
+  return list(getattr(f, kind).value) if kind else []
+
+
+_ITEM_KEYS = ("side", "kind", "text", "format", "data", "rate", "frames")
+
+
+def parse_record(raw: bytes) -> dict[str, Any]:
+  """A serialized record -> the dict `decode_example` takes, read straight from its tf.train.Example
+  (TFDS's bundled proto): the same values `tfds.data_source` would decode, ~30x faster (TFDS's generic
+  numpy deserializer takes ~0.4 ms a record)."""
+  ex = tf_example_pb2.Example.FromString(raw)
+  record = {k: _feature_values(ex, k) for k in ("query_id", "positive_id", "group", "side_is_list")}
+  record["query_id"], record["positive_id"], record["group"] = (
+      record["query_id"][0], record["positive_id"][0], record["group"][0])
+  record["items"] = {k: _feature_values(ex, f"items/{k}") for k in _ITEM_KEYS}
+  return record
+
+
 def decode_example(record: Mapping[str, Any]) -> dict[str, Any]:
-  """A record as `tfds.data_source` decodes it (numpy / bytes) -> the example dict `encode_example`
-  was given: the same sides (str, items, lists), arrays, rates, ids and group."""
+  """A record as `tfds.data_source` decodes it (numpy / bytes), or as `parse_record` reads it -> the
+  example dict `encode_example` was given: the same sides (str, items, lists), arrays, rates, ids and
+  group."""
   is_list = [bool(b) for b in np.asarray(record["side_is_list"]).reshape(-1)]
   parts: list[list[Any]] = [[] for _ in is_list]
   rows = record["items"]
@@ -545,10 +567,11 @@ class PreparedExamples(_Records):
   def _open(self):
     v = self.path.name
     name = f"{self.ref.name}/{self.path.parent.name}:{v}" if self.ref.config else f"{self.ref.name}:{v}"
-    return tfds.data_source(name, data_dir=self.data_dir, split=self.split)
+    return tfds.data_source(name, data_dir=self.data_dir, split=self.split,
+                            deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
 
   def _example(self, record, i: int) -> dict[str, Any]:
-    return decode_example(record)
+    return decode_example(parse_record(record))
 
   def __repr__(self) -> str:
     return f"PreparedExamples({str(self.ref)!r}, split={self.split!r}, examples={self._len}, path={str(self.path)!r})"
@@ -678,10 +701,7 @@ class ForeignExamples(_Records):
     return array_record_data_source.ArrayRecordDataSource(self._instructions)
 
   def _values(self, ex, role: str):
-    key = self.fields[role]
-    f = ex.features.feature[key]
-    kind = f.WhichOneof("kind")
-    return list(getattr(f, kind).value) if kind else []
+    return _feature_values(ex, self.fields[role])
 
   def _side(self, ex, role: str, where: str):
     cls, content = self.kinds[role]
