@@ -326,9 +326,9 @@ class Embed2(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   slice of it), ArrayRecord files, records in the builder's order (no shuffling: index i of a split is
   the builder's example i).
 
-  `download_and_prepare()` writes it the TFDS way (all splits in one go; needs TensorFlow once a split
-  passes 1 GB, where TFDS's shuffler spills to disk); `python -m embed2.prepare` writes the same files
-  shard by shard, resumably, without TensorFlow.
+  `python -m embed2.prepare` writes it, shard by shard and resumably, from `_generate_examples`, with
+  the builder's `info` (features, config, version, metadata). TFDS's own `download_and_prepare` is not
+  used: it writes all splits in one go, and its shuffle buffer needs TensorFlow once a split passes 1 GB.
 
   Args:
     task: the registered task name (data_pipelines.tasks.TASKS).
