@@ -3,9 +3,16 @@ and a run preempted mid-stage that resumes on another mesh and process count.
 
 The runs of a mesh and process count are few and shared (the compiled programs too, through the session's
 compilation cache, tests/conftest.py): 2 x 2 devices as data=2 x fsdp=2 (`two_process_run`, the
-preempted run), 1 x 4 as data=4 (`one_process_run`) and as data=2 x tensor=2 in 4 pack groups (the
-resumed run, the run from `init_from`), all with the same stages."""
+preempted run) and 1 x 4 as data=2 x tensor=2 in the same 4 pack groups (`one_process_run`, the
+resumed run, the run from `init_from`), all with the same stages. (Process 1 of a 2-process run never
+finds its programs there: JAX writes the cache from process 0 only, and on CPU the key differs by
+process; it compiles in every 2-process run.)
 
+The start-ups that must be refused (`refused_starts`) are launched in the background when the module
+starts: they mostly wait (for --init_timeout, or for Gloo's 30 s deadline on a peer that never joins), so
+they wait while the runs above compute."""
+
+import concurrent.futures
 import os
 import socket
 import subprocess
@@ -71,9 +78,46 @@ def two_processes(workdir, devices, *flags, fault=""):
   return outs
 
 
-# The 2-process runs' mesh; the resumed one's (1 process x 4 devices, the preempted run's 4 pack groups).
+# The 2-process runs' mesh; the 1-process runs' (1 process x 4 devices, the 2-process runs' 4 pack groups).
 TWO_PROCESS_MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=2")
-RESUME_MESH = ("--config.mesh.data=2", "--config.mesh.tensor=2", "--config.data_groups=4")
+ONE_PROCESS_MESH = ("--config.mesh.data=2", "--config.mesh.tensor=2", "--config.data_groups=4")
+
+
+def _timed(procs, timeout):
+  """[(returncode, stderr)] of `procs` once all finished, and the seconds until then."""
+  t0 = time.time()
+  outs = finish(procs, timeout=timeout)
+  return outs, time.time() - t0
+
+
+def _mismatched_counts(workdir):
+  port = free_port()
+  p0 = start(workdir, 2, f"--coordinator=127.0.0.1:{port}", "--num_processes=2", "--process_id=0",
+             "--init_timeout=60")
+  time.sleep(2)
+  p1 = start(workdir, 2, f"--coordinator=127.0.0.1:{port}", "--num_processes=3", "--process_id=1",
+             "--init_timeout=60")
+  return finish([p0, p1], timeout=300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def refused_starts(request, tmp_path_factory):
+  """{test name: Future of its start-ups' results}, for the selected tests of this module that start
+  processes which must fail; all launched when the module starts (see the module docstring)."""
+  root = tmp_path_factory.mktemp("refused")
+  launches = {
+      "test_unreachable_coordinator_fails_fast": lambda: (_timed, [start(
+          root, 2, f"--coordinator=127.0.0.1:{free_port()}", "--num_processes=2", "--process_id=1",
+          "--init_timeout=2")], 300),
+      "test_bad_process_arguments_are_refused": lambda: (finish, [
+          start(root, 2, "--coordinator=127.0.0.1:1", "--num_processes=2", "--process_id=2"),
+          start(root, 2, "--num_processes=2")], 300),
+      "test_mismatched_process_counts_are_refused": lambda: (_mismatched_counts, root / "mismatched"),
+  }
+  selected = {item.name for item in request.session.items if item.module is request.module}
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(launches))
+  yield {name: pool.submit(*launch()) for name, launch in launches.items() if name in selected}
+  pool.shutdown(wait=True)
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +130,14 @@ def two_process_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("sp")
-  (code, err), = finish([start(workdir, 4)])
+  (code, err), = finish([start(workdir, 4, *ONE_PROCESS_MESH)])
   assert code == 0, err[-3000:]
   return workdir
 
 
 def test_two_processes_equal_one_process(two_process_run, one_process_run):
-  # Equal to float tolerance: fsdp splits the reductions of the passes differently (see the next test).
+  # Equal to float tolerance: fsdp and tensor split the reductions of the passes differently (see the
+  # next test).
   a, b = losses(two_process_run), losses(one_process_run)
   assert len(a) == len(b) == STEPS
   for (sa, ta, la), (sb, tb, lb) in zip(a, b):
@@ -123,7 +168,7 @@ def test_preempted_mid_stage_resumes_on_another_mesh_and_process_count(two_proce
   assert (meta["stage_name"], meta["stage_step"], meta["process_count"]) == ("pft", 2, 2)
   assert not (workdir / "stages" / "pft").exists()  # mid-stage: PFT has not ended
 
-  (code, err), = finish([start(workdir, 4, *RESUME_MESH)])
+  (code, err), = finish([start(workdir, 4, *ONE_PROCESS_MESH)])
   assert code == 0, err[-3000:]
   assert "resuming from step 2 (stage 0, step 2 of it)" in err
 
@@ -157,36 +202,26 @@ def test_preempted_mid_stage_resumes_on_another_mesh_and_process_count(two_proce
 def test_init_from_a_two_process_run_on_another_mesh(two_process_run, tmp_path):
   # A finished run cannot get more steps (its stages are part of its identity): continue it in ONE
   # process with a (data=2, tensor=2) mesh through init_from.
-  (code, err), = finish([start(tmp_path / "next", 4, *RESUME_MESH, f"--config.init_from={two_process_run}")])
+  (code, err), = finish([start(tmp_path / "next", 4, *ONE_PROCESS_MESH, f"--config.init_from={two_process_run}")])
   assert code == 0, err[-3000:]
   assert "initialised from" in err
   assert ckpt_lib.Checkpointer(tmp_path / "next" / "checkpoints", read_only=True).latest_step() == STEPS
 
 
-def test_unreachable_coordinator_fails_fast(tmp_path):
-  t0 = time.time()
-  (code, err), = finish([start(tmp_path, 2, f"--coordinator=127.0.0.1:{free_port()}", "--num_processes=2",
-                               "--process_id=1", "--init_timeout=5")], timeout=300)
+def test_unreachable_coordinator_fails_fast(refused_starts):
+  [(code, err)], seconds = refused_starts["test_unreachable_coordinator_fails_fast"].result()
   assert code != 0
   assert "could not join the coordinator" in err
-  assert time.time() - t0 < 120
+  assert seconds < 120
 
 
-def test_bad_process_arguments_are_refused(tmp_path):
-  (code, err), = finish([start(tmp_path, 2, "--coordinator=127.0.0.1:1", "--num_processes=2",
-                               "--process_id=2")], timeout=120)
+def test_bad_process_arguments_are_refused(refused_starts):
+  (code, err), (code2, err2) = refused_starts["test_bad_process_arguments_are_refused"].result()
   assert code != 0 and "--process_id=2 must be in [0, --num_processes=2)" in err
-  (code, err), = finish([start(tmp_path, 2, "--num_processes=2")], timeout=120)
-  assert code != 0 and "needs all of --coordinator, --num_processes and --process_id" in err
+  assert code2 != 0 and "needs all of --coordinator, --num_processes and --process_id" in err2
 
 
-def test_mismatched_process_counts_are_refused(tmp_path):
-  port = free_port()
-  p0 = start(tmp_path, 2, f"--coordinator=127.0.0.1:{port}", "--num_processes=2", "--process_id=0",
-             "--init_timeout=20")
-  time.sleep(2)
-  p1 = start(tmp_path, 2, f"--coordinator=127.0.0.1:{port}", "--num_processes=3", "--process_id=1",
-             "--init_timeout=20")
-  (c0, e0), (c1, e1) = finish([p0, p1], timeout=300)
+def test_mismatched_process_counts_are_refused(refused_starts):
+  (c0, e0), (c1, e1) = refused_starts["test_mismatched_process_counts_are_refused"].result()
   assert c1 != 0 and "started with --num_processes=3 but the job has 2 processes" in e1
   assert c0 != 0 and "could not exchange their process counts" in e0
