@@ -25,8 +25,8 @@ from embed2.train.metrics_writer import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two stages (PFT ends at step 5, FT at 12), saves every 3 steps, two kept; then the variant "alt"
 # (7 FT steps from the PFT export) and the soup of the two.
-# (The tiny config's batch shapes on 4 devices: the subprocesses share compiled programs with
-# tests/test_multihost.py's one-process run through the session's compilation cache, tests/conftest.py.)
+# (Every run after the first takes its compiled programs from the session's compilation cache,
+# tests/conftest.py.)
 ARG = "pft_steps=5,ft_steps=7,every=3,seed=7"
 FLAGS = ("--config.checkpoint.keep=2",)
 
