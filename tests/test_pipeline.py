@@ -262,8 +262,7 @@ def test_set_state_rejects_other_setups():
                               seed=2)
   with pytest.raises(ValueError, match="seed=1"):
     other.set_state(state)
-  with pytest.raises(ValueError, match="num_workers=4.*0 grain workers"):
-    it.set_state(dict(state, num_workers=4))
+  it.set_state(dict(state, num_workers=4))  # informational (tests/test_pipeline_workers.py)
   split = P.build_ft_iterator(tasks, tokenizer=ByteTokenizer(), num_groups=2,
                               seed=1, process_index=1, process_count=2)
   only_g0 = json.loads(json.dumps(state))

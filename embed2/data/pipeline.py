@@ -35,25 +35,39 @@ all processes agree on the shapes; a sample mostly undecodable is an error.
 Checkpointing: `get_state()` is a JSON-serialisable dict (step, per-stream per-group
 read position and held-over indices, and a fingerprint of the set-up);
 `set_state()` restores exactly. Held-over tuples are stored as stream indices and
-re-read on restore. No grain worker processes are used (num_workers is recorded as
-0 in the state and a state with another value is refused): tokenization and packing
-run in the calling thread. To overlap them with the train step, wrap the iterator
-in `grain.experimental.ThreadPrefetchDatasetIterator(it, prefetch_buffer_size=2)`;
-its get_state/set_state stay exact.
+re-read on restore.
+
+Workers (`workers=N` in the builders; `config.data_workers` in the trainer): 0
+computes every stream element (tokenize, media decode) in the calling thread when
+the packer reads it. N > 0 starts a pool of N decode threads shared by the stage
+(`embed2.data.readahead`): each local group's next elements are computed ahead of
+its packer, which takes them strictly in index order, and one background thread
+assembles the next batch while the caller trains on this one. Elements are pure
+functions of their index, so the batches are the same for every N, 0 included:
+the state records N (`num_workers`, informational only) and a state saved with N
+workers restores exactly with M; the state is that of the batches handed out,
+never of one prefetched and not yet taken. Threads, not processes: the decoders
+release the GIL (see `readahead`). `close()` stops the threads (the trainer closes
+each stage's iterator when the stage ends); an unclosed iterator's threads are
+daemons, stopped at exit or when it is garbage collected.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
+import threading
+import weakref
 import zlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
 
 from embed2.data import packing
+from embed2.data import readahead
 from embed2.data import transforms
 from embed2.data.packing import GroupShape, SideShape
 
@@ -201,6 +215,7 @@ class EpochShuffleMapDataset(grain.MapDataset):
   to `_PERM_CACHE_MAX` examples the epoch's permutation is drawn once with numpy
   and cached (the last few epochs; groups of a process read about the same epoch).
   Larger datasets use grain's index_shuffle (~5 us per read there, no memory).
+  Thread-safe (decode workers read one stream concurrently).
   """
 
   _PERM_CACHE_MAX = 1 << 22
@@ -211,6 +226,7 @@ class EpochShuffleMapDataset(grain.MapDataset):
     self._n = len(parent)
     self._seed = int(seed)
     self._perms: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
 
   def __len__(self) -> int:
     return sys.maxsize
@@ -223,13 +239,14 @@ class EpochShuffleMapDataset(grain.MapDataset):
     if self._n > self._PERM_CACHE_MAX:
       return grain.experimental.index_shuffle(
           i, max_index=self._n - 1, seed=(self._seed + epoch) % 2**32, rounds=4)
-    perm = self._perms.get(epoch)
-    if perm is None:
-      rng = np.random.default_rng([self._seed, epoch])
-      perm = rng.permutation(self._n).astype(np.int32)
-      self._perms[epoch] = perm
-      for old in sorted(self._perms)[:-self._EPOCHS_CACHED]:
-        del self._perms[old]
+    with self._lock:
+      perm = self._perms.get(epoch)
+      if perm is None:
+        rng = np.random.default_rng([self._seed, epoch])
+        perm = rng.permutation(self._n).astype(np.int32)
+        self._perms[epoch] = perm
+        for old in sorted(self._perms)[:-self._EPOCHS_CACHED]:
+          del self._perms[old]
     return int(perm[i])
 
   def __getitem__(self, index):
@@ -242,34 +259,56 @@ class EpochShuffleMapDataset(grain.MapDataset):
 
 
 class PackedGroupIterDataset(grain.IterDataset):
-  """One pack group's batches from a random-access stream of tokenized tuples."""
+  """One pack group's batches from a random-access stream of tokenized tuples.
 
-  def __init__(self, parent: grain.MapDataset, shape: GroupShape):
+  With a `pool`, the stream's next `depth` elements are computed on it ahead of the
+  packer (`readahead.Window`); the batches are the same.
+  """
+
+  def __init__(self, parent: grain.MapDataset, shape: GroupShape,
+               pool: readahead.DecodePool | None = None, depth: int = 0):
     super().__init__(parent)
     self._stream = parent
     self._shape = shape
+    self._pool = pool
+    self._depth = depth
 
   def __iter__(self) -> "PackedGroupIterator":
-    return PackedGroupIterator(self._stream, self._shape)
+    window = (None if self._pool is None else
+              readahead.Window(self._pool, self._stream, self._depth))
+    return PackedGroupIterator(self._stream, self._shape, window)
 
   def __str__(self) -> str:
     return f"PackedGroupIterDataset(examples={self._shape.examples})"
 
 
 class PackedGroupIterator(grain.DatasetIterator):
-  """Iterator of `PackedGroupIterDataset`; state = read position + held indices."""
+  """Iterator of `PackedGroupIterDataset`; state = read position + held indices.
 
-  def __init__(self, stream: grain.MapDataset, shape: GroupShape):
+  `window` (optional): reads stream[next_index], stream[next_index + 1], ... ahead
+  on a decode pool; the packer takes them in the same order as without it.
+  """
+
+  def __init__(self, stream: grain.MapDataset, shape: GroupShape,
+               window: readahead.Window | None = None):
     super().__init__()
     self._stream = stream
     self._shape = shape
+    self._window = window
     self._next_index = 0
     self._held: list[packing.Item] = []
+
+  def prime(self) -> None:
+    """Starts computing the next elements on the pool (no-op without one)."""
+    if self._window is not None:
+      self._window.fill()
 
   def _pull(self) -> packing.Item:
     i = self._next_index
     self._next_index += 1
-    return i, self._stream[i]
+    if self._window is None:
+      return i, self._stream[i]
+    return i, self._window.take(i)
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch, self._held = packing.pack_group(self._shape, self._held, self._pull)
@@ -281,7 +320,12 @@ class PackedGroupIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]):
     self._next_index = int(state["next_index"])
-    self._held = [(int(i), self._stream[int(i)]) for i in state["held"]]
+    held = [int(i) for i in state["held"]]
+    if self._window is None:
+      self._held = [(i, self._stream[i]) for i in held]
+    else:
+      self._window.reset(self._next_index)
+      self._held = list(zip(held, self._window.read(held)))
 
 
 # ----------------------------------------------------------------------- stages
@@ -437,6 +481,51 @@ class _Stream:
   iters: dict[int, PackedGroupIterator]  # global group index -> iterator
 
 
+class _Batches:
+  """Assembles a stage's batches, step after step: the body of `StageIterator`,
+  run by its prefetch thread when it has workers (and holding no reference to the
+  StageIterator, so an unclosed iterator can be garbage collected and stopped)."""
+
+  def __init__(self, streams: Sequence[_Stream], sampler: TaskSampler | None,
+               stream_of_task: Sequence[int], local_groups: Sequence[int]):
+    self.streams = list(streams)
+    self.sampler = sampler
+    self.stream_of_task = list(stream_of_task)
+    self.local_groups = tuple(local_groups)
+    self.step = 0  # the step of the next batch
+
+  def task_at(self, step: int) -> int:
+    return -1 if self.sampler is None else self.sampler.task_at(step)
+
+  def stream_at(self, step: int) -> _Stream:
+    task = self.task_at(step)
+    return self.streams[0 if task < 0 else self.stream_of_task[task]]
+
+  def next(self) -> dict[str, np.ndarray]:
+    task = self.task_at(self.step)
+    stream = self.stream_at(self.step)
+    # Every local group's read-ahead starts before the first group packs, and the
+    # next step's stream (FT: maybe another task) right after.
+    for s in (stream, self.stream_at(self.step + 1)):
+      for g in self.local_groups:
+        s.iters[g].prime()
+    groups = [next(stream.iters[g]) for g in self.local_groups]
+    batch = packing.concat_groups(stream.shape, groups)
+    batch["task_index"] = np.asarray(task, np.int32)
+    self.step += 1
+    return batch
+
+  def state(self) -> dict[str, Any]:
+    return {"step": self.step, "streams": {
+        s.name: {str(g): it.get_state() for g, it in s.iters.items()}
+        for s in self.streams}}
+
+  def produce(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(the next batch, the state after it): what the prefetch thread hands over."""
+    batch = self.next()
+    return batch, self.state()
+
+
 class StageIterator(grain.DatasetIterator):
   """Yields one train step's process-local batch (dict of numpy arrays) per next().
 
@@ -446,90 +535,120 @@ class StageIterator(grain.DatasetIterator):
   see `packing.batch_stats`) cover the local groups only; `task_index` is the FT
   task of the step (-1 in PFT, see `example_task`).
 
+  With a decode `pool` (workers > 0), one background thread assembles the next
+  batch while the caller uses this one; `get_state()` is the state after the
+  batches handed out. `close()` stops the threads (idempotent).
+
   Build with `build_pft_iterator` / `build_ft_iterator`.
   """
 
   def __init__(self, *, mode: str, task_names: Sequence[str],
                streams: Sequence[_Stream], sampler: TaskSampler | None,
                stream_of_task: Sequence[int], seed: int, num_groups: int,
-               local_groups: Sequence[int]):
+               local_groups: Sequence[int],
+               pool: readahead.DecodePool | None = None):
     super().__init__()
     self.mode = mode
     self.task_names = tuple(task_names)
-    self._streams = list(streams)
-    self._sampler = sampler
-    self._stream_of_task = list(stream_of_task)
     self._seed = seed
     self.num_groups = num_groups
     self.local_groups = tuple(local_groups)
-    self._step = 0
+    self.workers = 0 if pool is None else pool.workers
+    self._batches = _Batches(streams, sampler, stream_of_task, local_groups)
+    # The state after the last batch handed out, while the prefetch thread may be
+    # a batch further (None: ask the streams, nothing is prefetched).
+    self._handed: dict[str, Any] | None = None
+    self._prefetch = (None if pool is None else
+                      readahead.Prefetcher(self._batches.produce))
+    self._finalizer = weakref.finalize(self, _stop_threads, self._prefetch, pool)
 
   @property
   def group_shapes(self) -> dict[str, GroupShape]:
     """Stream name (task name in FT, "mixture" in PFT) -> its group shape."""
-    return {s.name: s.shape for s in self._streams}
+    return {s.name: s.shape for s in self._batches.streams}
 
   @property
   def step(self) -> int:
-    return self._step
+    """Batches handed out."""
+    return self._batches.step if self._handed is None else self._handed["step"]
 
   def task_at(self, step: int) -> int:
     """The task index of step `step` (FT) or -1 (PFT)."""
-    return -1 if self._sampler is None else self._sampler.task_at(step)
+    return self._batches.task_at(step)
 
   def __next__(self) -> dict[str, np.ndarray]:
-    task = self.task_at(self._step)
-    stream = self._streams[0 if task < 0 else self._stream_of_task[task]]
-    groups = [next(stream.iters[g]) for g in self.local_groups]
-    batch = packing.concat_groups(stream.shape, groups)
-    batch["task_index"] = np.asarray(task, np.int32)
-    self._step += 1
+    if self._closed:
+      raise ValueError("this stage iterator was closed; build a new one.")
+    if self._prefetch is None:
+      return self._batches.next()
+    batch, self._handed = self._prefetch.next()
     return batch
+
+  def close(self) -> None:
+    """Stops the decode pool and the prefetch thread; the iterator is done
+    (idempotent; grain's `__del__` calls it too)."""
+    self._closed = True
+    self._finalizer()
 
   def _fingerprint(self) -> dict[str, Any]:
     return {"version": STATE_VERSION, "mode": self.mode, "seed": self._seed,
-            "num_groups": self.num_groups, "num_workers": 0,
-            "tasks": list(self.task_names)}
+            "num_groups": self.num_groups, "tasks": list(self.task_names)}
 
   def get_state(self) -> dict[str, Any]:
-    """JSON-serialisable state: fingerprint, step, per-stream per-group states."""
+    """JSON-serialisable state: fingerprint, step, per-stream per-group states, and
+    `num_workers` (informational: any worker count restores it)."""
     state = self._fingerprint()
-    state["step"] = self._step
-    state["streams"] = {
-        s.name: {str(g): it.get_state() for g, it in s.iters.items()}
-        for s in self._streams}
+    state["num_workers"] = self.workers
+    state.update(copy.deepcopy(self._handed) if self._handed is not None
+                 else self._batches.state())
     return state
 
   def set_state(self, state: dict[str, Any]):
     """Restores a `get_state()` state (or a `merge_states` of several processes').
 
+    The state may come from a run with another worker count (the batches do not
+    depend on it).
+
     Raises:
       ValueError: the state comes from a different set-up (seed, mode, groups,
-        tasks, worker count) or lacks one of this process's groups.
+        tasks) or lacks one of this process's groups.
     """
     want = self._fingerprint()
     for key, value in want.items():
       got = state.get(key)
       if got != value:
-        fix = ("run with 0 grain workers (this pipeline uses none)"
-               if key == "num_workers" else
-               "restore with the same stage config as the run that saved it")
         raise ValueError(f"data iterator state has {key}={got!r} but this "
-                         f"iterator has {key}={value!r}; {fix}.")
-    for s in self._streams:
+                         f"iterator has {key}={value!r}; restore with the same "
+                         "stage config as the run that saved it.")
+    for s in self._batches.streams:
       saved = state["streams"].get(s.name)
       if saved is None:
         raise ValueError(f"data iterator state has no stream {s.name!r}; restore "
                          "with the same stage config.")
+      missing = [g for g in s.iters if str(g) not in saved]
+      if missing:
+        raise ValueError(
+            f"data iterator state lacks group {missing[0]} of stream {s.name!r} (this "
+            f"process builds groups {list(self.local_groups)}); merge every "
+            "process's state with pipeline.merge_states before restoring on a "
+            "different process layout.")
+    if self._prefetch is not None:
+      self._prefetch.stop()  # a prefetched batch must not shift the restored stream
+    self._handed = None
+    for s in self._batches.streams:
       for g, it in s.iters.items():
-        if str(g) not in saved:
-          raise ValueError(
-              f"data iterator state lacks group {g} of stream {s.name!r} (this "
-              f"process builds groups {list(self.local_groups)}); merge every "
-              "process's state with pipeline.merge_states before restoring on a "
-              "different process layout.")
-        it.set_state(saved[str(g)])
-    self._step = int(state["step"])
+        it.set_state(state["streams"][s.name][str(g)])
+    self._batches.step = int(state["step"])
+
+
+def _stop_threads(prefetch: readahead.Prefetcher | None,
+                  pool: readahead.DecodePool | None) -> None:
+  # The pool first: its queued work is cancelled, so a prefetch thread waiting on
+  # it stops at once instead of finishing its batch.
+  if pool is not None:
+    pool.close()
+  if prefetch is not None:
+    prefetch.stop()
 
 
 def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -615,9 +734,10 @@ def _check_stage(tasks: Sequence[TaskSpec], num_groups: int, process_index: int,
 
 
 def _suggestion_sample(ds: grain.MapDataset, n: int, spec: BatchSpec,
-                       media: bool = False, where: str = "batch") -> list[dict]:
+                       media: bool = False, where: str = "batch",
+                       pool: readahead.DecodePool | None = None) -> list[dict]:
   """The first n tuples of a stream (skipped records left out) if some rows (or,
-  with `media`, media slots) are left to suggest, else []."""
+  with `media`, media slots) are left to suggest, else []; read on `pool` if given."""
   k = spec.num_negatives
   unset = (spec.query_rows, spec.positive_rows, spec.negative_rows if k else 0)
   if media:
@@ -626,7 +746,8 @@ def _suggestion_sample(ds: grain.MapDataset, n: int, spec: BatchSpec,
               spec.positive_audio, spec.negative_audio if k else 0)
   if None not in unset:
     return []
-  out = [ds[i] for i in range(n)]
+  out = ([ds[i] for i in range(n)] if pool is None else
+         pool.map(ds.__getitem__, range(n)))
   good = [ex for ex in out if packing.SKIPPED not in ex]
   if len(good) < len(out) / 2:
     first = next(ex[packing.SKIPPED] for ex in out if packing.SKIPPED in ex)
@@ -637,10 +758,34 @@ def _suggestion_sample(ds: grain.MapDataset, n: int, spec: BatchSpec,
   return good
 
 
+def _decode_pool(workers: int) -> readahead.DecodePool | None:
+  """The stage's pool of `workers` decode threads; None for 0 (the calling thread)."""
+  if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+    raise ValueError(f"workers={workers!r} must be an int >= 0 (0 = decode in the "
+                     "calling thread, N = N decode threads).")
+  return readahead.DecodePool(int(workers)) if workers else None
+
+
+def _readahead_depth(shape: GroupShape, pool: readahead.DecodePool) -> int:
+  """Elements of each group stream read ahead: about one group batch (so the pool
+  decodes the whole next batch during a train step), and enough to feed every
+  worker."""
+  return max(shape.examples, 2 * pool.workers)
+
+
+def _group_iters(stream_of_group: Callable[[int], grain.MapDataset],
+                 shape: GroupShape, local: Sequence[int],
+                 pool: readahead.DecodePool | None) -> dict[int, PackedGroupIterator]:
+  """Global group index -> its packed-batch iterator, for the local groups."""
+  depth = 0 if pool is None else _readahead_depth(shape, pool)
+  return {g: iter(PackedGroupIterDataset(stream_of_group(g), shape, pool, depth))
+          for g in local}
+
+
 def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
                       seed: int, process_index: int = 0, process_count: int = 1,
-                      local_groups: Sequence[int] | None = None, encoder=None
-                      ) -> StageIterator:
+                      local_groups: Sequence[int] | None = None, encoder=None,
+                      workers: int = 0) -> StageIterator:
   """Fine-tuning stage: every step's batch comes from one task.
 
   Args:
@@ -659,12 +804,25 @@ def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
     encoder: `interleave.InputEncoder` of the model; needed when examples hold
       images / audio / video or interleaved inputs (their media slots are then
       suggested from the sample unless the BatchSpec sets them).
+    workers: decode threads (0: the calling thread computes every element). The
+      batches are the same for every count (see the module docstring); close()
+      the iterator to stop the threads.
 
   Returns:
     A StageIterator; step n's task is `it.task_at(n)`, the same on all processes.
   """
   local = _check_stage(tasks, num_groups, process_index, process_count,
                        local_groups)
+  pool = _decode_pool(workers)
+  try:
+    return _build_ft(tasks, tokenizer, num_groups, seed, local, encoder, pool)
+  except BaseException:
+    if pool is not None:
+      pool.close()
+    raise
+
+
+def _build_ft(tasks, tokenizer, num_groups, seed, local, encoder, pool) -> StageIterator:
   streams, stream_of_task = [], []
   for i, t in enumerate(tasks):
     if t.batch is None:
@@ -676,11 +834,10 @@ def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
     ds = _task_stream(t, i, t.batch, tokenizer, seed, encoder)
     sample = _suggestion_sample(
         ds, min(ROWS_SAMPLE_SIZE, len(_source(t))), t.batch, encoder is not None,
-        where=f"task {t.name!r}")
+        where=f"task {t.name!r}", pool=pool)
     shape = group_shape(t.batch, num_groups, sample, where=f"task {t.name!r}",
                         model_cfg=None if encoder is None else encoder.cfg)
-    iters = {g: iter(PackedGroupIterDataset(ds[g::num_groups], shape))
-             for g in local}
+    iters = _group_iters(lambda g, ds=ds: ds[g::num_groups], shape, local, pool)
     stream_of_task.append(len(streams))
     streams.append(_Stream(t.name, shape, iters))
   sampler = TaskSampler(rates=tuple(float(t.rate) for t in tasks),
@@ -688,14 +845,14 @@ def build_ft_iterator(tasks: Sequence[TaskSpec], *, tokenizer, num_groups: int,
   return StageIterator(mode="ft", task_names=[t.name for t in tasks],
                        streams=streams, sampler=sampler,
                        stream_of_task=stream_of_task, seed=seed,
-                       num_groups=num_groups, local_groups=local)
+                       num_groups=num_groups, local_groups=local, pool=pool)
 
 
 def build_pft_iterator(tasks: Sequence[TaskSpec], batch: BatchSpec, *, tokenizer,
                        num_groups: int, seed: int, process_index: int = 0,
                        process_count: int = 1,
-                       local_groups: Sequence[int] | None = None, encoder=None
-                       ) -> StageIterator:
+                       local_groups: Sequence[int] | None = None, encoder=None,
+                       workers: int = 0) -> StageIterator:
   """Pre-fine-tuning stage: every group's batch mixes tasks at fixed rates.
 
   Mixing is per example and deterministic (grain's proportional interleave), so
@@ -706,13 +863,24 @@ def build_pft_iterator(tasks: Sequence[TaskSpec], batch: BatchSpec, *, tokenizer
     tasks: the stage's tasks (rate 0: left out of the mixture).
     batch: the stage's one batch shape.
     tokenizer, num_groups, seed, process_index, process_count, local_groups,
-      encoder: as in `build_ft_iterator`.
+      encoder, workers: as in `build_ft_iterator`.
 
   Returns:
     A StageIterator with one stream named "mixture".
   """
   local = _check_stage(tasks, num_groups, process_index, process_count,
                        local_groups)
+  pool = _decode_pool(workers)
+  try:
+    return _build_pft(tasks, batch, tokenizer, num_groups, seed, local, encoder, pool)
+  except BaseException:
+    if pool is not None:
+      pool.close()
+    raise
+
+
+def _build_pft(tasks, batch, tokenizer, num_groups, seed, local, encoder,
+               pool) -> StageIterator:
   live = [(i, t) for i, t in enumerate(tasks) if t.rate > 0]
   full = [_task_stream(t, i, batch, tokenizer, seed, encoder) for i, t in live]
   rates = [float(t.rate) for _, t in live]
@@ -721,12 +889,12 @@ def build_pft_iterator(tasks: Sequence[TaskSpec], batch: BatchSpec, *, tokenizer
     return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, rates)
 
   sample = _suggestion_sample(mix(full), ROWS_SAMPLE_SIZE, batch,
-                              encoder is not None, where="pft stage")
+                              encoder is not None, where="pft stage", pool=pool)
   shape = group_shape(batch, num_groups, sample, where="pft stage batch",
                       model_cfg=None if encoder is None else encoder.cfg)
-  iters = {g: iter(PackedGroupIterDataset(
-      mix([ds[g::num_groups] for ds in full]), shape)) for g in local}
+  iters = _group_iters(lambda g: mix([ds[g::num_groups] for ds in full]), shape,
+                       local, pool)
   return StageIterator(mode="pft", task_names=[t.name for t in tasks],
                        streams=[_Stream("mixture", shape, iters)], sampler=None,
                        stream_of_task=[0] * len(tasks), seed=seed,
-                       num_groups=num_groups, local_groups=local)
+                       num_groups=num_groups, local_groups=local, pool=pool)
