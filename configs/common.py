@@ -126,5 +126,8 @@ def converted_gemma(k: config_dict.ConfigDict, model_cfg: config_dict.ConfigDict
   # Records skipped (media files missing at build, undecodable in training): at most this share.
   c.max_skipped_fraction = 0.01
   c.data_groups = 0  # pack groups of the global batch; 0 = the number of data shards of the mesh
+  # Decode threads of the input pipeline (0: the training thread decodes); the batches are the same
+  # for any count, so a run may resume with another.
+  c.data_workers = 0
   c.soup = dict(method="uniform", variants=[dict(name="seed1", seed=k.seed + 1)])
   return c

@@ -91,6 +91,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval_suite = k.eval  # "" = no evaluation
   c.max_consecutive_skips = 5
   c.data_groups = 0  # pack groups of the global batch; 0 = the number of data shards of the mesh
+  # Decode threads of the input pipeline (0: the training thread decodes); the batches are the same
+  # for any count, so a run may resume with another.
+  c.data_workers = 0
   c.init_from = ""
   # The main job ends with a soup: each variant re-runs the last stage from the PFT parameters with
   # its overrides (tasks, seed, optim) in WORKDIR/variants/NAME; then WORKDIR/soup averages them all.

@@ -50,6 +50,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Records skipped (media files missing at build, undecodable in training): at most this share.
   c.max_skipped_fraction = 0.01
   c.data_groups = 0  # pack groups of the global batch; 0 = the number of data shards of the mesh
+  # Decode threads of the input pipeline (0: the training thread decodes); the batches are the same
+  # for any count, so a run may resume with another.
+  c.data_workers = 0
   c.init_from = ""
   # soup: one fine-tuning variant (another seed and task mix) souped with the main run.
   c.soup = dict(method="uniform", variants=(

@@ -212,6 +212,7 @@ def validate(config, data: Mapping[str, TaskData], num_groups: int) -> None:
         _check_grad_cache_rows(spec, int(stage.grad_cache_chunks), num_groups, w, where)
     optim_config(stage, where).validate(where + ".optim")
   loss_config(config)
+  data_workers(config)
 
 
 def normalize(config):
@@ -335,8 +336,21 @@ def input_encoder(config, tokenizer) -> interleave.InputEncoder | None:
   return interleave.InputEncoder(tokenizer, model_cfg) if len(model_cfg.media.modalities) > 1 else None
 
 
+def data_workers(config) -> int:
+  """`config.data_workers`: decode threads of the input pipeline (0: the training thread decodes; N: N
+  threads read ahead and one more assembles the next batch during the train step). The batches, and so
+  the run, are the same for every count, and a run may resume with another."""
+  value = config.get("data_workers", 0)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"config.data_workers={value!r} must be an int >= 0 (0 = decode in the training "
+                     "thread, N = N decode threads; about the host's free cores)")
+  return value
+
+
 def stage_iterator(config, stage, data: Mapping[str, TaskData], tokenizer, num_groups: int,
                    stage_index: int) -> pipeline.StageIterator:
+  """Stage `stage_index`'s data iterator, as the trainer builds it; `close()` it when done (it may hold
+  `config.data_workers` threads)."""
   tasks = []
   for name, rate in dict(stage.tasks).items():
     tc = config.tasks[name]
@@ -346,7 +360,8 @@ def stage_iterator(config, stage, data: Mapping[str, TaskData], tokenizer, num_g
         batch=stage_batch_spec(tc, f"config.tasks.{name}", stage) if stage.mode == "ft" else None))
   seed = int(config.seed) * 1000 + stage_index
   kw = dict(tokenizer=tokenizer, num_groups=num_groups, seed=seed, process_index=jax.process_index(),
-            process_count=jax.process_count(), encoder=input_encoder(config, tokenizer))
+            process_count=jax.process_count(), encoder=input_encoder(config, tokenizer),
+            workers=data_workers(config))
   if stage.mode == "pft":
     return pipeline.build_pft_iterator(tasks, stage_batch_spec(stage.batch, f"{stage.name}.batch", stage), **kw)
   return pipeline.build_ft_iterator(tasks, **kw)
@@ -632,6 +647,7 @@ def _run_stage(run: _Run, trainee, si: int, stage_step: int, restore: tuple[int,
     if preemption.requested:
       progress.preempted = True
       break
+  it.close()  # its decode threads (config.data_workers) end with the stage
   progress.compiled_steps += steps.num_compiled
   writer.progress_end()
 
