@@ -150,6 +150,30 @@ def test_packed_equals_unpacked_text(local_embedder, rng):
     Embedder(e.model, e.tokenizer, segments=0)
 
 
+def test_default_buckets_are_four_per_octave():
+  assert inference.default_buckets(512) == (32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+  assert inference.default_buckets(100) == (32, 64, 96, 100)
+  assert inference.default_buckets(32) == (32,)
+  b = inference.default_buckets(8192)
+  assert b[-5:] == (4096, 5120, 6144, 7168, 8192) and len(b) == 28  # 32, 64, 96, then 4 an octave
+  assert all(0 < (y - x) <= x / 4 or x < 128 for x, y in zip(b, b[1:]))  # pads at most a quarter
+
+
+def test_default_packing_equals_unpacked(local_embedder, rng):
+  """The defaults (DEFAULT_SEGMENTS inputs per row, rows of pack_length, default buckets) put many
+  short queries into one row, and each embeds as it does alone in a row."""
+  e = local_embedder
+  packed = Embedder(e.model, e.tokenizer, task_strings={TASK: TASK_STRING}, batch_size=4,
+                    max_length=64)
+  assert packed.segments == inference.DEFAULT_SEGMENTS == 16
+  assert packed.buckets == (32, 64)
+  texts = [sentence(rng, int(n)) for n in rng.integers(1, 3, 40)]  # 3-4 tokens each
+  plan = packed.plan(packed.encode(texts))
+  assert max(len(row) for _, rows in plan for row in rows) == 16
+  got = packed.embed(texts)
+  assert _rel_err(got, e.embed(texts)) < 1e-6
+
+
 @pytest.fixture(scope="module")
 def media_model(request, fixture_rng):
   """A tiny model with image (patch) and audio (conv) frontends, every parameter random."""
