@@ -163,7 +163,7 @@ def test_media_token_counts_are_what_the_encoder_writes(rng):
     assert (tokens + stamp_tokens, images, chunks) == encoded(clip), frames
 
 
-def test_generated_media_are_deterministic_and_not_flat(tmp_path):
+def test_generated_media_are_deterministic_and_not_flat(tmp_path, rng):
   for folder in ("a", "b"):
     (tmp_path / folder).mkdir()
   for stream in bench.REAL_STREAMS:
@@ -173,5 +173,5 @@ def test_generated_media_are_deterministic_and_not_flat(tmp_path):
   assert rate == 48_000 and x.shape == (24_000, 2) and x.std() > 0.05
   # A photo-like JPEG: ~2 bits a pixel at quality 90 (a flat colour takes ~0.1).
   buf = io.BytesIO()
-  Image.fromarray(bench.natural_image(np.random.default_rng(0), 256, 192)).save(buf, "JPEG", quality=90)
+  Image.fromarray(bench.natural_image(rng, 256, 192)).save(buf, "JPEG", quality=90)
   assert buf.tell() * 8 / (256 * 192) > 1.0
