@@ -4,6 +4,14 @@
 - a persistent compilation cache, fresh for each test session: many tests compile the same small
   programs (the tiny config's train steps, in-process and in subprocesses), and compiling dominates
   their run time on a 2-core machine. The first compile of each program in a session is real;
+- $JAX_DISABLE_MOST_OPTIMIZATIONS=1 (JAX's knob for programs that run less than they take to
+  optimise): XLA's backend (LLVM) works at -O0, which about halves a compile of the tiny train step and
+  doubles its few milliseconds of run time. The HLO passes (fusion, sharding) are the ones users get;
+  float results may differ from an optimised build in the last bit, and every test compares runs of
+  one build, or to a tolerance. Set it to 0 to run the suite on optimised programs;
+- the slowest modules first (`SLOW_FIRST`): with `pytest -n 2` (and --dist=loadfile, set here, so a
+  module's shared runs are made once) each worker takes the next module when it is free, and the small
+  ones even out the end;
 - seeded random inputs: the `rng` fixture (one numpy Generator per test) and `fixture_rng` (for
   module- or session-scoped fixtures), seeded from a stable hash of the test's node id (or the
   fixture's name) and $EMBED2_TEST_SEED. A test draws the same numbers on every run, alone or in
@@ -26,6 +34,34 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="embed2_test_jax_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+# The modules over ~30 s of CPU, slowest first (user+sys seconds, one module at a time on the 2-core
+# machine, pytest's start-up included): 142, 116, 79, 68, 64, 58, 53, 52, 51, 46, 43, 40, 39, 34, 32.
+# The others follow in file order.
+SLOW_FIRST = ("test_multihost.py", "test_crash_safety.py", "test_train.py", "test_object_store.py",
+              "test_pipeline_workers.py", "test_grad_cache.py", "test_model.py", "test_tfds.py",
+              "test_multimodal.py", "test_bench_vs_peers.py", "test_notebook.py", "test_bert.py",
+              "test_losses.py", "test_attention.py", "test_convert.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+  """With -n (pytest-xdist) and no --dist / --loadscope-reorder of the caller's: --dist=loadfile, a
+  worker takes a whole module (its shared runs are made once), and the modules are handed out in
+  collection order (`pytest_collection_modifyitems`), not sorted by their number of tests."""
+  given = " ".join(map(str, config.invocation_params.args))
+  if getattr(config.option, "numprocesses", None) and "--dist" not in given:
+    config.option.dist = "loadfile"
+    if hasattr(config.option, "loadscopereorder") and "loadscope-reorder" not in given:
+      config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  """The modules of `SLOW_FIRST` first, in its order; the others after them in file order."""
+  del config
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order
 
 
 SEED_ENV = "EMBED2_TEST_SEED"
