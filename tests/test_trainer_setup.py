@@ -56,3 +56,20 @@ def test_vision_init_from_loads_without_init_from(tmp_path):
   for a, b in zip(jax.tree.leaves(nnx.state(siglip, nnx.Param)),
                   jax.tree.leaves(nnx.state(trainee.model.image_frontend.encoder, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_run_resumes_after_its_prepared_data_moves_but_not_onto_other_data(tmp_path):
+  # A prepared dataset copied from a local disk to a bucket is the same data: the resume must not be
+  # refused for the new data_dir (it was: config.tasks, data_dir included, is part of the fingerprint).
+  def cfg(data_dir, source="tfds:embed2/stdlib_code_search:1.0.0"):
+    c = tiny.get_config()
+    name = next(iter(c.tasks))
+    c.tasks[name].source = source
+    c.tasks[name].data_dir = data_dir
+    return trainer.normalize(c)
+
+  meta = {"fingerprint": trainer._canonical(trainer.fingerprint(cfg(str(tmp_path / "local"))))}
+  trainer.check_workdir_compatible(cfg("gs://bucket/prepared"), meta, tmp_path)
+  with pytest.raises(ValueError, match=r"config\.tasks differs"):
+    trainer.check_workdir_compatible(cfg("gs://bucket/prepared", source="tfds:embed2/other:1.0.0"), meta,
+                                     tmp_path)

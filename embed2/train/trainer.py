@@ -243,12 +243,26 @@ def _same_model(a, b) -> bool:
     return a == b
 
 
+def _task_identity(tasks):
+  """`config.tasks` without where each task's prepared data lives (`data_dir`): a dataset copied to a bucket
+  is the same data (embed2.prepare refuses to write a different dataset under the same name and version)."""
+  if not isinstance(tasks, dict):
+    return tasks
+  return {n: ({k: v for k, v in t.items() if k != "data_dir"} if isinstance(t, dict) else t)
+          for n, t in tasks.items()}
+
+
 def check_workdir_compatible(config, meta: dict[str, Any], workdir) -> None:
   want, have = _canonical(fingerprint(config)), meta.get("fingerprint")
   if have is None:
     raise ValueError(f"workdir {workdir} holds a checkpoint without a config fingerprint; use a new workdir")
   for key in _IDENTITY_FIELDS:
-    same = _same_model(want.get(key), have.get(key)) if key == "model" else want.get(key) == have.get(key)
+    if key == "model":
+      same = _same_model(want.get(key), have.get(key))
+    elif key == "tasks":
+      same = _task_identity(want.get(key)) == _task_identity(have.get(key))
+    else:
+      same = want.get(key) == have.get(key)
     if not same:
       raise ValueError(
           f"workdir {workdir} holds a checkpoint from an incompatible config: config.{key} differs "
