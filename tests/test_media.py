@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image as PILImage
+from PIL import ImageOps
 
 from embed2.data import media
 from embed2.data.media import MediaError
@@ -217,6 +218,118 @@ def test_encoded_non_square_matches_pixels_path(rng):
     cfg = _cfg(image_resize=policy)
     np.testing.assert_array_equal(media.load_image(Image(data=_encode(img, "PNG")), cfg, WHERE),
                                   media.load_image(Image(pixels=img), cfg, WHERE))
+
+
+def _old_fit_square(rgb, cfg):
+  """`fit_square` as it was before images were resized as decoded (commit 7873505): a Pillow image
+  made from the RGB array, resized."""
+  s, (h, w) = cfg.image_size, rgb.shape[:2]
+  if (h, w) == (s, s):
+    return rgb.copy()
+  img, bicubic = PILImage.fromarray(np.ascontiguousarray(rgb)), PILImage.Resampling.BICUBIC
+  if cfg.image_resize == "squash":
+    return np.asarray(img.resize((s, s), bicubic))
+  if cfg.image_resize == "crop":
+    side = min(h, w)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    return np.asarray(img.resize((s, s), bicubic, box=box))
+  scale = s / max(h, w)
+  nw, nh = min(s, max(1, round(w * scale))), min(s, max(1, round(h * scale)))
+  small = np.asarray(img.resize((nw, nh), bicubic)) if (nw, nh) != (w, h) else rgb
+  out = np.zeros((s, s, 3), np.uint8)
+  out[(s - nh) // 2:(s - nh) // 2 + nh, (s - nw) // 2:(s - nw) // 2 + nw] = small
+  return out
+
+
+def _old_load_image(data, cfg):
+  """`load_image` of encoded data as it was before (commit 7873505): decoded, EXIF-rotated as a copy,
+  every mode made a uint8 RGB numpy array by the formulas of the docstring (float64 here), then
+  `_old_fit_square`."""
+  with PILImage.open(io.BytesIO(data)) as img:
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode == "I" or mode.startswith("I;16"):
+      grey = np.round(np.clip(np.asarray(img).astype(np.float64), 0, 65535) / 257.0)[..., None]
+    elif mode == "F":
+      grey = np.round(np.asarray(img).astype(np.float64) * 255.0)[..., None]
+    elif mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+      rgba = np.asarray(img.convert("RGBA")).astype(np.float64)
+      a = rgba[..., 3:] / 255
+      grey = np.round(rgba[..., :3] * a + 255 * (1 - a))
+    elif mode == "L":
+      grey = np.asarray(img)[..., None]
+    else:
+      grey = np.asarray(img.convert("RGB"))
+  return _old_fit_square(np.broadcast_to(grey, grey.shape[:2] + (3,)).astype(np.uint8), cfg)
+
+
+def _random_encoded(rng, kind, h, w):
+  """Seeded random pixels of one Pillow mode, encoded: (format, bytes)."""
+  u8 = lambda *c: rng.integers(0, 256, (h, w) + c, dtype=np.uint8)
+  buf = io.BytesIO()
+  if kind == "RGB":
+    PILImage.fromarray(u8(3)).save(buf, "PNG")
+  elif kind == "RGB-jpeg":
+    PILImage.fromarray(u8(3)).save(buf, "JPEG", quality=int(rng.integers(60, 96)))
+  elif kind.startswith("RGB-exif"):  # orientation 2..8: flips and rotations
+    exif = PILImage.Exif()
+    exif[0x0112] = int(kind[-1])
+    PILImage.fromarray(u8(3)).save(buf, "JPEG", quality=90, exif=exif)
+  elif kind == "RGB-tRNS":  # RGB with one colour transparent
+    rgb = u8(3)
+    rgb[: h // 2] = rgb[0, 0]
+    PILImage.fromarray(rgb).save(buf, "PNG", transparency=tuple(int(c) for c in rgb[0, 0]))
+  elif kind == "L":
+    PILImage.fromarray(u8()).save(buf, "PNG")
+  elif kind == "L-jpeg":
+    PILImage.fromarray(u8()).save(buf, "JPEG", quality=90)
+  elif kind in ("RGBA", "LA"):
+    PILImage.fromarray(u8(len(kind)), mode=kind).save(buf, "PNG")
+  elif kind in ("P", "P-transparent", "GIF"):
+    pal = PILImage.fromarray(u8(3)).quantize(colors=int(rng.integers(2, 200)))
+    extra = {"transparency": int(np.asarray(pal)[0, 0])} if kind != "P" else {}
+    pal.save(buf, "GIF" if kind == "GIF" else "PNG", **extra)
+  elif kind == "1":
+    PILImage.fromarray(rng.random((h, w)) < 0.5).save(buf, "PNG")
+  elif kind == "I;16":
+    PILImage.fromarray(rng.integers(0, 65536, (h, w)).astype(np.uint16)).save(buf, "PNG")
+  elif kind == "I":  # 32-bit: values outside 0..65535 are clipped
+    PILImage.fromarray(rng.integers(-70000, 140000, (h, w)).astype(np.int32)).save(buf, "TIFF")
+  elif kind == "F":
+    PILImage.fromarray(rng.uniform(0, 1, (h, w)).astype(np.float32)).save(buf, "TIFF")
+  elif kind == "CMYK":
+    PILImage.fromarray(u8(4), mode="CMYK").save(buf, "JPEG" if rng.random() < 0.5 else "TIFF")
+  return buf.getvalue()
+
+
+_MODES = ("RGB", "RGB-jpeg", "RGB-tRNS", "L", "L-jpeg", "RGBA", "LA", "P", "P-transparent", "GIF", "1",
+          "I;16", "I", "F", "CMYK") + tuple(f"RGB-exif{k}" for k in range(2, 9))
+
+
+@pytest.mark.parametrize("policy", ["pad", "crop", "squash"])
+def test_decoded_images_equal_the_old_numpy_path(rng, policy):
+  """Images are resized as decoded (no numpy round trip; greyscale resized in L): every mode, EXIF
+  orientation, odd and square sizes and both directions of resizing give the old pixels bit for bit."""
+  cfg = _cfg(image_resize=policy)
+  # (h, w): odd, square, one side = S (pad at scale 1), smaller than S (upscaled), tall and wide.
+  for h, w in [(37, 53), (53, 37), (S, S), (S, 19), (5, 3), (2 * S + 1, S - 3)]:
+    for kind in _MODES:
+      data = _random_encoded(rng, kind, h, w)
+      out = media.load_image(Image(data=data), cfg, WHERE)
+      np.testing.assert_array_equal(out, _old_load_image(data, cfg), err_msg=f"{kind} {h}x{w}")
+      assert out.shape == (S, S, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (53, 37, 1), (S, 19, 3), (5, 3, 4), (2 * S + 1, S - 3, 3)])
+def test_pixel_arrays_equal_the_old_path(rng, shape):
+  """The pixels path (and video frames) share the resize: same pixels as before, every policy."""
+  pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+  rgb = media.pixels_to_rgb(pixels, CFG, WHERE)
+  for policy in ("pad", "crop", "squash"):
+    cfg = _cfg(image_resize=policy)
+    np.testing.assert_array_equal(media.load_image(Image(pixels=pixels), cfg, WHERE),
+                                  _old_fit_square(rgb, cfg))
 
 
 def test_bad_images(rng, tmp_path):

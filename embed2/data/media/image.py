@@ -87,8 +87,16 @@ def pixels_to_rgb(pixels, cfg: MediaConfig, where: str, what: str = "image pixel
   return _to_rgb(a)
 
 
+def _needs_numpy(img: PILImage.Image) -> bool:
+  """Whether a Pillow image's mode is converted to RGB with numpy (`_pil_to_rgb`): 16-bit and float
+  greyscale, and anything with transparency (composited over white)."""
+  mode = img.mode
+  return (mode in ("I", "F", "RGBA", "LA", "PA", "RGBa", "La") or mode.startswith("I;16")
+          or "transparency" in img.info)
+
+
 def _pil_to_rgb(img: PILImage.Image, where: str) -> np.ndarray:
-  """A loaded Pillow image of any mode -> uint8 (H, W, 3)."""
+  """A loaded Pillow image of a `_needs_numpy` mode -> uint8 (H, W, 3)."""
   mode = img.mode
   if mode == "I" or mode.startswith("I;16"):
     # 16-bit greyscale (PNG / TIFF): 0..65535 -> 0..255. Pillow's own I -> L conversion clips instead.
@@ -96,14 +104,24 @@ def _pil_to_rgb(img: PILImage.Image, where: str) -> np.ndarray:
     return _to_rgb(np.round(np.clip(a, 0, 65535) / 257.0).astype(np.uint8)[..., None])
   if mode == "F":
     return _to_rgb(_float_to_uint8(np.asarray(img)[..., None], where, "float image pixels"))
-  if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-    return _over_white(np.asarray(img.convert("RGBA")))
-  if mode == "L":
-    return _to_rgb(np.asarray(img)[..., None])
-  return np.asarray(img.convert("RGB"))
+  return _over_white(np.asarray(img.convert("RGBA")))
+
+
+def _decoded_rgb(img: PILImage.Image, where: str) -> np.ndarray | PILImage.Image:
+  """A loaded Pillow image of any mode -> uint8 (H, W, 3) for the `_needs_numpy` modes, else a Pillow
+  image in mode RGB or L (for `_fit_image`).
+
+  RGB and greyscale images (and the modes Pillow converts to RGB: palette, CMYK, YCbCr, bilevel) are
+  resized as Pillow images, without a full-size numpy copy and a Pillow image made from it again (for
+  a 3000x2000 JPEG those copies were ~40% of the decode thread's time, most of it holding the GIL).
+  """
+  if _needs_numpy(img):
+    return _pil_to_rgb(img, where)
+  return img if img.mode in ("RGB", "L") else img.convert("RGB")
 
 
 def _decode_image(item: segments.Image, cfg: MediaConfig, where: str) -> np.ndarray:
+  """Encoded `data` / a `path` -> uint8 (S, S, 3), decoded and fitted while the source is open."""
   if item.data is not None:
     src = io.BytesIO(check_bytes(item.data, where, "image"))
   else:
@@ -125,13 +143,46 @@ def _decode_image(item: segments.Image, cfg: MediaConfig, where: str) -> np.ndar
     check_pixel_count(h, w, cfg, where)  # before any pixel is decoded
     try:
       img.load()  # a full decode now, so corrupt or truncated data fails here and not half-way later
-      img = ImageOps.exif_transpose(img)  # camera JPEGs store rotation in EXIF
-      return _pil_to_rgb(img, where)
+      # Camera JPEGs store rotation in EXIF. In place: otherwise an image without it is copied whole.
+      ImageOps.exif_transpose(img, in_place=True)
+      rgb = _decoded_rgb(img, where)
     except MediaError:
       raise
     except Exception as e:  # decoders raise OSError, SyntaxError, zlib.error, struct.error, ...
       raise error(where, f"the {img.format} image data is corrupt or truncated ({type(e).__name__}: {e})",
                   "re-encode or replace the file") from e
+    # Inside `with`: a closed image has no pixels left.
+    return fit_square(rgb, cfg) if isinstance(rgb, np.ndarray) else _fit_image(rgb, cfg)
+
+
+def _fit_image(img: PILImage.Image, cfg: MediaConfig) -> np.ndarray:
+  """A Pillow image in mode RGB or L -> uint8 (S, S, 3), as `fit_square` of its RGB pixels.
+
+  An L image is resized in L and repeated to three channels after: Pillow resamples every channel
+  with the same integer arithmetic, so this equals resizing the grey repeated to RGB, for a third of
+  the work.
+  """
+  s = cfg.image_size
+  w, h = img.size
+  bicubic = PILImage.Resampling.BICUBIC
+  rgb = lambda x: x.convert("RGB") if x.mode == "L" else x  # grey repeated, on the S x S result
+  if (h, w) == (s, s):
+    return np.array(rgb(img))  # a writable copy, as `fit_square`'s
+  if cfg.image_resize == "squash":
+    return np.asarray(rgb(img.resize((s, s), bicubic)))
+  if cfg.image_resize == "crop":
+    side = min(h, w)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)  # sub-pixel centred square
+    return np.asarray(rgb(img.resize((s, s), bicubic, box=box)))
+  if cfg.image_resize == "pad":
+    scale = s / max(h, w)
+    nw, nh = min(s, max(1, round(w * scale))), min(s, max(1, round(h * scale)))
+    small = img.resize((nw, nh), bicubic) if (nw, nh) != (w, h) else img
+    out = np.zeros((s, s, 3), np.uint8)
+    top, left = (s - nh) // 2, (s - nw) // 2
+    out[top:top + nh, left:left + nw] = np.asarray(rgb(small))
+    return out
+  raise ValueError(f"config.model.media.image_resize={cfg.image_resize!r}; use 'pad', 'crop' or 'squash'")
 
 
 def fit_square(rgb_hw3: np.ndarray, cfg: MediaConfig) -> np.ndarray:
@@ -142,26 +193,9 @@ def fit_square(rgb_hw3: np.ndarray, cfg: MediaConfig) -> np.ndarray:
   (deterministic, integer arithmetic). An S x S input is returned unchanged (as a copy).
   """
   s = cfg.image_size
-  h, w = rgb_hw3.shape[:2]
-  if (h, w) == (s, s):
+  if rgb_hw3.shape[:2] == (s, s):
     return np.array(rgb_hw3, np.uint8)
-  img = PILImage.fromarray(np.ascontiguousarray(rgb_hw3, np.uint8))
-  bicubic = PILImage.Resampling.BICUBIC
-  if cfg.image_resize == "squash":
-    return np.asarray(img.resize((s, s), bicubic))
-  if cfg.image_resize == "crop":
-    side = min(h, w)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)  # sub-pixel centred square
-    return np.asarray(img.resize((s, s), bicubic, box=box))
-  if cfg.image_resize == "pad":
-    scale = s / max(h, w)
-    nw, nh = min(s, max(1, round(w * scale))), min(s, max(1, round(h * scale)))
-    small = np.asarray(img.resize((nw, nh), bicubic)) if (nw, nh) != (w, h) else rgb_hw3
-    out = np.zeros((s, s, 3), np.uint8)
-    top, left = (s - nh) // 2, (s - nw) // 2
-    out[top:top + nh, left:left + nw] = small
-    return out
-  raise ValueError(f"config.model.media.image_resize={cfg.image_resize!r}; use 'pad', 'crop' or 'squash'")
+  return _fit_image(PILImage.fromarray(np.ascontiguousarray(rgb_hw3, np.uint8)), cfg)
 
 
 def load_image(item: segments.Image, cfg: MediaConfig, where: str) -> np.ndarray:
@@ -178,7 +212,5 @@ def load_image(item: segments.Image, cfg: MediaConfig, where: str) -> np.ndarray
       than cfg.max_image_pixels pixels (checked from the header, before decoding), a bad pixel array.
   """
   if item.pixels is not None:
-    rgb = pixels_to_rgb(item.pixels, cfg, where)
-  else:
-    rgb = _decode_image(item, cfg, where)
-  return fit_square(rgb, cfg)
+    return fit_square(pixels_to_rgb(item.pixels, cfg, where), cfg)
+  return _decode_image(item, cfg, where)
