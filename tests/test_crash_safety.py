@@ -4,6 +4,10 @@ that was never interrupted: every checkpoint item, every stage export, the soup 
 Kills come from the trainer's test seam (`embed2/train/faults.py`, $EMBED2_FAULTS: SIGKILL at a named
 point, e.g. between the two commits of a stage end) and from outside at random instants. Each run is the
 real entry point (`python -m embed2.main`) in a subprocess. More random trials: EMBED2_KILL_TRIALS=10.
+
+Every run decodes with 2 workers (`config.data_workers=2`: read-ahead decodes and a prefetched batch are
+in flight at each kill), the reference too: this is also the proof that a run killed with workers on
+resumes exactly (tests/test_pipeline_workers.py pins the worker-count independence of the batches).
 """
 
 import json
@@ -29,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (Every run after the first takes its compiled programs from the session's compilation cache,
 # tests/conftest.py.)
 ARG = "pft_steps=5,ft_steps=7,every=3,seed=7"
-FLAGS = ("--config.checkpoint.keep=2",)
+FLAGS = ("--config.checkpoint.keep=2", "--config.data_workers=2")
 
 
 def command(workdir, *flags):
@@ -126,6 +130,13 @@ def test_kill_at_every_save_point_finishes_exactly(tmp_path, reference, saved_it
   main run, the soup variant and the soup; at the end every item has the uninterrupted run's bits, and
   every step (the replayed ones included) trained on the same batch.
 
+  With `config.data_workers=2` (every run here): the first kill, after step 5 of the 5-step PFT stage
+  with a prefetched batch and read-ahead decodes in flight, leaves checkpoint 3 (mid-stage, its
+  data-iterator state saved by the 2-worker iterator); the re-run replays steps 4 and 5 from it. The
+  batch checksum of every step, the final parameters, optimizer state and data-iterator state then
+  equal the uninterrupted 2-worker run's: the exact resume with workers (it was
+  tests/test_pipeline_workers.py's kill -9 test, which killed at step 4 of the same stage).
+
   Regression (issue 16.1): the export of a stage committed without its checkpoint used to make every
   re-run fail with "Checkpoint for step 5 already exists"; the checkpoint committed without the export
   used to finish without ever writing stages/pft."""
@@ -134,7 +145,11 @@ def test_kill_at_every_save_point_finishes_exactly(tmp_path, reference, saved_it
   # checkpoint 3 (committed: a save waits for the one before).
   run(w, kill_at="kill_save@5", expect_kill=True)
   assert (w / "stages" / "pft" / "5").exists()
-  assert ckpt_lib.Checkpointer(w / "checkpoints", read_only=True).latest_step() == 3
+  ck = ckpt_lib.Checkpointer(w / "checkpoints", read_only=True)
+  latest, meta = ck.latest_step(), ck.read_meta(3)
+  ck.close()
+  assert latest == 3 and meta["stage_name"] == "pft" and meta["stage_step"] == 3  # mid-stage
+  assert meta["data_state"]["num_workers"] == 2 and meta["data_state"]["step"] == 3
   # The other order (a workdir of an older version): the stage-end checkpoint committed, its export not.
   run(w, kill_at="kill_checkpoint@5", expect_kill=True)
   assert ckpt_lib.Checkpointer(w / "checkpoints", read_only=True).latest_step() == 5
@@ -152,7 +167,7 @@ def test_kill_at_every_save_point_finishes_exactly(tmp_path, reference, saved_it
   assert (w / "soup" / "soup.json").exists()
   assert_bitwise_equal(run_state(w, saved_item), reference[0])
   # The same batches, step by step (`read_metrics` keeps a replayed step's row from the re-run).
-  assert batch_crcs(w) == batch_crcs(reference[2])
+  assert batch_crcs(w) == batch_crcs(reference[2]) and sorted(batch_crcs(w)) == list(range(1, 13))
   assert batch_crcs(w / "variants" / "alt") == batch_crcs(reference[2] / "variants" / "alt")
 
 

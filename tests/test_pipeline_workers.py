@@ -1,21 +1,21 @@
 """Parallel decoding (`workers=N` in the pipeline builders, `config.data_workers` in the trainer): the
 batches and the iterator states do not depend on the worker count, a state saved with N workers restores
-with M, worker errors and undecodable records come through as without workers, the threads stop, and a
-run killed with workers on resumes to the bits of an uninterrupted one (through `python -m embed2.main`).
+with M, worker errors and undecodable records come through as without workers, and the threads stop.
+
+A run killed with workers on resumes to the bits of an uninterrupted one (through `python -m
+embed2.main`): tests/test_crash_safety.py, whose runs all decode with 2 workers.
 """
 
 import dataclasses
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import zlib
 
-import jax
 import numpy as np
 import pytest
 import soundfile
@@ -24,7 +24,6 @@ from PIL import Image as PILImage
 
 from configs import demo
 from data_pipelines import media_tasks
-from embed2 import checkpoint as ckpt_lib
 from embed2.data import interleave
 from embed2.data import pipeline as P
 from embed2.data import readahead
@@ -32,9 +31,7 @@ from embed2.data.segments import Audio, Image
 from embed2.data.tokenizer import Tokenizer
 from embed2.model import ModelConfig
 from embed2.model.presets import MediaConfig
-from embed2.train import faults
 from embed2.train import trainer
-from embed2.train.metrics_writer import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = (0, 1, 2)
@@ -309,63 +306,3 @@ def test_an_unclosed_iterator_does_not_hold_the_interpreter_at_exit(tmp_path):
   after = lines[lines.index("exiting") + 1:]
   # Without the cancel, the 16 elements read ahead for the next batch would all be made first.
   assert len(after) <= 6, proc.stdout
-
-
-# ------------------------------------------------------------------- kill -9 through the real CLI
-
-# The batch shapes and schedules of tests/test_crash_safety.py (no soup): the subprocesses reuse its
-# compiled programs through the session's compilation cache. Synchronous saves: the kill at step 4
-# always leaves the checkpoint of step 3, in the middle of the 5-step PFT stage.
-ARG = "pft_steps=5,ft_steps=7,every=3,seed=7"
-CLI_FLAGS = ("--config.data_workers=2", "--config.checkpoint.async_save=False")
-
-
-def _cli(workdir, kill_at=""):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO)
-  env.pop(faults.ENV, None)
-  if kill_at:
-    env[faults.ENV] = kill_at
-  proc = subprocess.run([sys.executable, "-m", "embed2.main", f"--config={REPO}/configs/tiny.py:{ARG}",
-                         f"--workdir={workdir}", *CLI_FLAGS], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
-  want = -signal.SIGKILL if kill_at else 0
-  assert proc.returncode == want, (kill_at, proc.returncode, proc.stderr[-3000:])
-
-
-def _final(workdir, read):
-  """The latest checkpoint's step, meta (data-iterator state included), parameters and optimizer
-  state, and every step's batch checksum."""
-  ck = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
-  step = ck.latest_step()
-  meta = ck.read_meta(step)
-  ck.close()
-  items = {k: read(workdir / "checkpoints" / str(step) / k) for k in ("params", "train")}
-  crcs = {r["step"]: r["data/batch_crc"] for r in read_metrics(workdir) if "data/batch_crc" in r}
-  return step, meta, items, crcs
-
-
-def test_kill_9_mid_stage_with_workers_resumes_to_the_same_bits(tmp_path, saved_item):
-  """`config.data_workers=2`: SIGKILL after step 4 (a prefetched batch and read-ahead decodes in flight),
-  re-run: the resumed stage replays step 4 from checkpoint 3, and every step's batch, the final
-  parameters, optimizer state and data-iterator state equal an uninterrupted 2-worker run's."""
-  ref = tmp_path / "ref"
-  _cli(ref)
-  w = tmp_path / "w"
-  _cli(w, kill_at="kill@4")
-  ck = ckpt_lib.Checkpointer(w / "checkpoints", read_only=True)
-  latest, meta = ck.latest_step(), ck.read_meta(3)
-  ck.close()
-  assert latest == 3 and meta["stage_name"] == "pft" and meta["stage_step"] == 3  # mid-stage
-  assert meta["data_state"]["num_workers"] == 2 and meta["data_state"]["step"] == 3
-  _cli(w)
-  got, want = _final(w, saved_item), _final(ref, saved_item)
-  assert got[0] == want[0] == 12
-  assert got[1] == want[1]
-  assert got[3] == want[3] and sorted(want[3]) == list(range(1, 13))
-  for item in ("params", "train"):
-    gl, gt = jax.tree.flatten(got[2][item])
-    wl, wt = jax.tree.flatten(want[2][item])
-    assert gt == wt, item
-    for a, b in zip(gl, wl):
-      np.testing.assert_array_equal(a, b, err_msg=item)
