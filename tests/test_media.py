@@ -2,6 +2,7 @@
 bad input."""
 
 import io
+import math
 import struct
 import sys
 import zlib
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 from PIL import ImageOps
+from scipy import signal
 
 from embed2.data import media
 from embed2.data.media import MediaError
 from embed2.data.media import audio as audio_lib
+from embed2.data.media import video as video_lib
 from embed2.data.segments import Audio, Image, Video
 from embed2.model.presets import MediaConfig
 
@@ -265,7 +268,7 @@ def _old_load_image(data, cfg):
 
 
 def _random_encoded(rng, kind, h, w):
-  """Seeded random pixels of one Pillow mode, encoded: (format, bytes)."""
+  """Seeded random pixels of one Pillow mode (kind: a `_MODES` name), encoded."""
   u8 = lambda *c: rng.integers(0, 256, (h, w) + c, dtype=np.uint8)
   buf = io.BytesIO()
   if kind == "RGB":
@@ -411,6 +414,33 @@ def test_audio_at_model_rate_is_an_exact_copy(rng):
   half = rng.uniform(-1, 1, 300).astype(np.float16)
   np.testing.assert_array_equal(media.load_audio(Audio(samples=half, sample_rate=8000), CFG, WHERE),
                                 half.astype(np.float32))
+
+
+@pytest.mark.parametrize("channels", [2, 3, 6, 8])
+def test_channel_mean_is_numpys_mean_bit_for_bit(rng, channels):
+  """The channel average (stereo's fast path included) equals the float64 numpy mean it replaced, bit
+  for bit: float32 / float64, time- and channel-major memory, -0.0 and 0.0 samples; and so does what
+  load_audio returns, at the model rate and resampled, from samples and from FLAC."""
+  n = 4099
+  for dtype in (np.float32, np.float64):
+    x = rng.uniform(-1, 1, (n, channels)).astype(dtype)
+    x[rng.random(n) < 0.1] = -0.0  # whole rows of -0.0
+    x[rng.random((n, channels)) < 0.1] *= 0  # signed zeros mixed with values
+    for x_tc in (x, np.asfortranarray(x)):
+      want = x_tc.astype(np.float64).mean(axis=1)
+      got = audio_lib._channel_mean(x_tc)
+      assert got.dtype == np.float64
+      np.testing.assert_array_equal(got.view(np.int64), want.view(np.int64))
+  for rate in (CFG.sample_rate, 12000):
+    ref = x.astype(np.float64).mean(axis=1)
+    if rate != CFG.sample_rate:
+      ref = signal.resample_poly(ref, 2, 3)
+    out = media.load_audio(Audio(samples=x, sample_rate=rate), CFG, WHERE)
+    np.testing.assert_array_equal(out.view(np.int32), ref.astype(np.float32).view(np.int32))
+  pcm = rng.integers(-32768, 32768, (n, channels)).astype(np.int16)
+  ref = signal.resample_poly((pcm / 32768.0).mean(axis=1), 2, 3).astype(np.float32)
+  out = media.load_audio(Audio(data=_wav_bytes(pcm, 12000, "FLAC", "PCM_16")), CFG, WHERE)
+  np.testing.assert_array_equal(out.view(np.int32), ref.view(np.int32))
 
 
 def test_audio_resampling_keeps_pitch(rng):
@@ -742,6 +772,57 @@ def test_video_file(codec, fmt, tmp_path):
   clip = media.load_video(Video(data=_encode_video(codec, fmt, num=3, audio=False)), CFG, WHERE)
   assert clip.frames.shape == (1, S, S, 3) and clip.audio is None
   np.testing.assert_allclose(clip.timestamps, [0.0])
+
+
+def _old_video_file(data, cfg):
+  """`load_video` of an encoded file as before (commit 7873505), three opens: the frame times (demux
+  only), every frame decoded, the audio decoded; frames as `_old_fit_square`, channels averaged with
+  numpy in float64 and resampled as `load_audio`."""
+  import av
+  with av.open(io.BytesIO(data)) as c:
+    stream = c.streams.video[0]
+    time_base, fps = float(stream.time_base), float(stream.average_rate)
+    pts = [p.pts for p in c.demux(stream) if p.size]
+  src = np.sort(np.asarray(pts, np.float64)) * time_base
+  ts, idx = media.sample_times(src - src[0], float(src[-1] - src[0]) + 1.0 / fps, cfg)
+  with av.open(io.BytesIO(data)) as c:
+    rgb = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+  frames = np.stack([_old_fit_square(rgb[i], cfg) for i in idx])
+  with av.open(io.BytesIO(data)) as c:
+    resampler, parts, rate = av.AudioResampler(format="fltp"), [], None
+    for frame in c.decode(audio=0):
+      rate = rate or frame.sample_rate
+      parts += [f.to_ndarray() for f in resampler.resample(frame)]
+    parts += [f.to_ndarray() for f in resampler.resample(None)]
+  mono = np.concatenate(parts, axis=1).T.astype(np.float64).mean(axis=1)
+  if rate != cfg.sample_rate:
+    g = math.gcd(rate, cfg.sample_rate)
+    mono = signal.resample_poly(mono, cfg.sample_rate // g, rate // g)
+  return frames, ts, mono.astype(np.float32)
+
+
+@pytest.mark.parametrize("codec,fmt", [("libx264", "mp4"), ("libvpx", "webm")])
+def test_video_file_one_open_equals_three(codec, fmt, monkeypatch):
+  """A video file is opened once (its packets held between the demux pass and the decoding) or, past
+  _HOLD_PACKET_BYTES, twice, and gives what three opens gave, bit for bit: frames (H.264 with B-frames:
+  the last ones come out of the decoder's flush), timestamps, the audio track (AAC 8 kHz at the model
+  rate; Opus 48 kHz, resampled)."""
+  av = pytest.importorskip("av")
+  if not _codec_ok(codec):
+    pytest.skip(f"{codec} encoder not available")
+  data = _encode_video(codec, fmt, num=23)
+  want_frames, want_ts, want_audio = _old_video_file(data, CFG)
+  opens = []
+  real_open = av.open
+  monkeypatch.setattr(av, "open", lambda *a, **kw: opens.append(1) or real_open(*a, **kw))
+  for hold, n_opens in ((video_lib._HOLD_PACKET_BYTES, 1), (100, 2)):
+    monkeypatch.setattr(video_lib, "_HOLD_PACKET_BYTES", hold)
+    opens.clear()
+    clip = media.load_video(Video(data=data), CFG, WHERE)
+    assert len(opens) == n_opens
+    np.testing.assert_array_equal(clip.frames, want_frames)
+    np.testing.assert_array_equal(clip.timestamps, want_ts)
+    np.testing.assert_array_equal(clip.audio.view(np.int32), want_audio.view(np.int32))
 
 
 def test_bad_video(rng, tmp_path, monkeypatch):

@@ -91,6 +91,21 @@ def _decode_audio(item: segments.Audio, where: str) -> tuple[np.ndarray, int]:
   return x_tc, int(rate)
 
 
+def _channel_mean(x_tc: np.ndarray) -> np.ndarray:
+  """float32 / float64 (T, C) -> float64 (T,): `x_tc.astype(np.float64).mean(axis=1)`, bit for bit.
+
+  Stereo takes a fast path: numpy reduces a short axis row by row (~8 ms for 10 s of 48 kHz stereo,
+  holding the GIL), two column adds take ~0.8 ms. numpy's sum starts from +0.0, so a row of two -0.0
+  sums to +0.0 there: the `+= 0.0` does the same here (it changes no other value).
+  """
+  if x_tc.shape[1] != 2:
+    return x_tc.astype(np.float64).mean(axis=1)
+  mono_t = np.add(x_tc[:, 0], x_tc[:, 1], dtype=np.float64)
+  mono_t += 0.0
+  mono_t /= 2
+  return mono_t
+
+
 def to_model_rate(x_tc: np.ndarray, rate: int, cfg: MediaConfig, where: str) -> np.ndarray:
   """float32 / float64 (T, C) at `rate` -> float32 (T',) mono at cfg.sample_rate (channels averaged in
   float64), a new array."""
@@ -104,7 +119,7 @@ def to_model_rate(x_tc: np.ndarray, rate: int, cfg: MediaConfig, where: str) -> 
                 "the clip; samples must be finite")
   # One channel is its own mean (exactly): no float64 copy, and float32 mono at the model rate (the
   # generated tasks' audio) goes straight to the float32 result.
-  mono_t = x_tc[:, 0] if x_tc.shape[1] == 1 else x_tc.astype(np.float64).mean(axis=1)
+  mono_t = x_tc[:, 0] if x_tc.shape[1] == 1 else _channel_mean(x_tc)
   if rate != cfg.sample_rate:
     from scipy import signal  # a slow import, for resampling only; pylint: disable=g-import-not-at-top
     g = math.gcd(cfg.sample_rate, rate)

@@ -87,6 +87,47 @@ def _video_from_frames(item: segments.Video, cfg: MediaConfig, where: str) -> Vi
   return VideoClip(frames=out, timestamps=ts, audio=audio)
 
 
+# Bytes of demuxed packets a video's single pass holds to decode from: a longer file is demuxed again
+# to decode (opened twice), not held in memory (a 10 s 720p H.264 clip is ~2 MB).
+_HOLD_PACKET_BYTES = 64 << 20
+
+
+def _decode_packets(packets, video_index: int, want: set[int], audio_stream, cfg: MediaConfig,
+                    where: str) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
+  """Decodes demuxed packets (file order, the flush packets last): the video stream's frames up to the
+  last one in `want` (presentation order), of which those in `want` are fitted as images, and the
+  whole audio stream when `audio_stream` is given (to planar float at its own rate, then as
+  `load_audio`). Returns ({frame index: uint8 (S, S, 3)}, float32 (T_a,) or None)."""
+  import av  # the optional video extra; pylint: disable=g-import-not-at-top
+  last = max(want)
+  kept, i = {}, 0  # i: the next video frame's index
+  resampler = av.AudioResampler(format="fltp") if audio_stream is not None else None  # (C, n) float32
+  parts, a_rate = [], None
+  for packet in packets:
+    if packet.stream_index == video_index:
+      if i > last:
+        continue
+      for frame in packet.decode():
+        if i in want:
+          rgb = frame.to_ndarray(format="rgb24")
+          kept[i] = image_lib.fit_square(image_lib.pixels_to_rgb(rgb, cfg, where, f"video frame {i}"), cfg)
+        i += 1
+        if i > last:
+          break
+    elif resampler is not None and packet.stream_index == audio_stream.index:
+      for frame in packet.decode():
+        a_rate = a_rate or frame.sample_rate
+        parts.extend(f.to_ndarray() for f in resampler.resample(frame))
+  audio = None
+  if resampler is not None:
+    parts.extend(f.to_ndarray() for f in resampler.resample(None))
+    a_rate = a_rate or audio_stream.rate
+    if parts and sum(p.shape[1] for p in parts):
+      x_tc = np.concatenate(parts, axis=1).T  # float32 (T, C): `to_model_rate` averages in float64
+      audio = audio_lib.to_model_rate(x_tc, int(a_rate), cfg, f"{where} audio track")
+  return kept, audio
+
+
 def _video_from_file(item: segments.Video, cfg: MediaConfig, where: str) -> VideoClip:
   try:
     import av  # the optional video extra; pylint: disable=g-import-not-at-top
@@ -95,13 +136,14 @@ def _video_from_file(item: segments.Video, cfg: MediaConfig, where: str) -> Vide
                 "or decode the frames yourself and give Video(frames=..., fps=...)") from e
   if item.data is not None:
     data = check_bytes(item.data, where, "video")
-    source = lambda: io.BytesIO(data)  # a fresh reader per pass
+    source = lambda: io.BytesIO(data)  # a fresh reader per open
   else:
     path = check_file(item.path, where, "video")
     source = lambda: path
 
   try:
-    # Pass 1: demux only (no decoding) to learn the frames' times and pick the ones to keep.
+    # One open: opening probes the streams (FFmpeg decodes a few frames to do so), ~40 ms for a 720p
+    # mp4, as much as decoding 3 of its frames.
     with av.open(source(), mode="r") as container:
       if not container.streams.video:
         raise error(where, "the file has no video stream", "give a video file, or an Audio item for audio")
@@ -109,55 +151,49 @@ def _video_from_file(item: segments.Video, cfg: MediaConfig, where: str) -> Vide
       image_lib.check_pixel_count(stream.height or 0, stream.width or 0, cfg, where)
       rate = stream.average_rate or stream.guessed_rate
       time_base = float(stream.time_base) if stream.time_base else None
-      pts = [p.pts for p in container.demux(stream) if p.size]
-    if not pts:
-      raise error(where, "the video has no frames", "give a video with at least one frame")
-    fps = float(rate) if rate else None
-    if time_base and all(p is not None for p in pts):
-      src_times = np.sort(np.asarray(pts, np.float64)) * time_base
-      src_times -= src_times[0]
-    elif fps:
-      src_times = np.arange(len(pts)) / fps
-    else:
-      raise error(where, "the video has neither frame timestamps nor a frame rate", "re-encode it (e.g. "
-                  "ffmpeg -i in -c:v libx264 out.mp4) or give Video(frames=..., fps=...)")
-    if fps:
-      frame_s = 1.0 / fps
-    else:
-      frame_s = float(np.median(np.diff(src_times))) if len(src_times) > 1 else 0.0
-    ts, idx = sample_times(src_times, float(src_times[-1]) + frame_s, cfg)
+      a_stream = container.streams.audio[0] if container.streams.audio else None
+      streams = [stream] + ([a_stream] if a_stream is not None else [])
+      # Demux only (no decoding) to learn the frames' times and pick the ones to keep; the packets are
+      # held (up to _HOLD_PACKET_BYTES) and decoded after.
+      pts, packets, held = [], [], 0
+      for p in container.demux(streams):
+        if p.stream_index == stream.index and p.size:
+          pts.append(p.pts)
+        if packets is not None:
+          packets.append(p)
+          held += p.size
+          if held > _HOLD_PACKET_BYTES:
+            packets = None
+      if not pts:
+        raise error(where, "the video has no frames", "give a video with at least one frame")
+      fps = float(rate) if rate else None
+      if time_base and all(p is not None for p in pts):
+        src_times = np.sort(np.asarray(pts, np.float64)) * time_base
+        src_times -= src_times[0]
+      elif fps:
+        src_times = np.arange(len(pts)) / fps
+      else:
+        raise error(where, "the video has neither frame timestamps nor a frame rate", "re-encode it (e.g. "
+                    "ffmpeg -i in -c:v libx264 out.mp4) or give Video(frames=..., fps=...)")
+      if fps:
+        frame_s = 1.0 / fps
+      else:
+        frame_s = float(np.median(np.diff(src_times))) if len(src_times) > 1 else 0.0
+      ts, idx = sample_times(src_times, float(src_times[-1]) + frame_s, cfg)
 
-    # Pass 2: decode up to the last frame needed; convert only the kept ones (presentation order).
-    want = set(int(i) for i in idx)
-    last = max(want)
-    kept = {}
-    with av.open(source(), mode="r") as container:
-      for i, frame in enumerate(container.decode(video=0)):
-        if i in want:
-          rgb = frame.to_ndarray(format="rgb24")
-          kept[i] = image_lib.fit_square(image_lib.pixels_to_rgb(rgb, cfg, where, f"video frame {i}"), cfg)
-        if i >= last:
-          break
+      # Decode up to the last frame needed, converting only the kept ones, and the audio track if any.
+      want = set(int(i) for i in idx)
+      if packets is not None:
+        kept, audio = _decode_packets(packets, stream.index, want, a_stream, cfg, where)
+      else:
+        with av.open(source(), mode="r") as again:
+          v2, a2 = again.streams.video[0], again.streams.audio[0] if again.streams.audio else None
+          kept, audio = _decode_packets(again.demux([v2] + ([a2] if a2 is not None else [])), v2.index,
+                                        want, a2, cfg, where)
     if len(kept) < len(want):
       raise error(where, f"the video stream lists {len(pts)} frames but only {len(kept)} of the "
                   f"{len(want)} sampled could be decoded (corrupt or truncated)", "re-encode or replace "
                   "the file")
-
-    # The audio track, if any: decoded to planar float at its own rate, then as `load_audio`.
-    audio = None
-    with av.open(source(), mode="r") as container:
-      if container.streams.audio:
-        a_stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="fltp")  # keep layout and rate; planar float32 (C, n)
-        parts, a_rate = [], None
-        for frame in container.decode(audio=0):
-          a_rate = a_rate or frame.sample_rate
-          parts.extend(f.to_ndarray() for f in resampler.resample(frame))
-        parts.extend(f.to_ndarray() for f in resampler.resample(None))
-        a_rate = a_rate or a_stream.rate
-        if parts and sum(p.shape[1] for p in parts):
-          x_tc = np.concatenate(parts, axis=1).T.astype(np.float64)
-          audio = audio_lib.to_model_rate(x_tc, int(a_rate), cfg, f"{where} audio track")
   except MediaError:
     raise
   except Exception as e:  # av.FFmpegError subclasses, plus odd container states
