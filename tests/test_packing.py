@@ -331,6 +331,27 @@ def test_concat_groups_layout_and_stats():
   assert "num_tokens" not in packing.model_inputs(batch)
 
 
+def test_one_group_batch_is_the_group_batch_never_reused(rng):
+  """With one group, concat_groups hands the group batch's arrays on without a copy (media slots are
+  most of a batch's bytes), which is safe because pack_group makes new arrays for every batch: no
+  batch shares memory with another or changes while later ones are packed."""
+  shape = _shape(b_g=8, k=2)
+  examples = _make_examples(rng, 200, lq=48, lp=256, ln=256, k_max=3)
+  stream, held, batches, copies = iter(enumerate(examples)), [], [], []
+  for _ in range(3):
+    gb, held = packing.pack_group(shape, held, lambda: next(stream))
+    batch = packing.concat_groups(shape, [gb])
+    assert all(batch[k] is v for k, v in gb.items() if v.ndim)
+    batches.append(batch)
+    copies.append({k: v.copy() for k, v in batch.items()})
+  for batch, copy in zip(batches, copies):
+    for k, v in copy.items():
+      np.testing.assert_array_equal(batch[k], v)
+  for i, a in enumerate(batches):
+    for b in batches[i + 1:]:
+      assert not any(np.shares_memory(a[k], b[k]) for k in packing.model_inputs(a))
+
+
 def test_nonpad_fraction_on_realistic_mix():
   """>= 95% non-pad tokens with suggested rows on a query/passage length mix."""
   rng = np.random.default_rng(11)
