@@ -1,12 +1,19 @@
 """metrics_writer: rows go into parts written whole (never appended), and `read_metrics` gives one stream
 in which a resumed run's replayed steps appear once, as the resumed run wrote them. The same on an
-object store is checked by tests/test_object_store.py."""
+object store is checked by tests/test_object_store.py. TensorBoard events come without importing torch."""
 
 import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
 
 from embed2 import explore
 from embed2.train import metrics_writer
 from embed2.train.metrics_writer import MetricsWriter, read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _session(workdir, steps, losses, *, eval_at=(), rows_per_part=3):
@@ -77,3 +84,50 @@ def test_find_workdir_with_parts(tmp_path, rng):
   assert explore.find_workdir(tmp_path / "run" / "checkpoints" / "4") == (tmp_path / "run").resolve()
   assert metrics_writer.has_metrics(tmp_path / "run")
   assert not metrics_writer.has_metrics(tmp_path / "run" / "checkpoints")
+
+
+# What a fresh process logs with TensorBoard on: whether it imported torch, then the scalars of its event
+# file (read with tensorboardX's protobufs, imported by then) as "tag step value" lines.
+_TENSORBOARD_SCRIPT = textwrap.dedent("""
+    import struct, sys
+    from embed2.train.metrics_writer import MetricsWriter
+    w = MetricsWriter(sys.argv[1], progress=False)
+    for i, v in enumerate(sys.argv[2:]):
+      w.write(i + 1, {"loss": float(v), "eval/ndcg@10": float(v) / 2, "stage": "pft"})
+    w.close()
+    print("torch imported:", "torch" in sys.modules)
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+    import pathlib
+    [path] = (pathlib.Path(sys.argv[1]) / "tensorboard").glob("events.out.tfevents.*")
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      record = data[pos + 12:pos + 12 + n]
+      assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == masked_crc32c(record)
+      event = event_pb2.Event.FromString(record)
+      for v in event.summary.value:
+        print(v.tag, event.step, repr(v.simple_value))
+      pos += 16 + n
+    import importlib.util
+    print("torch findable:", importlib.util.find_spec("torch") is not None)  # ValueError on a None kept
+    """)
+
+
+def test_tensorboard_events_without_importing_torch(tmp_path, rng):
+  """A training process logs TensorBoard scalars without importing torch (tensorboardX imports it when
+  it can: ~2 s of CPU per process); the event file holds every scalar (float32) under its legal tag,
+  and torch stays importable."""
+  losses = [float(x) for x in rng.normal(size=3)]
+  proc = subprocess.run([sys.executable, "-c", _TENSORBOARD_SCRIPT, str(tmp_path), *map(repr, losses)],
+                        env=dict(os.environ, PYTHONPATH=REPO),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0] == "torch imported: False"
+  assert lines[-1] == "torch findable: True"  # `import torch` works later in the process
+  f32 = lambda x: float(struct.unpack("<f", struct.pack("<f", x))[0])
+  want = [f"{tag} {step} {f32(v)!r}" for step, loss in enumerate(losses, 1)
+          for tag, v in (("loss", loss), ("eval/ndcg_at_10", loss / 2))]
+  assert lines[1:-1] == want
+  assert [r["loss"] for r in read_metrics(tmp_path)] == list(losses)

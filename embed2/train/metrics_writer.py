@@ -61,6 +61,25 @@ def _parts(workdir) -> list[tuple[int, int, epath.Path]]:
   return sorted(found, key=lambda t: t[:2])
 
 
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter on `logdir`, imported without torch unless torch is imported already.
+
+  tensorboardX's package imports torch when it can (`try: import torch`, for the tensors and graphs it
+  can log): ~2 s of CPU in every training process, which logs scalars only. A `None` in sys.modules
+  makes that import raise ImportError, tensorboardX's own case of torch not installed; it is removed
+  at once, so a later `import torch` works as usual. The event files are the same.
+  """
+  block = "torch" not in sys.modules
+  if block:
+    sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter  # boto3, google-cloud-storage (~1 s): only with TensorBoard on
+  finally:
+    if block and sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir)
+
+
 class MetricsWriter:
   """Writes `workdir/metrics/part-SSSSS-NNNNN.jsonl` (a new session S each time it is opened on the
   workdir), TensorBoard events and the progress bar. `write` returns once the row is stored."""
@@ -82,8 +101,7 @@ class MetricsWriter:
     self.folder.mkdir(parents=True, exist_ok=True)
     self._session = max((s for s, _, _ in _parts(workdir)), default=-1) + 1
     if tensorboard:
-      from tensorboardX import SummaryWriter  # imports torch when installed (~2 s): only with TensorBoard on
-      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+      self._tb = _summary_writer(str(epath.Path(workdir) / "tensorboard"))
 
   @property
   def path(self) -> epath.Path:
