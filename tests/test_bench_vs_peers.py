@@ -44,20 +44,24 @@ def test_thread_settings_are_every_count_up_to_the_cores():
 
 def test_bench_runs_and_outputs_agree(tmp_path):
   out = tmp_path / "vs_peers.json"
-  result = bench.main(["--toy", "--noonnx", f"--out={out}"])
+  result = bench.main(["--toy", "--noonnx", "--embed2_1cpu", f"--out={out}"])
   data = json.loads(out.read_text())
   assert data == result
   assert data["onnx"] == "skipped: --noonnx"
+  # The one-CPU contender is pinned (XLA's one-thread flags, its earlier setting, used every core).
+  assert data["threads"]["affinity"] == {"embed2": os.cpu_count(), "embed2_1cpu": 1, "st_torch_1t": os.cpu_count()}
   assert data["embed2"]["segments"] > 1  # packed inference is the default
   for regime in bench.REGIMES:
     inf = data["inference"][regime]
     assert not inf["refused"], inf
-    assert set(inf["max_abs_diff"]) == {"embed2", "embed2_unpacked", "st_torch_1t"}
+    assert set(inf["max_abs_diff"]) == {"embed2", "embed2_unpacked", "embed2_1cpu", "st_torch_1t"}
     assert max(inf["max_abs_diff"].values()) < 1e-4
     assert inf["vs_fastest_st_torch"] > 0 and inf["packing_gain"] > 0
     for tool in ("embed2", "embed2_unpacked", "st_torch_1t"):
       assert inf[tool]["texts_per_s"] > 0 and inf[tool]["tokens_per_s"] > 0
-    assert set(inf["load"]) == {"load_before", "load_after", "cpus", "busy"}
+    assert set(inf["load"]) == {"load_before", "load_after", "cpus", "others_cpus", "busy"}
+    assert inf["load"]["others_cpus"] >= 0
+    assert inf["useful_gflop"] > 0 and inf["embed2"]["useful_gflop_per_s"] > 0
   lo, _, hi = data["inference"]["queries"]["tokens_min_median_max"]
   assert bench.QUERY_TOKENS[0] <= lo and hi <= bench.QUERY_TOKENS[1]
   assert data["inference"]["documents"]["tokens_min_median_max"][0] == 64  # cut to the toy's --max_len
@@ -85,3 +89,35 @@ def test_onnx_backbone_agrees_with_torch(tmp_path, tokenizer_json):
   st[0].model = bench.ort_backbone(os.path.join(st_dir, "onnx", "model.onnx"), 1, st[0].model.config)
   got = st.encode(texts, batch_size=2, convert_to_numpy=True)
   assert np.abs(got - want).max() < 1e-5
+
+
+def test_cpu_meter_counts_other_processes_not_ours(monkeypatch):
+  """others_cpus = (busy ticks of the machine - ticks of our processes) / CLK_TCK / wall."""
+  hz = os.sysconf("SC_CLK_TCK")
+  clock = iter([100.0, 102.0])  # two seconds of wall
+  machine = iter([1000.0, 1000.0 + 3.5 * hz * 2])  # 3.5 CPUs busy on average...
+  ours = iter([50.0, 50.0 + 2.0 * hz * 2])  # ...2 of them ours
+  monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+  monkeypatch.setattr(bench, "_busy_ticks", lambda: next(machine))
+  monkeypatch.setattr(bench, "_process_ticks", lambda pids: next(ours))
+  monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+  out = bench.CpuMeter([123]).stop()
+  assert out["others_cpus"] == pytest.approx(1.5) and out["busy"] and out["cpus"] == 2
+
+
+def test_cpu_meter_sees_a_spinning_process():
+  """Live: a process spinning on a CPU shows in others_cpus, and not when it is listed as ours (two
+  meters over the same second, so whatever else the machine does counts alike in both)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen([sys.executable, "-c",
+                           "import time\nt = time.time()\nwhile time.time() - t < 2.5: pass"])
+  try:
+    time.sleep(0.5)
+    theirs, ours = bench.CpuMeter([]), bench.CpuMeter([proc.pid])
+    time.sleep(1.0)
+    theirs, ours = theirs.stop()["others_cpus"], ours.stop()["others_cpus"]
+  finally:
+    proc.wait()
+  assert theirs - ours > 0.3, (theirs, ours)  # the spinner's share of a CPU, seen by one meter only

@@ -33,9 +33,12 @@ afterwards:
   embed2                 `Embedder.embed(texts)` (default packing: up to `segments` inputs per row),
                          XLA's CPU client with its default pool (all cores);
   embed2_unpacked        the same Embedder with segments=1 (one input per row): packing's own gain;
-  embed2_1t              embed2 on one XLA CPU thread (XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
-                         intra_op_parallelism_threads=1), so that embed2's fastest setting is compared
-                         as torch's is (--noembed2_1t leaves it out);
+  embed2_1cpu            embed2 in a process pinned to one CPU (`os.sched_setaffinity` before jax
+                         starts), so that embed2's fastest setting is compared as torch's is
+                         (--noembed2_1cpu leaves it out). XLA's flags for one intra-op thread
+                         (--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1) are
+                         not honoured by its CPU runtime: a matmul loop under them used 1.7 CPU-s
+                         per second on 2 cores;
   st_torch_{N}t          `SentenceTransformer.encode(texts, batch_size=--batch_size)` on torch with N
                          threads, for every N of --threads (default every count 1..cores, up to 4);
   st_onnx_{N}t           the same SentenceTransformer with its transformer module on ONNX Runtime
@@ -53,8 +56,11 @@ sentence-transformers on torch (max abs difference < --tol, float32), and the fi
 and gradient norm; a contender that disagrees is refused (no speed). Every contender is warmed up
 (one untimed call per regime, which also compiles embed2's shapes), then --repeats rounds in which
 each contender runs once, in turn (round-robin), and the median over rounds of the paired ratio
-t(theirs) / t(embed2). The load average (1 min) is recorded before and after each phase; a phase
-whose load exceeds half the cores is flagged `busy` in the JSON and the printed report.
+t(theirs) / t(embed2). Each phase records what OTHER processes used of the machine meanwhile
+(`CpuMeter`: busy CPU time from /proc/stat minus the benchmark's own processes'; the load average
+counts the benchmark itself, ~2 on 2 cores) as `others_cpus`, with the load average (1 min) before
+and after; a phase in which other work kept more than half the CPUs busy is flagged `busy` in the JSON
+and the printed report.
 
 Train step: embed2's compiled step (`StepFunctions`: blockwise NCE over in-batch negatives, fixed
 temperature, AdamW with global-norm clipping and the non-finite guard) vs the PyTorch equivalent (the
@@ -84,13 +90,16 @@ from absl import app, flags
 from embed2 import cli
 from embed2.bench import common
 from embed2.bench import train_step as ts
+from embed2.bench import xla_profile
 
 REGIMES = ("queries", "documents", "mix")
-# The embed2_1t contender's environment: XLA's CPU client on one intra-op thread.
-XLA_ONE_THREAD = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-                  "OMP_NUM_THREADS": "1"}
+# The embed2_1cpu contender's environment: the worker pins itself to CPU 0 before jax starts.
+PIN_CPUS = "EMBED2_BENCH_CPUS"
+ONE_CPU = {PIN_CPUS: "0", "OMP_NUM_THREADS": "1"}
 QUERY_TOKENS = (8, 32)  # the queries regime: tokens per input, bos / eos included
 DOCUMENT_TOKENS = (128, 512)  # the documents regime (cut to --max_len)
+JAX_ENV = {"JAX_PLATFORMS": "cpu"}  # a CPU comparison, also on a machine with an accelerator
+MATMUL_PROBE_N = 2048  # each library's f32 matmul FLOP/s is measured on (n, n) @ (n, n)
 MIX_MAX_WORDS = 126  # the mix regime's longest text, as before (128 tokens with bos / eos)
 
 
@@ -113,10 +122,15 @@ flags.DEFINE_integer("repeats", 5, "timed inference rounds per regime", flag_val
 flags.DEFINE_integer("train_batch", 8, "B of the train step", flag_values=FLAGS)
 flags.DEFINE_integer("train_seq", 64, "L of the train step", flag_values=FLAGS)
 flags.DEFINE_integer("train_repeats", 5, "timed train rounds", flag_values=FLAGS)
-flags.DEFINE_bool("embed2_1t", True,
-                  "also time embed2 on one XLA CPU thread (contender embed2_1t; off with --toy)",
+flags.DEFINE_bool("embed2_1cpu", True,
+                  "also time embed2 pinned to one CPU (contender embed2_1cpu; off with --toy unless given)",
                   flag_values=FLAGS)
 flags.DEFINE_bool("no_train", False, "skip the train-step comparison", flag_values=FLAGS)
+flags.DEFINE_bool("profile", False,
+                  "also say where embed2's time goes: a worker with XLA's HLO dumps runs each regime and "
+                  "the train step under jax.profiler (`xla_profile.breakdown`), and each library's f32 "
+                  "matmul FLOP/s is measured at its thread settings", flag_values=FLAGS)
+flags.DEFINE_integer("profile_repeats", 3, "calls traced per profiled regime / step", flag_values=FLAGS)
 flags.DEFINE_bool("onnx", True, "time sentence-transformers on ONNX Runtime (when installed)",
                   flag_values=FLAGS)
 flags.DEFINE_float("temperature", 0.05, "loss temperature, both tools", flag_values=FLAGS)
@@ -135,7 +149,8 @@ def _args(argv: Sequence[str]) -> cli.Args:
     args.texts, args.words, args.max_len, args.batch_size, args.repeats = 6, 8, 64, 4, 1
     args.train_batch, args.train_seq, args.train_repeats = 8, 16, 1
     args.threads = args.threads or "1"
-    args.embed2_1t = False
+    if not FLAGS["embed2_1cpu"].present:  # off at toy size unless asked for
+      args.embed2_1cpu = False
   cpus = os.cpu_count() or 1
   counts = [int(n) for n in args.threads.split(",") if n.strip()] or list(range(1, min(cpus, 4) + 1))
   if min(counts) < 1:
@@ -411,12 +426,35 @@ class _Embed2Side:
     del state
     self.step = thread.runner(compiled, batch)
     return {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-            "tokens": int(host["num_tokens"])}
+            "tokens": int(host["num_tokens"]),
+            "useful_flops": ts.batch_flops(cfg, host, ("query", "positive"))["useful"]}
 
   def time_train(self) -> dict[str, Any]:
     t0 = time.perf_counter()
     self.step()
     return {"s": time.perf_counter() - t0}
+
+  def matmul_probe(self) -> dict[str, Any]:
+    return {"flops": common.measured_matmul_flops("float32", n=MATMUL_PROBE_N, repeats=5)}
+
+  def profile(self, what: str, trace_dir: str, dump_dir: str, repeats: int) -> dict[str, Any]:
+    """Where the time of one call goes: `what` is a regime (`Embedder.embed` of its texts) or "train"
+    (one step; after `train_setup`). Needs a worker started with `xla_profile.dump_env(dump_dir)`."""
+    if what == "train":
+      fn = self.step
+    else:
+      emb, texts = self.variants["embed2"], self.inputs[what]
+      fn = lambda: emb.embed(texts)
+    fn()  # compiled and warm
+    wall = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      fn()
+      wall.append(time.perf_counter() - t0)
+    out = xla_profile.breakdown(xla_profile.trace_ops(fn, repeats, trace_dir),
+                                xla_profile.read_hlo_dumps(dump_dir))
+    out["wall_s"] = float(np.median(wall))
+    return out
 
 
 def _rows_in_order(host: dict[str, np.ndarray], side: str, num_groups: int):
@@ -482,6 +520,14 @@ class _TorchSide:
     self.step(self.q, self.p)
     return {"s": time.perf_counter() - t0}
 
+  def matmul_probe(self) -> dict[str, Any]:
+    """Best f32 (n, n) @ (n, n) FLOP/s of torch at this worker's threads, as `common.measured_matmul_flops`."""
+    torch = self.torch
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(MATMUL_PROBE_N, MATMUL_PROBE_N, generator=g) for _ in range(2))
+    times = common.interleaved({"matmul": lambda: torch.mm(a, b)}, repeats=5)["matmul"]
+    return {"flops": 2.0 * MATMUL_PROBE_N ** 3 / min(times)}
+
 
 def ort_backbone(path: str, threads: int, config):
   """An onnxruntime session (`threads` intra-op threads) as the torch Module that sentence-transformers'
@@ -506,8 +552,17 @@ def ort_backbone(path: str, threads: int, config):
   return OrtBackbone()
 
 
+def pin_cpus() -> None:
+  """Pins this process to the CPUs listed in $EMBED2_BENCH_CPUS (e.g. "0"), if set: before jax or torch
+  start their thread pools, so that every thread they start shares those CPUs."""
+  cpus = os.environ.get(PIN_CPUS, "")
+  if cpus:
+    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
 def worker_loop() -> None:
   """A contender process: JSON commands on stdin, one JSON reply each on the original stdout."""
+  pin_cpus()
   replies = os.fdopen(os.dup(1), "w")
   os.dup2(2, 1)  # what libraries print goes to stderr, not into the replies
   warnings.filterwarnings("ignore", message=".*truncated")  # the documents regime cuts at --max_len
@@ -520,7 +575,7 @@ def worker_loop() -> None:
     try:
       if op == "setup":
         side = (_Embed2Side if msg["kind"] == "embed2" else _TorchSide)(msg)
-        reply = {"ok": True, **side.info}
+        reply = {"ok": True, **side.info, "cpus": len(os.sched_getaffinity(0))}
       else:
         reply = {"ok": True, **getattr(side, op)(**msg)}
     except Exception as e:  # pylint: disable=broad-except
@@ -537,6 +592,7 @@ class Worker:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    self.setup = setup
     self.proc = subprocess.Popen(
         [sys.executable, "-c", "from embed2.bench import vs_peers; vs_peers.worker_loop()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
@@ -577,10 +633,62 @@ def _load() -> float:
   return os.getloadavg()[0]
 
 
-def _phase_load(before: float, after: float) -> dict[str, Any]:
-  """The load average (1 min) around a phase, and whether the machine was busier than half its cores."""
-  cpus = os.cpu_count() or 1
-  return {"load_before": before, "load_after": after, "cpus": cpus, "busy": before > cpus / 2}
+def _busy_ticks() -> float | None:
+  """Clock ticks all CPUs spent busy since boot (/proc/stat: user, nice, system, irq, softirq, steal),
+  or None off Linux."""
+  try:
+    with open("/proc/stat") as f:
+      fields = f.readline().split()
+  except OSError:
+    return None
+  user, nice, system, _, _, irq, softirq, steal = (float(x) for x in fields[1:9])
+  return user + nice + system + irq + softirq + steal
+
+
+def _process_ticks(pids: Sequence[int]) -> float:
+  """Clock ticks of CPU (user + system) the processes `pids` have used, those that still exist."""
+  total = 0.0
+  for pid in pids:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    total += float(fields[11]) + float(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
+  return total
+
+
+class CpuMeter:
+  """How busy the machine was with OTHER work during a phase of this benchmark.
+
+  The load average counts the benchmark itself (one contender computing on every core loads a 2-core
+  machine by ~2), so it cannot tell an idle machine from a busy one. The meter takes the CPU time all
+  CPUs spent busy (/proc/stat) minus the CPU time of the benchmark's own processes (/proc/PID/stat)
+  over the phase: `others_cpus` is the average number of CPUs other processes kept busy, and the
+  phase is flagged `busy` when that exceeds half the CPUs. The 1-minute load average before and after
+  is kept beside it.
+  """
+
+  def __init__(self, pids: Sequence[int]):
+    self.pids = [os.getpid(), *pids]
+    self.t0 = time.perf_counter()
+    self.load0 = _load()
+    self.busy0 = _busy_ticks()
+    self.ours0 = _process_ticks(self.pids)
+
+  def stop(self) -> dict[str, Any]:
+    wall = time.perf_counter() - self.t0
+    cpus = os.cpu_count() or 1
+    out: dict[str, Any] = {"load_before": self.load0, "load_after": _load(), "cpus": cpus}
+    busy1 = _busy_ticks()
+    if self.busy0 is None or busy1 is None:  # no /proc: the load average is all there is
+      out.update(others_cpus=None, busy=self.load0 > cpus / 2)
+      return out
+    hz = os.sysconf("SC_CLK_TCK")
+    others = (busy1 - self.busy0) - (_process_ticks(self.pids) - self.ours0)
+    out["others_cpus"] = max(others, 0.0) / hz / max(wall, 1e-9)
+    out["busy"] = out["others_cpus"] > cpus / 2
+    return out
 
 
 def _rounds(contenders: dict[str, tuple[Worker, dict[str, Any]]], op: str, repeats: int
@@ -623,7 +731,9 @@ def _ours(times: dict[str, Any]) -> list[str]:
 def bench_inference(args, workers: dict[str, Worker], texts: dict[str, list[str]], folder: str
                     ) -> dict[str, Any]:
   """Per regime: equal token ids, embeddings within --tol of sentence-transformers on torch, then
-  interleaved rounds of every contender that agrees."""
+  interleaved rounds of every contender that agrees. `useful_gflop`: the analytic forward FLOPs of
+  the texts' real tokens (each attending within itself), the same for every contender."""
+  cfg = model_config(args)
   ref = next(n for n in workers if n.startswith("st_torch"))
   contenders = {"embed2": ("embed2", "embed2"), "embed2_unpacked": ("embed2", "embed2_unpacked")}
   contenders.update({n: (n, "embed2" if n.startswith("embed2") else "") for n in workers
@@ -638,7 +748,8 @@ def bench_inference(args, workers: dict[str, Worker], texts: dict[str, list[str]
       raise AssertionError(f"{regime}: token ids differ at text {bad}: {ids_st[bad][:10]} vs "
                            f"{ids_e2[bad][:10]}")
     lengths = [len(t) for t in ids_e2]
-    res: dict[str, Any] = {"texts": len(lengths), "tokens": sum(lengths),
+    useful = ts.forward_flops(cfg, np.asarray(lengths), num_pooled=len(lengths))
+    res: dict[str, Any] = {"texts": len(lengths), "tokens": sum(lengths), "useful_gflop": useful / 1e9,
                            "tokens_min_median_max": [min(lengths), int(np.median(lengths)),
                                                      max(lengths)],
                            "max_abs_diff": {}, "refused": {}}
@@ -656,14 +767,15 @@ def bench_inference(args, workers: dict[str, Worker], texts: dict[str, list[str]
       else:
         res["refused"][name] = (f"outputs differ from {ref} by {diff:.3g} >= tol {args.tol}: no speed "
                                 "is reported until they agree")
-    before = time.perf_counter(), _load()
+    t0, meter = time.perf_counter(), CpuMeter([w.proc.pid for w in workers.values()])
     times = _rounds(timed, "time_embed", args.repeats) if "embed2" in timed else {}
-    res["load"] = _phase_load(before[1], _load())
-    res["wall_s"] = time.perf_counter() - before[0]
+    res["load"] = meter.stop()
+    res["wall_s"] = time.perf_counter() - t0
     for name, t in times.items():
       s = common.summary(t)
       res[name] = {"time_s": s, "texts_per_s": len(lengths) / s["median_s"],
-                   "tokens_per_s": res["tokens"] / s["median_s"]}
+                   "tokens_per_s": res["tokens"] / s["median_s"],
+                   "useful_gflop_per_s": useful / 1e9 / s["median_s"]}
     if times:
       res.update(_speedups(times, _ours(times), ("st_torch_", "st_onnx_"), f"st_torch_{cpus}t"))
       res["packing_gain"] = common.median_ratio(times["embed2_unpacked"], times["embed2"])
@@ -684,6 +796,7 @@ def bench_train(args, workers: dict[str, Worker], folder: str) -> dict[str, Any]
     first[name] = w.call("train_setup", batch=path)
   e2 = first["embed2"]
   out = {"batch": args.train_batch, "seq": args.train_seq, "tokens": e2["tokens"],
+         "useful_gflop": e2["useful_flops"] / 1e9,
          "row_tokens": 2 * args.train_batch * args.train_seq,
          "first_step": {n: {"loss": f["loss"], "grad_norm": f["grad_norm"]} for n, f in first.items()},
          "optimizer": f"AdamW lr={args.lr} wd={args.weight_decay} (matrices) clip=1.0; "
@@ -705,16 +818,42 @@ def bench_train(args, workers: dict[str, Worker], folder: str) -> dict[str, Any]
     else:
       out["refused"][name] = (f"first-step loss differs by {loss_diff:.3g} (tol {args.tol}) or grad "
                               f"norm by {norm_diff:.3g} relative (tol 1e-3): no speed reported")
-  before = time.perf_counter(), _load()
+  t0, meter = time.perf_counter(), CpuMeter([w.proc.pid for w in workers.values()])
   times = _rounds(timed, "time_train", args.train_repeats) if len(timed) > 1 else {}
-  out["load"] = _phase_load(before[1], _load())
-  out["wall_s"] = time.perf_counter() - before[0]
+  out["load"] = meter.stop()
+  out["wall_s"] = time.perf_counter() - t0
   for name, t in times.items():
     s = common.summary(t)
     out[name] = {"step_s": s, "examples_per_s": args.train_batch / s["median_s"],
-                 "tokens_per_s": out["tokens"] / s["median_s"]}
+                 "tokens_per_s": out["tokens"] / s["median_s"],
+                 "useful_gflop_per_s": out["useful_gflop"] / s["median_s"]}
   if times:
     out.update(_speedups(times, _ours(times), ("torch_",), f"torch_{os.cpu_count() or 1}t"))
+  return out
+
+
+def bench_profile(args, workers: dict[str, Worker], folder: str) -> dict[str, Any]:
+  """Where embed2's time goes (a fresh embed2 worker compiling with XLA's HLO dumps on), and each
+  library's f32 matmul FLOP/s at every thread setting: the ceiling both sides' matmuls run against."""
+  dump = os.path.join(folder, "hlo")
+  spec = {**workers["embed2"].setup, "kind": "embed2"}
+  worker = Worker("embed2_profile", {**JAX_ENV, **xla_profile.dump_env(dump)}, spec)
+  try:
+    worker.recv()
+    out: dict[str, Any] = {"matmul_flops": {}, "matmul_n": MATMUL_PROBE_N}
+    for name, w in workers.items():
+      if name.startswith(("embed2", "st_torch_")):
+        out["matmul_flops"][name] = w.call("matmul_probe")["flops"]
+    for regime in REGIMES:
+      worker.call("embed", regime=regime, out=os.path.join(folder, f"profile_{regime}.npy"))
+      out[regime] = worker.call("profile", what=regime, trace_dir=os.path.join(folder, f"trace_{regime}"),
+                                dump_dir=dump, repeats=args.profile_repeats)
+    if not args.no_train:
+      worker.call("train_setup", out=os.path.join(folder, "train_batch_profile.npz"))
+      out["train"] = worker.call("profile", what="train", trace_dir=os.path.join(folder, "trace_train"),
+                                 dump_dir=dump, repeats=args.profile_repeats)
+  finally:
+    worker.close()
   return out
 
 
@@ -723,11 +862,10 @@ def start_workers(args, cfg, st_dir: str, ckpt: str, inputs_path: str, onnx: boo
   """The contender processes, started together (setup is not timed); their setup replies read."""
   common_spec = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "inputs": inputs_path,
                  "st_dir": st_dir}
-  jax_env = {"JAX_PLATFORMS": "cpu"}  # a CPU comparison, also on a machine with an accelerator
   embed2_spec = {**common_spec, "kind": "embed2", "ckpt": ckpt, "model": cfg.to_dict()}
-  workers = {"embed2": Worker("embed2", jax_env, embed2_spec)}
-  if args.embed2_1t:
-    workers["embed2_1t"] = Worker("embed2_1t", {**jax_env, **XLA_ONE_THREAD}, embed2_spec)
+  workers = {"embed2": Worker("embed2", JAX_ENV, embed2_spec)}
+  if args.embed2_1cpu:
+    workers["embed2_1cpu"] = Worker("embed2_1cpu", {**JAX_ENV, **ONE_CPU}, embed2_spec)
   for n in args.threads:
     env = {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), "RAYON_NUM_THREADS": str(n)}
     workers[f"st_torch_{n}t"] = Worker(f"st_torch_{n}t", env,
@@ -773,24 +911,34 @@ def run(args: cli.Args) -> dict[str, Any]:
                      "sentence_transformers": sentence_transformers.__version__},
         "threads": {"torch_and_onnx": args.threads,
                     "jax": "XLA CPU default: all cores" + (
-                        f"; embed2_1t: XLA_FLAGS={XLA_ONE_THREAD['XLA_FLAGS']}" if args.embed2_1t
+                        "; embed2_1cpu: pinned to CPU 0 (sched_setaffinity)" if args.embed2_1cpu
                         else ""),
-                    "cpus": os.cpu_count()},
+                    "cpus": os.cpu_count(),
+                    "affinity": {n: r["cpus"] for n, r in setup.items()}},
         "onnx": onnx_skip and f"skipped: {onnx_skip}" or (
             "sentence-transformers with its transformer module on an onnxruntime session of the "
             "torch.onnx (dynamo) export, intra_op_num_threads = N"),
-        "embed2": {k: v for k, v in setup["embed2"].items() if k != "ok"},
+        "embed2": {k: v for k, v in setup["embed2"].items() if k not in ("ok", "cpus")},
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "model": cfg.to_dict(),
         "inference": bench_inference(args, workers, inputs, folder),
     }
     if not args.no_train:
       result["train"] = bench_train(args, workers, folder)
+    if args.profile:
+      result["profile"] = bench_profile(args, workers, folder)
   finally:
     for w in workers.values():
       w.close()
     shutil.rmtree(folder, ignore_errors=True)
   return result
+
+
+def _load_text(load: dict[str, Any]) -> str:
+  others = load.get("others_cpus")
+  return ((f"other processes kept {others:.2f} CPUs busy, " if others is not None else "")
+          + f"load {load['load_before']:.1f} -> {load['load_after']:.1f}"
+          + (" BUSY" if load["busy"] else ""))
 
 
 def report(result: dict[str, Any]) -> str:
@@ -801,15 +949,13 @@ def report(result: dict[str, Any]) -> str:
         rows.append({"part": regime, "tool": name, "ms": 1e3 * inf[name]["time_s"]["median_s"],
                      "per_s": inf[name]["texts_per_s"], "tok_s": inf[name]["tokens_per_s"]})
     diff = max(inf["max_abs_diff"].values())
-    busy = " BUSY" if inf["load"]["busy"] else ""
     lines.append(
         f"{regime}: max |diff| vs sentence-transformers {diff:.1e}; {inf.get('fastest_embed2')} "
         f"{inf.get('vs_fastest_st_torch', float('nan')):.2f}x its fastest torch "
         f"({inf.get('fastest_st_torch')}), "
         + (f"{inf['vs_fastest_st_onnx']:.2f}x its fastest ONNX Runtime ({inf['fastest_st_onnx']}), "
            if "vs_fastest_st_onnx" in inf else "")
-        + f"packing {inf.get('packing_gain', float('nan')):.2f}x; load {inf['load']['load_before']:.1f}"
-        f" -> {inf['load']['load_after']:.1f}{busy}"
+        + f"packing {inf.get('packing_gain', float('nan')):.2f}x; {_load_text(inf['load'])}"
         + (f"; refused: {inf['refused']}" if inf["refused"] else ""))
   tr = result.get("train", {})
   for name in [n for n in tr if n.startswith(("embed2", "torch_"))]:
@@ -819,12 +965,20 @@ def report(result: dict[str, Any]) -> str:
   table = common.format_table(rows, (("part", "part"), ("tool", "tool"), ("ms", "median ms", ".1f"),
                                      ("per_s", "texts or ex/s", ".1f"), ("tok_s", "tokens/s", ".0f")))
   if tr:
-    busy = " BUSY" if tr["load"]["busy"] else ""
     lines.append(f"train step: first losses {({n: round(f['loss'], 6) for n, f in tr['first_step'].items()})}; "
                  f"{tr.get('fastest_embed2')} {tr.get('vs_fastest_torch', float('nan')):.2f}x PyTorch's fastest "
-                 f"({tr.get('fastest_torch')}); load {tr['load']['load_before']:.1f} -> "
-                 f"{tr['load']['load_after']:.1f}{busy}"
+                 f"({tr.get('fastest_torch')}); {_load_text(tr['load'])}"
                  + (f"; refused: {tr['refused']}" if tr["refused"] else ""))
+  prof = result.get("profile")
+  if prof:
+    lines.append(f"f32 matmul GFLOP/s ({prof['matmul_n']}^3): " + ", ".join(
+        f"{n} {v / 1e9:.0f}" for n, v in prof["matmul_flops"].items()))
+    for what in [w for w in (*REGIMES, "train") if w in prof]:
+      p = prof[what]
+      cells = ", ".join(f"{k} {1e3 * v:.0f}" for k, v in p.items()
+                        if k.endswith(("_matmul", "_other")))
+      lines.append(f"where embed2's time goes, {what}: wall {1e3 * p['wall_s']:.0f} ms; in XLA ops "
+                   f"{1e3 * p['op_seconds']:.0f} CPU-ms ({cells}), matmuls {p['matmul_share']:.0%}")
   th = result["threads"]
   lines.append(f"threads: torch / ONNX Runtime {th['torch_and_onnx']}, jax {th['jax']} ({th['cpus']} "
                f"CPUs); embed2 segments={result['embed2']['segments']}; onnx: {result['onnx']}; "
