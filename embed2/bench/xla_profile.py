@@ -13,8 +13,10 @@ threads, so their sum is CPU time spent in ops, not wall time; the breakdown giv
 An op is a matmul when it is a `dot` / `convolution` or a fusion whose called computations hold one
 (XLA:CPU hands dots to YNNPACK / XNNPACK / oneDNN as `*_fusion`s). Its phase comes from the op's
 `metadata={op_name=...}`: `transpose(jvp(...))` is the backward pass, `jvp(...)` the forward pass of a
-differentiated function, anything else in a train step the update (optimizer, non-finite guard,
-metrics); in a program with no `jvp` at all (inference), everything is `forward`.
+differentiated function, anything else in a train step `update`: the optimizer, the gradient norm and
+non-finite guard, metrics, and also the inside of a function with its own VJP (e.g. the blockwise loss),
+whose ops carry no `jvp` in their names; in a program with no `jvp` at all (inference), everything is
+`forward`.
 """
 
 from __future__ import annotations
