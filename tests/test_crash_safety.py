@@ -42,8 +42,9 @@ def command(workdir, *flags):
 
 
 def env(kill_at=""):
-  e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-           PYTHONPATH=REPO)
+  # The session's XLA flags (tests/conftest.py), 4 devices (the last device count wins).
+  e = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4",
+           JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   e.pop(faults.ENV, None)
   if kill_at:
     e[faults.ENV] = kill_at

@@ -40,7 +40,7 @@ def free_port():
 
 
 def start(workdir, devices, *flags, fault=""):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop(faults.ENV, None)
   if fault:

@@ -105,7 +105,7 @@ def media_workdir(tmp_path_factory):
   root = tmp_path_factory.mktemp("notebook")
   (root / "media_tiny.py").write_text(MEDIA_TINY)
   workdir = root / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=1",
              PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
   cmd = [sys.executable, "-m", "embed2.main", f"--config={root / 'media_tiny.py'}", f"--workdir={workdir}"]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -126,7 +126,7 @@ def test_notebook_executes_every_cell_and_draws_every_modality(media_workdir):
   i = next(i for i, c in enumerate(nb.cells) if _tag(c, "parameters"))
   nb.cells.insert(i + 1, nbformat.v4.new_code_cell("TRAIN_IF_MISSING = False"))
   env = dict(os.environ, EMBED2_CHECKPOINT=str(workdir), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=1",
              PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
   env.pop("MPLBACKEND", None)  # the kernel's inline backend puts figures in the outputs
   client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,

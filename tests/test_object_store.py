@@ -124,7 +124,7 @@ def store(tmp_path_factory):
 
 
 def _main(workdir, endpoint, init_from, kill_at=""):
-  env = dict(os.environ, **endpoint, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, **endpoint, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop(faults.ENV, None)
   if kill_at:

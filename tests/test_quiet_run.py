@@ -80,8 +80,8 @@ def test_main_job_stderr_has_only_embed2_lines_and_legal_tensorboard_tags(tmp_pa
   _write_beir_task(tmp_path / "data", rng)
   workdir = tmp_path / "run"
   (tmp_path / "one_stage_tiny.py").write_text(ONE_STAGE_TINY)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             EMBED2_DATA_DIR=str(tmp_path / "data"),
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu", EMBED2_DATA_DIR=str(tmp_path / "data"),
              PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
   cmd = [sys.executable, "-m", "embed2.main", f"--config={tmp_path / 'one_stage_tiny.py'}",
          f"--workdir={workdir}"]

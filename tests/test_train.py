@@ -43,7 +43,7 @@ def data():
 
 
 def run_main(workdir, arg="", *flags, check=True, env_devices=4, extra_env=None):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={env_devices}",
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={env_devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop(faults.ENV, None)
   env.update(extra_env or {})
