@@ -3,8 +3,9 @@
 
 - every stdlib and generated media task, prepared, yields the builder's examples (ids, texts, arrays,
   rates, bytes), and a real dataset's records hold its files' bytes;
-- the demo config's switch (`configs/demo.py:prepared=DIR`) reads every task prepared; the tiny
-  config's two-stage run from prepared sources has the losses of the same run from the builders;
+- the demo config's switch (`configs/demo.py:prepared=DIR`) reads every task prepared (the tiny
+  config's two-stage run from prepared sources has the losses of the same run from the builders:
+  tests/test_train.py, beside the run it compares with);
 - a missing folder, another version, a missing split and an interrupted preparation are refused, naming
   the task and the fix; prepare refuses to write over another dataset and resumes where it stopped;
 - a dataset written the way TensorFlow's TFDS writes one (Image / Audio / Video features) is read
@@ -38,8 +39,6 @@ from embed2.data import segments
 from embed2.data import tfds_source
 from embed2.main import resolve_tasks
 from embed2.model.presets import MediaConfig
-from embed2.train import trainer
-from embed2.train.metrics_writer import read_metrics
 from test_object_store import store  # noqa: F401  (the fixture: a GCS emulator on 127.0.0.1)
 
 LIMIT = 24  # examples per split of each prepared task
@@ -156,32 +155,6 @@ def test_real_dataset_records_hold_the_files_bytes(tmp_path, rng):
       assert {k: w[k] for k in w if k != "positive"} == {k: g[k] for k in g if k != "positive"}
       assert g["positive"].data == open(w["positive"].path, "rb").read()
       np.testing.assert_array_equal(media.load_image(g["positive"], cfg, "g"), media.load_image(w["positive"], cfg, "w"))
-
-
-# ------------------------------------------------------------------------------- a run, both ways
-
-
-def test_a_run_from_prepared_sources_has_the_builders_losses(tmp_path):
-  """configs/tiny.py's two stages (PFT mixing, FT sampling one task a step), from its builders and from
-  the same tasks prepared whole: the same losses at every step. The config is tests/test_train.py's
-  finished run, so both runs reuse its programs through the session's compilation cache."""
-  data_dir = str(tmp_path / "tfds")
-  _prepare("--task=synthetic_pairs,synthetic_labels", f"--data_dir={data_dir}")
-  losses = {}
-  for how in ("builders", "prepared"):
-    config = tiny.get_config("pft_steps=3,ft_steps=8,every=100")
-    config.stages[1].freeze = ("transformer/embedder", "transformer/blocks/0/")
-    if how == "prepared":
-      for t in config.tasks.values():
-        t.source, t.data_dir = f"tfds:embed2/{t.source}", data_dir
-    data = resolve_tasks(config)
-    assert all(isinstance(d.train, tfds_source.PreparedExamples) == (how == "prepared") for d in data.values())
-    trainer.train(config, str(tmp_path / how), data)
-    rows = read_metrics(tmp_path / how)
-    assert [r["step"] for r in rows] == list(range(1, 12))
-    losses[how] = [(r["stage"], r["task"], r["loss"], r["num_valid"]) for r in rows]
-  assert losses["prepared"] == losses["builders"]
-  assert {task for _, task, _, _ in losses["prepared"]} == {"mixture", "pairs", "labels"}
 
 
 # ------------------------------------------------------------------------------------------ errors

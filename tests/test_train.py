@@ -1,4 +1,5 @@
-"""The training system: two stages end to end, frozen parameters, SIGTERM, guard rails, bad config.
+"""The training system: two stages end to end (from the builders and from prepared sources), frozen
+parameters, SIGTERM, guard rails, bad config.
 
 Runs that only read a finished run share one (`finished_run`, copied before anything changes it); faults
 (non-finite batches, SIGTERM) come from the trainer's test seam, embed2/train/faults.py.
@@ -21,6 +22,8 @@ from PIL import Image as PILImage
 
 from configs import tiny
 from embed2 import checkpoint as ckpt_lib
+from embed2 import prepare
+from embed2.data import tfds_source
 from embed2.data import tokenizer as tokenizer_lib
 from embed2.main import resolve_tasks
 from embed2.train import faults
@@ -100,6 +103,28 @@ def test_two_stages_end_to_end(finished_run):
   assert os.path.isdir(workdir / "tensorboard") and os.listdir(workdir / "tensorboard")
   # Stage ends are always checkpointed.
   assert ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [3, 11]
+
+
+def test_a_run_from_prepared_sources_has_the_finished_runs_losses(finished_run, tmp_path):
+  """The finished run's tasks prepared whole (`python -m embed2.prepare`: ArrayRecord in a TFDS folder)
+  and read back through config.tasks.NAME.source = "tfds:embed2/TASK": the same two stages (PFT mixing,
+  FT sampling one task a step) have the same losses at every step as the run from the builders. (The
+  sources themselves: tests/test_tfds.py.)"""
+  data_dir = str(tmp_path / "tfds")
+  prepare.main(["--task=synthetic_pairs,synthetic_labels", f"--data_dir={data_dir}", "--noprogress"])
+  c = finished_config()
+  for t in c.tasks.values():
+    t.source, t.data_dir = f"tfds:embed2/{t.source}", data_dir
+  data = resolve_tasks(c)
+  assert all(isinstance(d.train, tfds_source.PreparedExamples) for d in data.values())
+  trainer.train(c, str(tmp_path / "prepared"), data)
+  losses = {}
+  for how, workdir in (("builders", finished_run[0]), ("prepared", tmp_path / "prepared")):
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(1, 12))
+    losses[how] = [(r["stage"], r["task"], r["loss"], r["num_valid"]) for r in rows]
+  assert losses["prepared"] == losses["builders"]
+  assert {task for _, task, _, _ in losses["prepared"]} == {"mixture", "pairs", "labels"}
 
 
 def test_frozen_parameters_do_not_move(finished_run, tmp_path, data, saved_item):
