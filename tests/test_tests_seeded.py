@@ -94,6 +94,7 @@ def test_scan_passes(line):
 
 def _run_inner(tmp_path, seed_env):
   env = {k: v for k, v in os.environ.items() if k != "EMBED2_TEST_SEED"}
+  env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # the inner test needs no plugin (hypothesis alone: ~1 s)
   if seed_env is not None:
     env["EMBED2_TEST_SEED"] = seed_env
   p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_x.py"],
