@@ -46,8 +46,8 @@ from embed2.train.metrics_writer import METRICS_DIR, read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "embed2-test"
 # tests/test_crash_safety.py's run (the same compiled programs through the session's compilation
-# cache): PFT ends at step 5, FT at 12, saves every 3 steps; then the variant "alt" and the soup.
-ARG = "pft_steps=5,ft_steps=7,every=3,seed=7"
+# cache): one block, PFT ends at step 5, FT at 12, saves every 3 steps; then the variant "alt" and the soup.
+ARG = "pft_steps=5,ft_steps=7,every=3,seed=7,layers=1"
 KILL_AT = 8  # steps done when the seam kills: the last checkpoint is at 6 (or 5), later steps replay
 
 
