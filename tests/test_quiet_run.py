@@ -19,13 +19,14 @@ from embed2.train.metrics_writer import read_metrics, tb_tag
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # absl's line prefix: level letter, date, time, thread id, file:line]
 ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ ([^:\s]+):(\d+)\] (.*)$")
-# tiny's PFT stage alone (one compiled step), evaluated on the toy MTEB task at its end.
+# tiny's PFT stage alone (one compiled step) with one transformer block, evaluated on the toy MTEB task
+# at its end.
 ONE_STAGE_TINY = """
 from configs import tiny
 
 
 def get_config(arg=None):
-  c = tiny.get_config("pft_steps=2,every=100,eval=mteb_retrieval")
+  c = tiny.get_config("pft_steps=2,every=100,eval=mteb_retrieval,layers=1")
   c.stages = [c.stages[0]]
   return c
 """
