@@ -47,13 +47,13 @@ if (os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() not in ("0", "false", "
     and "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]):
   os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 
-# The modules over ~30 s of CPU, slowest first (user+sys seconds, one module at a time on the 2-core
-# machine, pytest's start-up included): 142, 116, 79, 68, 64, 58, 53, 52, 51, 46, 43, 40, 39, 34, 32.
-# The others follow in file order.
-SLOW_FIRST = ("test_multihost.py", "test_crash_safety.py", "test_train.py", "test_object_store.py",
-              "test_pipeline_workers.py", "test_grad_cache.py", "test_model.py", "test_tfds.py",
-              "test_multimodal.py", "test_bench_vs_peers.py", "test_notebook.py", "test_bert.py",
-              "test_losses.py", "test_attention.py", "test_convert.py")
+# The modules over ~20 s of CPU, slowest first (user+sys seconds, one module at a time on the 2-core
+# machine, pytest's start-up included; measured while other work kept the load at 3-4.5):
+# 98, 91, 84, 54, 51, 47, 37, 33, 29, 29, 28, 28, 26, 24, 23. The others follow in file order.
+SLOW_FIRST = ("test_multihost.py", "test_crash_safety.py", "test_train.py", "test_bench_vs_peers.py",
+              "test_object_store.py", "test_bert.py", "test_convert.py", "test_grad_cache.py",
+              "test_notebook.py", "test_model.py", "test_media_tasks.py", "test_soup.py",
+              "test_multimodal.py", "test_evaluate_cli.py", "test_losses.py")
 
 
 @pytest.hookimpl(tryfirst=True)
