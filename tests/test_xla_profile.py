@@ -78,3 +78,24 @@ def test_breakdown_counts_unknown_ops_apart():
   assert out["unclassified_seconds"] == 2.0 and out["op_seconds"] == 6.0
   assert out["matmul_share"] == 0.5
   assert out["slowest_other_ops"] == [["add.2", 1.0]]
+
+
+def test_same_named_modules_that_disagree_leave_the_op_unclassified(tmp_path):
+  """Two modules of one name (one jitted function at two shapes) in which the op `x.1` is a dot in one
+  and an add in the other: it is None (its time unclassified); `y.2`, an add in both, keeps its class."""
+  def module(x_op):
+    return ("HloModule jit_f, entry_computation_layout={(f32[2,2]{1,0})->f32[2,2]{1,0}}\n\n"
+            "ENTRY %main.3 (p: f32[2,2]) -> f32[2,2] {\n"
+            "  %p = f32[2,2]{1,0} parameter(0)\n"
+            f"  %x.1 = f32[2,2]{{1,0}} {x_op}(%p, %p), metadata={{op_name=\"jit(f)/x\"}}\n"
+            "  ROOT %y.2 = f32[2,2]{1,0} add(%x.1, %p), metadata={op_name=\"jit(f)/add\"}\n}\n")
+
+  (tmp_path / "module_0000.jit_f.cpu_after_optimizations.txt").write_text(module("dot"))
+  (tmp_path / "module_0001.jit_f.cpu_after_optimizations.txt").write_text(module("add"))
+  assert xp.parse_hlo(module("dot"))["x.1"] == xp.OpInfo(True, "forward")
+  hlo = xp.read_hlo_dumps(str(tmp_path))
+  assert hlo[("jit_f", "x.1")] is None
+  assert hlo[("jit_f", "y.2")] == xp.OpInfo(False, "forward")
+  out = xp.breakdown({("jit_f", "x.1"): 5e5, ("jit_f", "y.2"): 2.5e5}, hlo)
+  assert out["unclassified_seconds"] == 0.5 and out["forward_other"] == 0.25
+  assert out["op_seconds"] == 0.75

@@ -833,27 +833,29 @@ def bench_train(args, workers: dict[str, Worker], folder: str) -> dict[str, Any]
 
 
 def bench_profile(args, workers: dict[str, Worker], folder: str) -> dict[str, Any]:
-  """Where embed2's time goes (a fresh embed2 worker compiling with XLA's HLO dumps on), and each
-  library's f32 matmul FLOP/s at every thread setting: the ceiling both sides' matmuls run against."""
-  dump = os.path.join(folder, "hlo")
+  """Where embed2's time goes, and each library's f32 matmul FLOP/s at every thread setting: the
+  ceiling both sides' matmuls run against. Each regime and the train step is profiled in an embed2
+  worker of its own, compiling with XLA's HLO dumps on into a folder of its own: a trace names a
+  program by its jitted function's name only, so the programs of one name that a dump folder holds
+  must be those of the call traced."""
+  out: dict[str, Any] = {"matmul_flops": {}, "matmul_n": MATMUL_PROBE_N}
+  for name, w in workers.items():
+    if name.startswith(("embed2", "st_torch_")):
+      out["matmul_flops"][name] = w.call("matmul_probe")["flops"]
   spec = {**workers["embed2"].setup, "kind": "embed2"}
-  worker = Worker("embed2_profile", {**JAX_ENV, **xla_profile.dump_env(dump)}, spec)
-  try:
-    worker.recv()
-    out: dict[str, Any] = {"matmul_flops": {}, "matmul_n": MATMUL_PROBE_N}
-    for name, w in workers.items():
-      if name.startswith(("embed2", "st_torch_")):
-        out["matmul_flops"][name] = w.call("matmul_probe")["flops"]
-    for regime in REGIMES:
-      worker.call("embed", regime=regime, out=os.path.join(folder, f"profile_{regime}.npy"))
-      out[regime] = worker.call("profile", what=regime, trace_dir=os.path.join(folder, f"trace_{regime}"),
-                                dump_dir=dump, repeats=args.profile_repeats)
-    if not args.no_train:
-      worker.call("train_setup", out=os.path.join(folder, "train_batch_profile.npz"))
-      out["train"] = worker.call("profile", what="train", trace_dir=os.path.join(folder, "trace_train"),
-                                 dump_dir=dump, repeats=args.profile_repeats)
-  finally:
-    worker.close()
+  for what in [*REGIMES] + ([] if args.no_train else ["train"]):
+    dump = os.path.join(folder, f"hlo_{what}")
+    worker = Worker(f"embed2_profile_{what}", {**JAX_ENV, **xla_profile.dump_env(dump)}, spec)
+    try:
+      worker.recv()
+      if what == "train":
+        worker.call("train_setup", out=os.path.join(folder, "train_batch_profile.npz"))
+      else:
+        worker.call("embed", regime=what, out=os.path.join(folder, f"profile_{what}.npy"))
+      out[what] = worker.call("profile", what=what, trace_dir=os.path.join(folder, f"trace_{what}"),
+                              dump_dir=dump, repeats=args.profile_repeats)
+    finally:
+      worker.close()
   return out
 
 

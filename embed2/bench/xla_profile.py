@@ -98,10 +98,13 @@ def parse_hlo(text: str) -> dict[str, OpInfo]:
   return out
 
 
-def read_hlo_dumps(dump_dir: str) -> dict[tuple[str, str], OpInfo]:
-  """{(module name, instruction): OpInfo} over the optimised modules XLA dumped in `dump_dir`. Modules
-  of one name (one jitted function at several shapes) are built alike: the first seen wins."""
-  out: dict[tuple[str, str], OpInfo] = {}
+def read_hlo_dumps(dump_dir: str) -> dict[tuple[str, str], OpInfo | None]:
+  """{(module name, instruction): OpInfo} over the optimised modules XLA dumped in `dump_dir`.
+
+  A trace event names its module by name only, and one jitted function compiled at several shapes gives
+  several modules of that name whose instructions of one name need not be the same op: where they class
+  differently, the entry is None (`breakdown` counts its time as unclassified)."""
+  out: dict[tuple[str, str], OpInfo | None] = {}
   for path in sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))):
     with open(path) as f:
       text = f.read()
@@ -109,7 +112,8 @@ def read_hlo_dumps(dump_dir: str) -> dict[tuple[str, str], OpInfo]:
     if not m:
       continue
     for name, info in parse_hlo(text).items():
-      out.setdefault((m.group(1), name), info)
+      key = (m.group(1), name)
+      out[key] = info if out.get(key, info) == info else None
   return out
 
 
@@ -134,9 +138,10 @@ def trace_ops(fn: Callable[[], object], repeats: int, trace_dir: str
   return dict(total)
 
 
-def breakdown(ops: dict[tuple[str, str], float], hlo: dict[tuple[str, str], OpInfo],
+def breakdown(ops: dict[tuple[str, str], float], hlo: dict[tuple[str, str], OpInfo | None],
               top: int = 8) -> dict[str, object]:
-  """Seconds per call in ops, by phase and matmul / other, and the `top` slowest non-matmul ops."""
+  """Seconds per call in ops, by phase and matmul / other, and the `top` slowest non-matmul ops; ops not
+  in `hlo`, or classed differently by its modules of one name, are `unclassified_seconds`."""
   cells: dict[str, float] = collections.Counter()
   unknown = 0.0
   others = []
