@@ -93,9 +93,9 @@ from embed2.bench import train_step as ts
 from embed2.bench import xla_profile
 
 REGIMES = ("queries", "documents", "mix")
-# The embed2_1cpu contender's environment: the worker pins itself to CPU 0 before jax starts.
+# The embed2_1cpu contender's environment: the worker pins itself to one CPU before jax starts.
 PIN_CPUS = "EMBED2_BENCH_CPUS"
-ONE_CPU = {PIN_CPUS: "0", "OMP_NUM_THREADS": "1"}
+ONE_CPU = {PIN_CPUS: "1", "OMP_NUM_THREADS": "1"}
 QUERY_TOKENS = (8, 32)  # the queries regime: tokens per input, bos / eos included
 DOCUMENT_TOKENS = (128, 512)  # the documents regime (cut to --max_len)
 JAX_ENV = {"JAX_PLATFORMS": "cpu"}  # a CPU comparison, also on a machine with an accelerator
@@ -127,8 +127,8 @@ flags.DEFINE_bool("embed2_1cpu", True,
                   flag_values=FLAGS)
 flags.DEFINE_bool("no_train", False, "skip the train-step comparison", flag_values=FLAGS)
 flags.DEFINE_bool("profile", False,
-                  "also say where embed2's time goes: a worker with XLA's HLO dumps runs each regime and "
-                  "the train step under jax.profiler (`xla_profile.breakdown`), and each library's f32 "
+                  "also say where embed2's time goes: a worker with XLA's HLO dumps per regime and for the "
+                  "train step runs it under jax.profiler (`xla_profile.breakdown`), and each library's f32 "
                   "matmul FLOP/s is measured at its thread settings", flag_values=FLAGS)
 flags.DEFINE_integer("profile_repeats", 3, "calls traced per profiled regime / step", flag_values=FLAGS)
 flags.DEFINE_bool("onnx", True, "time sentence-transformers on ONNX Runtime (when installed)",
@@ -445,7 +445,7 @@ class _Embed2Side:
     else:
       emb, texts = self.variants["embed2"], self.inputs[what]
       fn = lambda: emb.embed(texts)
-    fn()  # compiled and warm
+    fn()  # compiles; warm
     wall = []
     for _ in range(repeats):
       t0 = time.perf_counter()
@@ -553,11 +553,12 @@ def ort_backbone(path: str, threads: int, config):
 
 
 def pin_cpus() -> None:
-  """Pins this process to the CPUs listed in $EMBED2_BENCH_CPUS (e.g. "0"), if set: before jax or torch
-  start their thread pools, so that every thread they start shares those CPUs."""
-  cpus = os.environ.get(PIN_CPUS, "")
-  if cpus:
-    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+  """Pins this process to the first N of the CPUs it may use, N = $EMBED2_BENCH_CPUS, if set: before jax
+  or torch start their thread pools, so that every thread they start shares those CPUs. (The first of
+  the allowed ones, not CPU 0: a container's cpuset need not hold CPU 0.)"""
+  n = int(os.environ.get(PIN_CPUS) or 0)
+  if n:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
 
 
 def worker_loop() -> None:
@@ -850,8 +851,6 @@ def bench_profile(args, workers: dict[str, Worker], folder: str) -> dict[str, An
       worker.recv()
       if what == "train":
         worker.call("train_setup", out=os.path.join(folder, "train_batch_profile.npz"))
-      else:
-        worker.call("embed", regime=what, out=os.path.join(folder, f"profile_{what}.npy"))
       out[what] = worker.call("profile", what=what, trace_dir=os.path.join(folder, f"trace_{what}"),
                               dump_dir=dump, repeats=args.profile_repeats)
     finally:
@@ -913,7 +912,7 @@ def run(args: cli.Args) -> dict[str, Any]:
                      "sentence_transformers": sentence_transformers.__version__},
         "threads": {"torch_and_onnx": args.threads,
                     "jax": "XLA CPU default: all cores" + (
-                        "; embed2_1cpu: pinned to CPU 0 (sched_setaffinity)" if args.embed2_1cpu
+                        "; embed2_1cpu: pinned to one CPU (sched_setaffinity)" if args.embed2_1cpu
                         else ""),
                     "cpus": os.cpu_count(),
                     "affinity": {n: r["cpus"] for n, r in setup.items()}},

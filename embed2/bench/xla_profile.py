@@ -48,7 +48,7 @@ def dump_env(dump_dir: str) -> dict[str, str]:
   """Environment for a process whose compiled programs `read_hlo_dumps(dump_dir)` will read."""
   flags = os.environ.get("XLA_FLAGS", "")
   return {"XLA_FLAGS": f"{flags} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text "
-                       "--xla_dump_hlo_pass_re=^$ --xla_cpu_enable_xprof_traceme=true".strip()}
+                       "--xla_dump_hlo_pass_re=^$".strip()}
 
 
 def _phase(op_name: str, differentiated: bool) -> str:
